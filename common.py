@@ -1,0 +1,1116 @@
+"""Everything the paper takes for granted, shared by every train_*.py script.
+
+The training scripts hold the method (the mean-teacher loop and its perturbation); this module holds
+the plumbing around it, in this order:
+
+    1. Errors and command line   UserError, TrainArgs, parse_args (protocol: dataset -> arch -> method -> CLI)
+    2. Reproducibility           seed_everything, deterministic mode
+    3. Data                      demo and folder datasets, splits, augmentation, infinite sample streams
+    4. Networks                  deeplabv2 (ResNet-101, as Hung et al. / the original), unet_small
+    5. Mean teacher              make_teacher, ema_update, optimizer with the original's parameter groups
+    6. Metrics                   confusion matrix, per-class IoU, mIoU, evaluation loop
+    7. Run plumbing              output folder, log, metrics.jsonl, checkpoints (atomic), results, preview
+
+Images travel from the loaders as uint8 and are normalised on the device (`to_device`), so padding and
+out-of-image pixels become exactly 0 (the mean colour), as in the original's alpha-channel trick.
+"""
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+IGNORE = 255  # label value of void / padding pixels, never scored, never trained on
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Errors and command line
+# ---------------------------------------------------------------------------------------------------
+class UserError(Exception):
+    """Bad input (a path, a file, an option): reported as one clear line, never as a traceback."""
+
+
+def _excepthook(kind, value, tb):
+    if issubclass(kind, UserError):
+        sys.stderr.write(f"error: {value}\n")
+    elif issubclass(kind, KeyboardInterrupt):
+        sys.stderr.write("interrupted\n")
+    else:
+        sys.__excepthook__(kind, value, tb)
+
+
+def arg(default=None, help="", **kw):
+    """A dataclass field that becomes a command-line option (kebab-case) with this help text."""
+    return field(default=default, metadata=dict(help=help, **kw))
+
+
+# Dataset protocols: the paper's per-dataset settings (REFERENCE §10.1). `None` means "not applicable".
+# aug: hflip, vflip, transpose (hvflip), hung_scale (0.5..1.5 in steps of 0.1), rot (degrees), max_scale.
+DATASETS = {
+    "demo": dict(arch="unet_small", n_labeled=30, crop_size=None, batch_size=8, iters=1500, eval_every=500,
+                 aug=dict(hflip=True), optimizer="adam", lr_schedule="none",
+                 num_workers=0),
+    "folder": dict(arch="deeplabv2", n_labeled=-1, crop_size=None, batch_size=10, iters=40000,
+                   eval_every=1000, aug=dict(hflip=True), optimizer="adam", lr_schedule="none"),
+}
+# Architecture protocols (REFERENCE §5): head learning rate, the backbone's share of it, BatchNorm.
+ARCHS = {
+    # Adam 3e-5 on the ASPP head, 3e-6 on the ImageNet backbone; every BN frozen (--freeze_bn).
+    "deeplabv2": dict(lr=3e-5, backbone_lr_mult=0.1, freeze_bn=True),
+    # From scratch: one parameter group, all BatchNorm trains (as the original's ISIC DenseUNet).
+    "unet_small": dict(lr=1e-3, backbone_lr_mult=1.0, freeze_bn=False),
+}
+# Optimizer settings shared by every protocol unless a dataset says otherwise (REFERENCE §1.3).
+OPTIMIZER_DEFAULTS = dict(momentum=0.9, weight_decay=0.0, nesterov=False, poly_power=0.9)
+
+
+@dataclass
+class TrainArgs:
+    """Options shared by every train_*.py, in the same order everywhere. None = from the protocol."""
+    dataset: str = arg("demo", "dataset: demo (built in), folder (ROOT/{train,val}/{images,masks})",
+                       choices=list(DATASETS))
+    data_root: str = arg(None, "folder holding the dataset (required for every dataset but demo)")
+    n_labeled: int = arg(None, "labeled training images; -1 = all (default: the dataset's)")
+    split_seed: int = arg(12345, "seed of the labeled subset, independent of --seed")
+    split_file: str = arg(None, "text file naming the labeled images, one per line (first --n-labeled used)")
+    arch: str = arg(None, "network (default: the dataset's)", choices=list(ARCHS))
+    no_pretrained: bool = arg(False, "random initialisation instead of ImageNet weights")
+    iters: int = arg(None, "training iterations (default: the dataset's)")
+    batch_size: int = arg(None, "images per labeled batch and per unlabeled batch (default: the dataset's)")
+    lr: float = arg(None, "learning rate of the head; a pretrained backbone gets 1/10 (default: the arch's)")
+    crop_size: str = arg(None, "training crop, H,W or one number (default: the dataset's)")
+    eval_every: int = arg(None, "evaluate and checkpoint every this many iterations (default: the dataset's)")
+    seed: int = arg(1, "seed of initialisation, sample order, augmentation and masks")
+    device: str = arg("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
+    out: str = arg(None, "run folder (default: runs/<script>_<dataset>_<n_labeled>_s<seed>)")
+    resume: bool = arg(False, "continue the run in --out from its last checkpoint")
+    amp: str = arg(None, "autocast precision (default: bf16 on CUDA, off on CPU)", choices=["off", "bf16", "fp16"])
+    deterministic: bool = arg(False, "deterministic kernels, no cudnn.benchmark (with --num-workers 0: "
+                                     "bit-exact resume)")
+    num_workers: int = arg(None, "DataLoader worker processes (default: the dataset's, else min(8, CPUs))")
+    num_classes: int = arg(None, "class count for --dataset folder (default: from the masks)")
+    teacher_alpha: float = arg(0.99, "EMA decay of the teacher, which is the evaluated network")
+    dedupe_params: bool = arg(False, "deeplabv2: step each backbone weight once per iteration (the original "
+                                     "stepped most of them 3-4 times, REFERENCE G3)")
+    aspp_all_branches: bool = arg(False, "deeplabv2: sum all four ASPP branches (the original sums only the "
+                                         "rate-6 and rate-12 ones, REFERENCE G4)")
+
+
+def parse_args(args_class, argv=None):
+    """Command line -> resolved Args: dataset protocol, then arch, then method, then the command line."""
+    sys.excepthook = _excepthook
+    parser = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(args_class):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action="store_true", help=f.metadata.get("help", ""))
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"),
+                                help=f.metadata.get("help", ""))
+    args = args_class(**vars(parser.parse_args(argv)))
+    return resolve_protocol(args)
+
+
+def resolve_protocol(args):
+    """Fill every None field from the dataset, arch and method protocols (command line wins)."""
+    chosen = {k: v for k, v in vars(args).items() if v is not None}
+    proto = dict(OPTIMIZER_DEFAULTS)
+    proto.update(DATASETS[args.dataset])
+    arch = chosen.get("arch", proto["arch"])
+    proto.update(ARCHS[arch])
+    proto.update(getattr(args, "method_protocol", lambda d: {})(args.dataset))
+    proto.update(chosen)
+    proto.setdefault("num_workers", min(8, os.cpu_count() or 1))
+    for key, value in proto.items():
+        setattr(args, key, value)
+    if args.no_pretrained:
+        args.backbone_lr_mult = 1.0  # nothing pretrained: one learning rate for all (original: same)
+    for name in ("iters", "batch_size", "eval_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.n_labeled == 0 or args.n_labeled < -1:
+        raise UserError(f"--n-labeled must be a positive count or -1 (all), got {args.n_labeled}")
+    if args.crop_size is not None:
+        args.crop_size = parse_size(args.crop_size, "--crop-size")
+    if args.amp is None:
+        args.amp = "off"  # decided again in setup_device() once the device is known
+        args.amp_auto = True
+    if not 0.0 <= args.teacher_alpha <= 1.0:
+        raise UserError(f"--teacher-alpha must lie in [0, 1], got {args.teacher_alpha}")
+    return args
+
+
+def parse_size(text, option):
+    """'256,512' or '321' or (256, 512) -> (H, W)."""
+    if isinstance(text, (tuple, list)):
+        return tuple(int(v) for v in text)
+    try:
+        parts = [int(v) for v in str(text).replace("x", ",").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise UserError(f"{option} expects H,W or one number (e.g. 256,512), got {text!r}")
+    return tuple(parts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Reproducibility
+# ---------------------------------------------------------------------------------------------------
+def seed_everything(seed, deterministic=False):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+
+
+def rng_state():
+    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def setup_device(args):
+    """Pick the device, the autocast dtype and the kernels' settings; returns torch.device."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"--device expects auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
+    if getattr(args, "amp_auto", False):
+        args.amp = "bf16" if device.type == "cuda" else "off"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    seed_everything(args.seed, args.deterministic)
+    return device
+
+
+def autocast(args, device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Data
+# ---------------------------------------------------------------------------------------------------
+# A split is a list of samples; `load(i)` returns (image uint8 HxWx3, label uint8 HxW or None).
+class Split:
+    def __init__(self, names, load, sizes):
+        self.names, self.load, self.sizes = list(names), load, list(sizes)  # sizes: (H, W) per sample
+
+    def __len__(self):
+        return len(self.names)
+
+
+@dataclass
+class Data:
+    train: Split
+    val: Split
+    num_classes: int
+    class_names: list
+    labeled: np.ndarray             # indices into train
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+
+def load_dataset(args):
+    """Build the dataset named by --dataset, choose the labeled subset, and fill the crop default."""
+    builder = {"demo": demo_dataset, "folder": folder_dataset}[args.dataset]
+    train, val, num_classes, class_names = builder(args)
+    if args.crop_size is None:
+        args.crop_size = default_crop(train.sizes)
+    labeled = choose_labeled(train.names, args)
+    return Data(train, val, num_classes, class_names, labeled)
+
+
+def default_crop(sizes):
+    """The training images' own size when they all share one up to 512x512, else 321x321 (Pascal)."""
+    shapes = set(map(tuple, sizes))
+    if len(shapes) == 1:
+        (h, w), = shapes
+        if h <= 512 and w <= 512:
+            return (h, w)
+    return (321, 321)
+
+
+def choose_labeled(names, args):
+    """First --n-labeled of RandomState(split_seed).permutation over the sorted names, or of --split-file."""
+    n = len(names)
+    if args.n_labeled > n:
+        raise UserError(f"--n-labeled {args.n_labeled} is larger than the training set ({n} images)")
+    if args.split_file:
+        path = Path(args.split_file)
+        if not path.is_file():
+            raise UserError(f"--split-file {args.split_file}: no such file")
+        index = {name: i for i, name in enumerate(names)}
+        index.update({Path(name).stem: i for i, name in enumerate(names)})
+        chosen = []
+        for line_no, line in enumerate(path.read_text().splitlines(), 1):
+            name = line.strip().split()[0] if line.strip() else ""
+            if not name:
+                continue
+            key = name if name in index else Path(name).stem
+            if key not in index:
+                raise UserError(f"--split-file {args.split_file}, line {line_no}: {name!r} is not a "
+                                f"training image of this dataset")
+            chosen.append(index[key])
+        if args.n_labeled > len(chosen):
+            raise UserError(f"--n-labeled {args.n_labeled} is larger than the {len(chosen)} names in "
+                            f"--split-file {args.split_file}")
+        return np.array(chosen[:args.n_labeled] if args.n_labeled != -1 else chosen, dtype=np.int64)
+    order = np.arange(n) if args.n_labeled == -1 else np.random.RandomState(args.split_seed).permutation(n)
+    return order[:n if args.n_labeled == -1 else args.n_labeled].astype(np.int64)
+
+
+# ---- demo: built-in, deterministic, classes told apart by shape alone ------------------------------
+DEMO_CLASSES = ["background", "disc", "square", "triangle", "cross"]
+
+
+def demo_image(rng, size=64):
+    """One demo image and its label map.
+
+    Every colour and texture is drawn from one distribution for the background clutter and for the
+    objects alike, so only shape tells the classes apart; the clutter (strokes, blobs, noise) means no
+    low-density gap separates object pixels from background pixels (paper Sec. 3.1).
+    """
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+
+    def texture():
+        c1, c2 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        angle, freq = rng.uniform(0, np.pi), rng.uniform(0.1, 0.6)
+        wave = 0.5 + 0.5 * np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 6.3))
+        return c1 + (c2 - c1) * wave[..., None]
+
+    image = texture()
+    for _ in range(rng.integers(3, 7)):  # clutter: thick strokes and blobs in object-like colours
+        x0, y0, x1, y1 = rng.uniform(0, size, 4)
+        t = np.clip(((xx - x0) * (x1 - x0) + (yy - y0) * (y1 - y0)) / ((x1 - x0) ** 2 + (y1 - y0) ** 2 + 1e-6), 0, 1)
+        dist = np.hypot(xx - x0 - t * (x1 - x0), yy - y0 - t * (y1 - y0))
+        stroke = dist < rng.uniform(1.0, 3.0)
+        image = np.where(stroke[..., None], texture(), image)
+    label = np.zeros((size, size), np.uint8)
+    for _ in range(rng.integers(1, 4)):
+        cls = rng.integers(1, len(DEMO_CLASSES))
+        cx, cy = rng.uniform(10, size - 10, 2)
+        r = rng.uniform(7, 14)
+        theta = rng.uniform(0, 2 * np.pi)
+        u = np.cos(theta) * (xx - cx) + np.sin(theta) * (yy - cy)
+        v = -np.sin(theta) * (xx - cx) + np.cos(theta) * (yy - cy)
+        if cls == 1:
+            inside = u ** 2 + v ** 2 < r ** 2
+        elif cls == 2:
+            inside = np.maximum(np.abs(u), np.abs(v)) < r * 0.8
+        elif cls == 3:  # equilateral triangle: three half-planes
+            inside = np.ones_like(u, bool)
+            for k in range(3):
+                a = theta + k * 2 * np.pi / 3
+                inside &= np.cos(a) * (xx - cx) + np.sin(a) * (yy - cy) < r * 0.55
+        else:
+            inside = (np.minimum(np.abs(u), np.abs(v)) < r * 0.3) & (np.maximum(np.abs(u), np.abs(v)) < r)
+        image = np.where(inside[..., None], texture(), image)
+        label[inside] = cls
+    image = image + rng.normal(0, 12, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+def demo_dataset(args, n_train=300, n_val=100, size=64):
+    rng = np.random.default_rng(20200907)  # fixed: the demo is the same data on every machine
+    samples = [demo_image(rng, size) for _ in range(n_train + n_val)]
+    images = np.stack([s[0] for s in samples])
+    labels = np.stack([s[1] for s in samples])
+
+    def loader(offset):
+        return lambda i: (images[offset + i], labels[offset + i])
+
+    train = Split([f"demo_{i:04d}" for i in range(n_train)], loader(0), [(size, size)] * n_train)
+    val = Split([f"demo_{i:04d}" for i in range(n_train, n_train + n_val)], loader(n_train), [(size, size)] * n_val)
+    return train, val, len(DEMO_CLASSES), DEMO_CLASSES
+
+
+# ---- folder: ROOT/{train,val}/{images,masks} --------------------------------------------------------
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def read_image(path):
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as e:  # PIL raises many kinds; the user needs the file name and the reason
+        raise UserError(f"cannot read image {path}: {e}")
+
+
+def read_mask(path):
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16"):
+                raise UserError(f"mask {path} must be a single-channel PNG of class indices "
+                                f"(mode L or P), got mode {im.mode}")
+            return np.asarray(im).astype(np.uint8) if im.mode in ("L", "P") else _int_mask(np.asarray(im), path)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot read mask {path}: {e}")
+
+
+def _int_mask(a, path):
+    if a.max() > 255:
+        raise UserError(f"mask {path} holds values above 255; expected class indices with 255 = ignore")
+    return a.astype(np.uint8)
+
+
+def folder_dataset(args):
+    root = require_root(args, "folder", "ROOT/train/images/NAME.png|jpg, ROOT/train/masks/NAME.png, "
+                                        "ROOT/val/images/..., ROOT/val/masks/...")
+    splits = {}
+    for split in ("train", "val"):
+        image_dir, mask_dir = root / split / "images", root / split / "masks"
+        for d in (image_dir, mask_dir):
+            if not d.is_dir():
+                raise UserError(f"--data-root {args.data_root}: missing folder {d}; expected ROOT/train/images, "
+                                f"ROOT/train/masks, ROOT/val/images, ROOT/val/masks")
+        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise UserError(f"--data-root {args.data_root}: no .png/.jpg images in {image_dir}")
+        pairs = []
+        for p in images:
+            mask = mask_dir / (p.stem + ".png")
+            if not mask.is_file():
+                raise UserError(f"missing mask {mask} for image {p}")
+            pairs.append((p, mask))
+        splits[split] = pairs
+    verdict = validate_pairs(splits, args, args.num_classes)
+    num_classes = args.num_classes or verdict["max_label"] + 1
+    if num_classes < 2:
+        raise UserError(f"--data-root {args.data_root}: the masks hold a single class; expected at least 2")
+
+    def make(split):
+        pairs = splits[split]
+        load = lambda i, with_label=True: (read_image(pairs[i][0]), read_mask(pairs[i][1]) if with_label else None)
+        return Split([p.stem for p, _ in pairs], load, verdict[split])
+    return make("train"), make("val"), num_classes, [str(c) for c in range(num_classes)]
+
+
+def require_root(args, dataset, layout):
+    if not args.data_root:
+        raise UserError(f"--dataset {dataset} needs --data-root (expected layout: {layout})")
+    root = Path(args.data_root).expanduser()
+    if not root.is_dir():
+        raise UserError(f"--data-root {args.data_root}: no such folder (expected layout: {layout})")
+    return root
+
+
+def validate_pairs(splits, args, num_classes):
+    """Decode every (image, mask) pair once: sizes agree, masks hold valid classes. Verdict cached."""
+    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for pairs in splits.values() for pair in pairs
+             for p in pair]
+    key = hashlib.sha1(json.dumps([files, num_classes]).encode()).hexdigest()[:16]
+    cache = cache_dir(args, Path(args.data_root)) / f"verdict_{key}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    verdict, max_label = {}, 0
+    for split, pairs in splits.items():
+        sizes = []
+        for image_path, mask_path in tqdm(pairs, desc=f"checking {split} data (once)", leave=False,
+                                          disable=len(pairs) < 200):
+            image, mask = read_image(image_path), read_mask(mask_path)
+            if image.shape[:2] != mask.shape:
+                raise UserError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
+                                f"{image_path} is {image.shape[1]}x{image.shape[0]}; they must match")
+            values = np.unique(mask)
+            values = values[values != IGNORE]
+            if num_classes and len(values) and values.max() >= num_classes:
+                raise UserError(f"mask {mask_path} holds class {values.max()}, but --num-classes is "
+                                f"{num_classes} (expected 0..{num_classes - 1} or 255 = ignore)")
+            max_label = max(max_label, int(values.max()) if len(values) else 0)
+            sizes.append(image.shape[:2])
+        verdict[split] = sizes
+    verdict["max_label"] = max_label
+    atomic_write_text(cache, json.dumps(verdict))
+    return verdict
+
+
+def cache_dir(args, data_root):
+    """Beside the data when writable, else ~/.cache/cutmix-seg/<hash>; --cache-dir overrides."""
+    explicit = getattr(args, "cache_dir", None)
+    if explicit:
+        path = Path(explicit)
+    elif os.access(data_root, os.W_OK):
+        path = data_root / ".cutmix_seg_cache"
+    else:
+        tag = hashlib.sha1(str(data_root.resolve()).encode()).hexdigest()[:12]
+        path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cutmix-seg" / tag
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ---- augmentation: runs in the loader on uint8 tensors -------------------------------------------
+def augment(image, label, rng, crop, aug):
+    """Random crop (with the dataset's scale/flip augmentation) of one sample, REFERENCE §6.1.
+
+    image (H, W, 3) uint8, label (H, W) uint8 or None; returns image (3, h, w) uint8, label (h, w)
+    uint8 (255 where padded), valid (h, w) uint8 (255 = real image content, 0 = padding).
+    """
+    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    lab = torch.from_numpy(np.ascontiguousarray(label)) if label is not None else None
+    valid = torch.full(img.shape[1:], 255, dtype=torch.uint8)
+    ch, cw = crop
+    if aug.get("hung_scale"):  # f in {0.5, ..., 1.5}: a window of crop/f is resized to the crop
+        f = 0.5 + rng.integers(0, 11) / 10
+        wh, ww = round(ch / f), round(cw / f)
+    else:
+        wh, ww = ch, cw
+    img, lab, valid = pad_to(img, lab, valid, wh, ww)
+    y0 = round((img.shape[1] - wh) * rng.uniform())
+    x0 = round((img.shape[2] - ww) * rng.uniform())
+    img, valid = img[:, y0:y0 + wh, x0:x0 + ww], valid[y0:y0 + wh, x0:x0 + ww]
+    lab = lab[y0:y0 + wh, x0:x0 + ww] if lab is not None else None
+    if (wh, ww) != (ch, cw):
+        img = resize(img, crop, "bilinear")
+        valid = resize(valid[None], crop, "bilinear")[0]
+        lab = resize(lab[None], crop, "nearest")[0] if lab is not None else None
+    flips = [aug.get("hflip") and rng.uniform() < 0.5, aug.get("vflip") and rng.uniform() < 0.5,
+             aug.get("transpose") and rng.uniform() < 0.5]
+    for k, dims in enumerate(((-1,), (-2,), None)):
+        if flips[k]:
+            op = (lambda t: t.flip(dims)) if dims else (lambda t: t.transpose(-1, -2))
+            img, valid = op(img), op(valid)
+            lab = op(lab) if lab is not None else None
+    return img.contiguous(), lab.contiguous() if lab is not None else None, valid.contiguous()
+
+
+def pad_to(img, lab, valid, h, w):
+    """Centred padding up to (h, w): image 0, label 255, valid 0 (REFERENCE §6.1)."""
+    ph, pw = max(h - img.shape[1], 0), max(w - img.shape[2], 0)
+    if ph == 0 and pw == 0:
+        return img, lab, valid
+    pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+    img = F.pad(img, pads, value=0)
+    valid = F.pad(valid, pads, value=0)
+    lab = F.pad(lab, pads, value=IGNORE) if lab is not None else None
+    return img, lab, valid
+
+
+def resize(t, size, mode):
+    """Resize a (C, H, W) uint8 tensor; bilinear rounds back to uint8."""
+    out = F.interpolate(t[None].float(), size=size, mode=mode, **({} if mode == "nearest" else
+                                                                   dict(align_corners=False)))[0]
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+class TrainSet(torch.utils.data.Dataset):
+    """Augmented crops. Indexed by (sample index, augmentation seed), so that every crop is fixed by the
+    stream position alone: the same in any worker, after a resume, whatever the worker count."""
+
+    def __init__(self, split, crop, aug, with_label=True):
+        self.split, self.crop, self.aug, self.with_label = split, crop, aug, with_label
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, key):
+        index, seed = key
+        image, label = self.split.load(index) if self.with_label else (self.split.load(index)[0], None)
+        img, lab, valid = augment(image, label, np.random.default_rng(seed), self.crop, self.aug)
+        return (img, lab, valid) if lab is not None else (img, valid)
+
+
+class StreamSampler(torch.utils.data.Sampler):
+    """Infinite stream of batches: passes over `indices`, each freshly shuffled, batches cut from the
+    continuous stream (a batch may straddle two passes, as the original's RepeatSampler).
+
+    Pass k's order and every sample's augmentation seed derive from (seed, stream, k), so the stream's
+    only state is its position: starting at iteration `start` resumes it exactly.
+    """
+
+    def __init__(self, indices, batch_size, seed, stream, start=0):
+        self.indices, self.batch_size = np.asarray(indices), batch_size
+        self.seed, self.stream, self.start = seed, stream, start
+
+    def __iter__(self):
+        n, pos, current_pass = len(self.indices), self.start * self.batch_size, None
+        while True:
+            batch = []
+            for _ in range(self.batch_size):
+                k, j = divmod(pos, n)
+                if k != current_pass:
+                    order, current_pass = np.random.default_rng([self.seed, self.stream, k]).permutation(n), k
+                batch.append((int(self.indices[order[j]]), (self.seed, self.stream, pos)))
+                pos += 1
+            yield batch
+
+
+def stream(split, indices, args, stream_id, start, with_label=True):
+    """Iterator over augmented training batches of `indices`, from iteration `start` on."""
+    sampler = StreamSampler(indices, args.batch_size, args.seed, stream_id, start)
+    loader = torch.utils.data.DataLoader(
+        TrainSet(split, args.crop_size, args.aug, with_label), batch_sampler=sampler,
+        num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+        persistent_workers=args.num_workers > 0, prefetch_factor=4 if args.num_workers > 0 else None)
+    return iter(loader)
+
+
+class ValSet(torch.utils.data.Dataset):
+    def __init__(self, split):
+        self.split = split
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        image, label = self.split.load(i)
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), torch.from_numpy(label)
+
+
+def val_loader(split, args, max_batch=None):
+    """Whole images at their own size; images of equal size share a batch (no padding, REFERENCE G12)."""
+    max_batch = max_batch or args.batch_size
+    batches, current = [], []
+    for i in range(len(split)):
+        if current and (split.sizes[i] != split.sizes[current[0]] or len(current) == max_batch):
+            batches.append(current)
+            current = []
+        current.append(i)
+    batches.append(current)
+    return torch.utils.data.DataLoader(ValSet(split), batch_sampler=batches, num_workers=min(args.num_workers, 4),
+                                       pin_memory=torch.cuda.is_available())
+
+
+def to_device(images, valid, device, mean, std, channels_last=False):
+    """uint8 (B, 3, H, W) -> normalised float on the device; pixels outside the image become 0."""
+    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    x = images.to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
+    if valid is not None:
+        valid = valid.to(device, non_blocking=True).float().div_(255).unsqueeze(1)  # (B, 1, H, W)
+        x = x * valid
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, valid
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Networks: every one takes any input size and returns logits of that size
+# ---------------------------------------------------------------------------------------------------
+class Bottleneck(nn.Module):
+    """Caffe-style ResNet bottleneck (stride on the first 1x1 conv), as DeepLab v2 / AdvSemiSeg."""
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class DeepLabV2(nn.Module):
+    """DeepLab v2 on ResNet-101 (REFERENCE §5.1): output stride 8, ASPP rates 6/12/18/24."""
+
+    def __init__(self, num_classes, aspp_all_branches=False):
+        super().__init__()
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+        self.layer1 = self._layer(64, 3)
+        self.layer2 = self._layer(128, 4, stride=2)
+        self.layer3 = self._layer(256, 23, dilation=2)
+        self.layer4 = self._layer(512, 3, dilation=4)
+        self.aspp = nn.ModuleList(nn.Conv2d(2048, num_classes, 3, padding=r, dilation=r) for r in (6, 12, 18, 24))
+        # The original (from AdvSemiSeg) returns inside its loop over the branches, so only the rate-6
+        # and rate-12 branches are summed; 18 and 24 exist, sit in the optimizer, and are never used (G4).
+        self.n_branches = 4 if aspp_all_branches else 2
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.data.normal_(0, 0.01)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.data.fill_(1)
+                m.bias.data.zero_()
+        for m in self.modules():  # BN affine parameters are never trained in the original
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.requires_grad_(False)
+                m.bias.requires_grad_(False)
+
+    def _layer(self, planes, blocks, stride=1, dilation=1):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * 4 or dilation in (2, 4):
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=False),
+                                       nn.BatchNorm2d(planes * 4))
+        layers = [Bottleneck(self.inplanes, planes, stride, dilation, downsample)]
+        self.inplanes = planes * 4
+        layers += [Bottleneck(self.inplanes, planes, dilation=dilation) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def backbone_modules(self):
+        return [self.conv1, self.bn1, self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def head_logits(self, x):
+        """Stride-8 logits (321x321 in -> 41x41 out)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return sum(branch(x) for branch in self.aspp[:self.n_branches])
+
+    def forward(self, x):
+        # align_corners=True: kept from Hung et al., whose weights and numbers the paper compares to (G13)
+        return F.interpolate(self.head_logits(x), size=x.shape[2:], mode="bilinear", align_corners=True)
+
+    def load_imagenet(self):
+        """Copy torchvision's ImageNet ResNet-101 (IMAGENET1K_V1) wherever name and shape match."""
+        from torchvision.models import ResNet101_Weights
+        state = load_torchvision_weights(ResNet101_Weights.IMAGENET1K_V1)
+        own = self.state_dict()
+        matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        self.load_state_dict(matched, strict=False)
+        return matched
+
+
+def load_torchvision_weights(weights):
+    """torchvision weights from its cache (downloading if online), else one clear message."""
+    file = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    try:
+        return weights.get_state_dict(progress=True, check_hash=False)
+    except Exception as e:
+        raise UserError(f"cannot load the ImageNet weights {weights} ({type(e).__name__}): download "
+                        f"{weights.url} to {file}, or run with --no-pretrained")
+
+
+class UNetSmall(nn.Module):
+    """A small U-Net trained from scratch (demo, tests, small images): 4 levels, 16..128 channels."""
+
+    def __init__(self, num_classes, width=16, depth=3):
+        super().__init__()
+        chans = [width * 2 ** i for i in range(depth + 1)]
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                                 nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+        self.down = nn.ModuleList(block(ci, co) for ci, co in zip([3] + chans[:-1], chans))
+        self.up = nn.ModuleList(block(chans[i + 1] + chans[i], chans[i]) for i in reversed(range(depth)))
+        self.classifier = nn.Conv2d(chans[0], num_classes, 1)
+        self.multiple = 2 ** depth
+
+    def forward(self, x):
+        h, w = x.shape[2:]
+        m = self.multiple
+        x = F.pad(x, (0, -w % m, 0, -h % m))  # zero = the mean colour; cropped off again below
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        for block, skip in zip(self.up, reversed(skips[:-1])):
+            x = block(torch.cat([F.interpolate(x, size=skip.shape[2:], mode="nearest"), skip], 1))
+        return self.classifier(x)[:, :, :h, :w]
+
+    def backbone_modules(self):
+        return []
+
+
+def build_net(args, num_classes):
+    """The student network for args.arch, with ImageNet weights unless --no-pretrained."""
+    if args.arch == "deeplabv2":
+        net = DeepLabV2(num_classes, aspp_all_branches=args.aspp_all_branches)
+        if not args.no_pretrained:
+            net.load_imagenet()
+    elif args.arch == "unet_small":
+        net = UNetSmall(num_classes)
+    else:
+        raise UserError(f"--arch {args.arch}: unknown architecture; choose one of {', '.join(ARCHS)}")
+    return net
+
+
+def set_train_mode(net, args):
+    """Train mode, with BatchNorm back in eval mode where the protocol freezes it (--freeze_bn)."""
+    net.train()
+    if args.freeze_bn:
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. Mean teacher and optimizer
+# ---------------------------------------------------------------------------------------------------
+def make_teacher(student):
+    """An identical copy whose weights only ever move by EMA (no gradients)."""
+    import copy
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def ema_pairs(teacher, student):
+    """(teacher tensors, student tensors): every float state entry, BN running statistics included."""
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    if t_state.keys() != s_state.keys():
+        raise ValueError("teacher and student state dicts differ")
+    keys = [k for k, v in s_state.items() if v.is_floating_point()]
+    return [t_state[k] for k in keys], [s_state[k] for k in keys]
+
+
+@torch.no_grad()
+def ema_update(pairs, alpha):
+    """teacher <- alpha * teacher + (1 - alpha) * student, in place, for all float state (REFERENCE §1.1)."""
+    teacher, student = pairs
+    torch._foreach_lerp_(teacher, student, 1.0 - alpha)
+
+
+class RepeatAdam(torch.optim.Adam):
+    """Adam that steps each parameter group `repeat` times per call.
+
+    This is how the original stepped DeepLab v2's backbone: its parameter generator yielded every
+    backbone conv weight 3 times (4 for downsample convs), and PyTorch 1.4's Adam updated such a
+    weight's moments and value once per occurrence (G3). Grouping by multiplicity gives the same
+    arithmetic with vectorised (foreach) kernels instead of a slow per-tensor loop.
+    """
+
+    def step(self, closure=None):
+        groups = self.param_groups
+        params = [g["params"] for g in groups]
+        for r in range(max(g.get("repeat", 1) for g in groups)):
+            for g, p in zip(groups, params):
+                g["params"] = p if g.get("repeat", 1) > r else []
+            super().step()
+        for g, p in zip(groups, params):
+            g["params"] = p
+
+
+def param_groups(net, args):
+    """Backbone at lr * backbone_lr_mult, the rest (the head) at lr; DeepLab v2's multiplicities kept."""
+    backbone = net.backbone_modules() if args.backbone_lr_mult != 1.0 or args.arch == "deeplabv2" else []
+    counts = {}
+    for top in backbone:  # the original's walk: every module's recursive .parameters(), duplicates kept
+        for m in top.modules():
+            for p in m.parameters():
+                if p.requires_grad:
+                    counts[p] = counts.get(p, 0) + 1
+    if args.dedupe_params or args.arch != "deeplabv2":
+        counts = dict.fromkeys(counts, 1)
+    groups = []
+    for repeat in sorted(set(counts.values())):
+        groups.append(dict(params=[p for p, c in counts.items() if c == repeat],
+                           lr=args.lr * args.backbone_lr_mult, repeat=repeat, name=f"backbone x{repeat}"))
+    head = [p for p in net.parameters() if p.requires_grad and p not in counts]
+    groups.append(dict(params=head, lr=args.lr, repeat=1, name="head"))
+    return groups
+
+
+def make_optimizer(net, args):
+    groups = param_groups(net, args)
+    if args.optimizer == "adam":
+        return RepeatAdam(groups, lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                           nesterov=args.nesterov)
+
+
+def set_lr(optimizer, args, it):
+    """Constant, or poly (1 - t/T)^0.9 stepped before each iteration (REFERENCE §1.4)."""
+    if args.lr_schedule == "poly":
+        factor = max(0.0, 1 - it / args.iters) ** args.poly_power
+        for g in optimizer.param_groups:
+            g["lr"] = g.setdefault("initial_lr", g["lr"]) * factor
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. Metrics
+# ---------------------------------------------------------------------------------------------------
+def confusion_matrix(pred, target, num_classes):
+    """(num_classes, num_classes) counts, rows = truth, columns = prediction; 255 ignored."""
+    keep = target != IGNORE
+    index = target[keep].long() * num_classes + pred[keep].long()
+    return torch.bincount(index, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def iou_from_confusion(conf):
+    """Per-class IoU pooled over the set; a class absent from prediction and truth counts 0 (as original)."""
+    conf = conf.double()
+    inter = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - inter
+    return inter / union.clamp(min=1)
+
+
+@torch.no_grad()
+def evaluate(net, loader, data, device, args):
+    """Per-class IoU (percent) of `net` on whole validation images; returns (mIoU, list, confusion)."""
+    net.eval()
+    conf = torch.zeros(data.num_classes, data.num_classes, dtype=torch.long, device=device)
+    channels_last = device.type == "cuda"
+    for images, labels in loader:
+        x, _ = to_device(images, None, device, data.mean, data.std, channels_last)
+        with autocast(args, device):
+            pred = net(x).argmax(1)
+        conf += confusion_matrix(pred, labels.to(device), data.num_classes)
+    iou = iou_from_confusion(conf.cpu()) * 100
+    return iou.mean().item(), iou.tolist(), conf.cpu()
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. Run plumbing: output folder, log, checkpoints, results
+# ---------------------------------------------------------------------------------------------------
+def atomic_write_bytes(path, data):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path, text):
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_torch_save(obj, path):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+class Run:
+    """One training run and its folder: args.json, log.txt, metrics.jsonl, checkpoint.pt, results.json,
+    preview.png. The scripts call, in order: Run(args, method) (checks --out, --resume), start(...) once
+    the data and networks are good, iterations(), end_iteration() after each step, finish()."""
+
+    def __init__(self, args, method):
+        self.args, self.method = args, method
+        script = Path(sys.argv[0]).stem if sys.argv and sys.argv[0].endswith(".py") else f"train_{method}"
+        args.out = args.out or f"runs/{script}_{args.dataset}_{args.n_labeled}_s{args.seed}"
+        self.out = Path(args.out)
+        self.checkpoint_path = self.out / "checkpoint.pt"
+        finished = (self.out / "results.json").is_file()
+        if args.resume and not self.checkpoint_path.is_file() and not finished:
+            raise UserError(f"--resume: {self.out} holds no checkpoint.pt to continue from")
+        if not args.resume and self.out.exists() and any(self.out.iterdir()):
+            what = "a finished run" if finished else "an unfinished run (add --resume to continue it)"
+            raise UserError(f"--out {self.out} already holds {what}; choose another --out or delete it")
+        if args.resume and finished:
+            results = json.loads((self.out / "results.json").read_text())
+            print(f"{self.out} is already finished")
+            print(f"FINAL mIoU={results['miou']:.2f}")
+            sys.exit(0)
+        self.log_every = max(1, min(100, args.eval_every // 5))
+
+    def start(self, data, device, **tracked):
+        """Create the folder and log; restore `tracked` objects (nets, optimizer, ...) when resuming.
+
+        Returns the iteration to start from."""
+        self.data, self.device, self.tracked = data, device, tracked
+        self.val_loader = val_loader(data.val, self.args)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log_file = open(self.out / "log.txt", "a")
+        self.metrics_file = open(self.out / "metrics.jsonl", "a")
+        self.start_iter, self.timed_iters, self.timed_seconds, self.wall_seconds = 0, 0, 0.0, 0.0
+        if self.args.resume:
+            state = self.load_checkpoint()
+            for name, obj in tracked.items():
+                if isinstance(obj, torch.Generator):
+                    obj.set_state(state[name])
+                else:
+                    obj.load_state_dict(state[name])
+            self.start_iter = state["iter"]
+            self.timed_iters, self.timed_seconds = state["timed_iters"], state["timed_seconds"]
+            self.wall_seconds = state["wall_seconds"]
+            self.print(f"resumed from iteration {self.start_iter} of {self.out}")
+        else:
+            record = dict(vars(self.args), method=self.method)
+            atomic_write_text(self.out / "args.json", json.dumps(record, indent=2, default=str))
+            self.print("settings: " + " ".join(f"{k}={v}" for k, v in sorted(record.items())))
+            self.print(f"data: {len(data.train)} train ({len(data.labeled)} labeled), {len(data.val)} val, "
+                       f"{data.num_classes} classes; labeled: {data.labeled.tolist()[:20]}"
+                       f"{' ...' if len(data.labeled) > 20 else ''}")
+        self.sums, self.count = None, 0
+        return self.start_iter
+
+    def iterations(self):
+        """Iteration numbers from the start (or the checkpoint) to --iters, with a progress bar."""
+        self.bar = tqdm(range(self.start_iter, self.args.iters), initial=self.start_iter, total=self.args.iters,
+                        desc=self.method, dynamic_ncols=True, leave=False)
+        self.segment_start = self.clock_start = time.perf_counter()
+        self.segment_iters, self.warmup_left = 0, 5
+        for nets in ("student", "teacher"):
+            set_train_mode(self.tracked[nets], self.args)
+        for it in self.bar:
+            set_lr(self.tracked["optimizer"], self.args, it)
+            yield it
+
+    def end_iteration(self, it, **scalars):
+        """Accumulate the losses (no host-device sync); print every log interval; evaluate and
+        checkpoint every --eval-every iterations and at the end."""
+        values = torch.stack([v.detach().float() for v in scalars.values()])
+        self.sums = values if self.sums is None else self.sums + values
+        self.count += 1
+        if self.warmup_left > 0:  # the first iterations (allocation, cudnn autotuning) are not timed
+            self.warmup_left -= 1
+            if self.warmup_left == 0:
+                self.sync()
+                self.segment_start = time.perf_counter()
+        else:
+            self.segment_iters += 1
+        done = it + 1
+        if done % self.log_every == 0 or done == self.args.iters:
+            means = (self.sums / self.count).tolist()
+            if not math.isfinite(means[0]):
+                raise RuntimeError(f"the supervised loss became {means[0]} at iteration {done}; stopping")
+            lr = self.tracked["optimizer"].param_groups[-1]["lr"]
+            elapsed = time.perf_counter() - self.segment_start
+            rate = elapsed / max(self.segment_iters, 1)
+            self.print(f"it {done}/{self.args.iters} | " + " | ".join(
+                f"{k} {v:.4f}" for k, v in zip(scalars, means)) + f" | lr {lr:.1e} | {rate:.3f} s/it")
+            self.metrics(iter=done, lr=lr, seconds_per_iter=rate, **dict(zip(scalars, means)))
+            self.sums, self.count = None, 0
+        if done % self.args.eval_every == 0 or done == self.args.iters:
+            self.sync()
+            if self.warmup_left == 0:
+                self.timed_seconds += time.perf_counter() - self.segment_start
+                self.timed_iters += self.segment_iters
+            self.evaluate(done)
+            self.segment_start, self.segment_iters = time.perf_counter(), 0
+            for nets in ("student", "teacher"):
+                set_train_mode(self.tracked[nets], self.args)
+
+    def evaluate(self, done):
+        data, device, args = self.data, self.device, self.args
+        miou, per_class, _ = evaluate(self.tracked["teacher"], self.val_loader, data, device, args)
+        student_miou, _, _ = evaluate(self.tracked["student"], self.val_loader, data, device, args)
+        self.last_eval = dict(miou=miou, student_miou=student_miou, per_class_iou=per_class)
+        self.print(f"eval it {done} | teacher mIoU {miou:.2f} | student mIoU {student_miou:.2f}")
+        self.print("-- per class: " + " ".join(f"{n}={v:.1f}" for n, v in zip(data.class_names, per_class)))
+        self.metrics(iter=done, **self.last_eval)
+        now = time.perf_counter()
+        state = {name: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
+                 for name, obj in self.tracked.items()}
+        state.update(iter=done, timed_iters=self.timed_iters, timed_seconds=self.timed_seconds,
+                     wall_seconds=self.wall_seconds + now - self.clock_start, rng=rng_state())
+        atomic_torch_save(state, self.checkpoint_path)
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def print(self, line):
+        tqdm.write(line)
+        self.log_file.write(line + "\n")
+        self.log_file.flush()
+
+    def metrics(self, **record):
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+
+    def load_checkpoint(self):
+        try:
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"--resume: cannot read {self.checkpoint_path}: {e}")
+        set_rng_state(state["rng"])
+        return state
+
+    def finish(self):
+        """results.json and preview.png; the last line on stdout is `FINAL mIoU=<teacher mIoU>`."""
+        self.bar.close()
+        args = self.args
+        if not hasattr(self, "last_eval"):  # resumed from a checkpoint written at the very end
+            self.evaluate(args.iters)
+        results = dict(self.last_eval, iters=args.iters, method=self.method, dataset=args.dataset,
+                       n_labeled=len(self.data.labeled), arch=args.arch,
+                       train_seconds=self.wall_seconds + time.perf_counter() - self.clock_start,
+                       seconds_per_iter=self.timed_seconds / max(self.timed_iters, 1),
+                       resumed_from=self.start_iter)
+        image = preview(self.tracked["teacher"], self.data.val, self.data, self.device, args)
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        atomic_write_bytes(self.out / "preview.png", buffer.getvalue())
+        atomic_write_text(self.out / "results.json", json.dumps(results, indent=2))
+        self.print(f"results in {self.out}: teacher mIoU {results['miou']:.2f}, student "
+                   f"{results['student_miou']:.2f}, {results['seconds_per_iter']:.3f} s/it")
+        self.log_file.close()
+        self.metrics_file.close()
+        print(f"FINAL mIoU={results['miou']:.2f}", flush=True)
+        return results
+
+
+def palette(num_classes):
+    """Distinct colours per class (Pascal's bit-interleaved palette); 255 = white."""
+    colours = np.zeros((256, 3), np.uint8)
+    for c in range(256):
+        r = g = b = 0
+        cid = c
+        for shift in range(7, -1, -1):
+            r |= (cid & 1) << shift
+            g |= ((cid >> 1) & 1) << shift
+            b |= ((cid >> 2) & 1) << shift
+            cid >>= 3
+        colours[c] = (r, g, b)
+    colours[IGNORE] = 255
+    return colours
+
+
+@torch.no_grad()
+def preview(net, split, data, device, args, n=4):
+    """image | ground truth | prediction, one row per validation image (the first n)."""
+    net.eval()
+    colours, rows = palette(data.num_classes), []
+    for i in range(min(n, len(split))):
+        image, label = split.load(i)
+        x, _ = to_device(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None], None, device,
+                         data.mean, data.std)
+        with autocast(args, device):
+            pred = net(x).argmax(1)[0].cpu().numpy()
+        rows.append(np.concatenate([image, colours[label], colours[pred]], axis=1))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
+    return np.concatenate(rows, axis=0)

@@ -1,0 +1,140 @@
+"""CutMix consistency with a mean teacher (French et al., BMVC 2020, Sec. 3.3, Eq. 1, Fig. 5).
+
+    L = CE(f_θ(x_l), y_l) + γ · c · mean_pixels Σ_classes ( f_θ(mix(x_a, x_b, M)) − mix(g_φ(x_a), g_φ(x_b), M) )²
+
+    mix(a, b, M) = (1 − M) ⊙ a + M ⊙ b, M = a box of half the image area (random aspect and position);
+    f_θ = student, g_φ = teacher (EMA of the student, α = 0.99); c = share of teacher pixels in the batch
+    whose confidence reaches τ = 0.97 (paper Sec. D.4.4); the squared error is summed over classes and
+    averaged over pixels (Sec. D.4.5), over valid pixels only.
+
+Run:   python train_cutmix.py --dataset cityscapes --n-labeled 372
+Diff:  only the blocks marked `# --- CutMix ---` differ from train_baseline.py
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+from common import arg
+
+
+@dataclass
+class Args(common.TrainArgs):
+    cons_weight: float = arg(None, "γ, weight of the consistency loss (default: 1, the paper's on every dataset)")
+    conf_thresh: float = arg(0.97, "τ, teacher confidence counted as confident (Sec. D.4.4)")
+    n_boxes: int = arg(1, "boxes per mask, each of area 1/(2·n), XOR-combined (Sec. D.3: 3 for full crops)")
+
+    @staticmethod
+    def method_protocol(dataset):
+        return dict(cons_weight=1.0)  # REFERENCE §10.1: CutMix weight 1 on Pascal, Cityscapes and ISIC
+
+
+def box_mask(n, size, n_boxes, area, generator):
+    """(n, 1, H, W) float mask, 1 inside the box(es) (REFERENCE §2.1, the original's mask_gen).
+
+    Per box: area share p ~ U(area), height share h = p^u with u ~ U(0, 1) (a log-uniform aspect
+    ratio), width share p / h, both scaled by sqrt(1 / n_boxes); the box lies fully inside the image.
+    Several boxes are XOR-combined: where two overlap the pixels flip back.
+    """
+    device = generator.device
+    H, W = size
+    lo, hi = area
+    p = lo + (hi - lo) * torch.rand(n, n_boxes, generator=generator, device=device)
+    h = torch.where(p > 0, p ** torch.rand(n, n_boxes, generator=generator, device=device), torch.zeros_like(p))
+    w = torch.where(p > 0, p / h.clamp(min=1e-12), torch.zeros_like(p))
+    box_h = torch.round(h * (1 / n_boxes) ** 0.5 * H)  # (n, n_boxes) pixels
+    box_w = torch.round(w * (1 / n_boxes) ** 0.5 * W)
+    y0 = torch.round((H - box_h) * torch.rand(n, n_boxes, generator=generator, device=device))
+    x0 = torch.round((W - box_w) * torch.rand(n, n_boxes, generator=generator, device=device))
+    ys = torch.arange(H, device=device).view(1, 1, H)
+    xs = torch.arange(W, device=device).view(1, 1, W)
+    in_y = (ys >= y0[..., None]) & (ys < (y0 + box_h)[..., None])  # (n, n_boxes, H)
+    in_x = (xs >= x0[..., None]) & (xs < (x0 + box_w)[..., None])  # (n, n_boxes, W)
+    inside = in_y[..., :, None] & in_x[..., None, :]  # (n, n_boxes, H, W)
+    return (inside.sum(1, keepdim=True) % 2).float()  # XOR over boxes
+
+
+def mix(a, b, mask):
+    """mix(a, b, M) = (1 − M) ⊙ a + M ⊙ b: pixels inside the box come from b."""
+    return (1 - mask) * a + mask * b
+
+
+def consistency_loss(p_student, p_teacher, loss_mask, conf_thresh):
+    """Confidence-modulated squared error (Sec. D.4.4, D.4.5); returns (loss, confident share).
+
+    Squared error summed over classes keeps the gradient's size nearly independent of the number of
+    classes, so one weight serves 2 classes and 21. The mean runs over all N·H·W pixels (masked ones
+    count in the denominator), scaled by the share of confident teacher pixels in the whole batch:
+    that share grows during training and stands in for the usual sigmoid ramp-up.
+    """
+    conf_weight = (p_teacher.amax(1, keepdim=True) >= conf_thresh).float().mean()
+    sq_err = (p_student - p_teacher).pow(2).sum(1, keepdim=True)  # (B, 1, H, W)
+    return (sq_err * loss_mask * conf_weight).mean(), conf_weight
+
+
+def main(args):
+    run = common.Run(args, method="cutmix")
+    device = common.setup_device(args)
+    data = common.load_dataset(args)
+    student = common.build_net(args, data.num_classes).to(device)
+    channels_last = device.type == "cuda"
+    if channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    teacher = common.make_teacher(student)
+    optimizer = common.make_optimizer(student, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    mask_rng = torch.Generator(device).manual_seed(args.seed)  # --- CutMix ---: masks drawn on the device
+    start = run.start(data, device, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler,
+                      mask_rng=mask_rng)
+    ema = common.ema_pairs(teacher, student)
+    labeled = common.stream(data.train, data.labeled, args, stream_id=0, start=start)
+    # --- CutMix ---: x_a and x_b come from two independent shuffles of the whole training set (G17)
+    everything = np.arange(len(data.train))
+    unlabeled_a = common.stream(data.train, everything, args, stream_id=1, start=start, with_label=False)
+    unlabeled_b = common.stream(data.train, everything, args, stream_id=2, start=start, with_label=False)
+
+    def batch(images, valid):
+        return common.to_device(images, valid, device, data.mean, data.std, channels_last)
+
+    for it in run.iterations():
+        # 1. supervised loss on the labeled batch (its own forward pass and backward, as the original)
+        images, y_l, valid = next(labeled)
+        x_l, _ = batch(images, valid)
+        y_l = y_l.to(device, non_blocking=True).long()
+        with common.autocast(args, device):
+            loss_sup = F.cross_entropy(student(x_l).float(), y_l, ignore_index=common.IGNORE)
+        scaler.scale(loss_sup).backward()
+
+        # --- CutMix ---
+        # 2. the teacher predicts the two unmixed batches (train mode, as the original, G6)
+        x_a, v_a = batch(*next(unlabeled_a))  # (B, 3, H, W), (B, 1, H, W)
+        x_b, v_b = batch(*next(unlabeled_b))
+        mix_mask = box_mask(len(x_a), x_a.shape[2:], args.n_boxes, (0.5, 0.5), mask_rng)  # (B, 1, H, W), 1 = from x_b
+        with torch.no_grad(), common.autocast(args, device):
+            logits_a, logits_b = teacher(x_a), teacher(x_b)
+        # 3. mix the teacher's predictions with the same mask (mixing logits or probabilities is the
+        #    same here: M is exactly 0 or 1 per pixel)
+        p_teacher = mix(logits_a.float(), logits_b.float(), mix_mask).softmax(1)
+        # 4. the student predicts the mixed images; pixels from padding carry no loss
+        x_mix, loss_mask = mix(x_a, x_b, mix_mask), mix(v_a, v_b, mix_mask)
+        with common.autocast(args, device):
+            p_student = student(x_mix).float().softmax(1)
+        # 5. confidence-modulated consistency loss, added to the supervised gradient
+        loss_cons, conf_weight = consistency_loss(p_student, p_teacher, loss_mask, args.conf_thresh)
+        scaler.scale(args.cons_weight * loss_cons).backward()
+        # --- end CutMix ---
+
+        # 6. one optimizer step, then the teacher follows the student by EMA
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        common.ema_update(ema, args.teacher_alpha)
+        # 7. log; every --eval-every iterations: evaluate teacher and student, checkpoint
+        run.end_iteration(it, sup=loss_sup, cons=loss_cons, conf=conf_weight)
+    return run.finish()
+
+
+if __name__ == "__main__":
+    main(common.parse_args(Args))
