@@ -460,7 +460,7 @@ def validate_pairs(splits, args, num_classes):
                 raise UserError(f"mask {mask_path} holds class {values.max()}, but --num-classes is "
                                 f"{num_classes} (expected 0..{num_classes - 1} or 255 = ignore)")
             max_label = max(max_label, int(values.max()) if len(values) else 0)
-            sizes.append(image.shape[:2])
+            sizes.append(list(image.shape[:2]))
         verdict[split] = sizes
     verdict["max_label"] = max_label
     atomic_write_text(cache, json.dumps(verdict))
@@ -682,7 +682,7 @@ class DeepLabV2(nn.Module):
 
     def _layer(self, planes, blocks, stride=1, dilation=1):
         downsample = None
-        if stride != 1 or self.inplanes != planes * 4 or dilation in (2, 4):
+        if stride != 1 or self.inplanes != planes * 4:
             downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=False),
                                        nn.BatchNorm2d(planes * 4))
         layers = [Bottleneck(self.inplanes, planes, stride, dilation, downsample)]

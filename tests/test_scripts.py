@@ -1,0 +1,166 @@
+"""Every script end to end as a subprocess, as a user runs it: outputs, resume, bad input, shared flags."""
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import FAST, ROOT, make_folder_dataset, read_results, run_script
+
+SCRIPTS = ["train_baseline.py", "train_cutmix.py"]
+RESULT_KEYS = {"miou", "student_miou", "per_class_iou", "iters", "train_seconds", "seconds_per_iter",
+               "resumed_from", "dataset", "n_labeled", "arch", "method"}
+
+
+def check_outputs(out, proc, num_classes, iters=6):
+    out = Path(out)
+    for name in ("args.json", "log.txt", "metrics.jsonl", "results.json", "preview.png", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    results = read_results(out)
+    assert RESULT_KEYS <= set(results)
+    assert len(results["per_class_iou"]) == num_classes and results["iters"] == iters
+    assert 0 <= results["miou"] <= 100 and results["resumed_from"] == 0
+    assert abs(results["miou"] - float(np.mean(results["per_class_iou"]))) < 1e-6
+    assert proc.stdout.rstrip().splitlines()[-1] == f"FINAL mIoU={results['miou']:.2f}"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("iter" in r for r in records) and any("miou" in r for r in records)
+    assert json.loads((out / "args.json").read_text())["iters"] == iters
+    with Image.open(out / "preview.png") as im:
+        assert im.width > 0
+    return results
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_demo_end_to_end(script, tmp_path):
+    proc = run_script(script, *FAST, "--out", tmp_path / "run")
+    results = check_outputs(tmp_path / "run", proc, num_classes=5)
+    assert results["dataset"] == "demo" and results["arch"] == "unet_small" and results["n_labeled"] == 30
+    assert results["method"] == script[len("train_"):-3]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_folder_end_to_end_unet_small(script, folder_data, tmp_path):
+    proc = run_script(script, "--dataset", "folder", "--data-root", folder_data, "--arch", "unet_small",
+                      "--n-labeled", 4, *FAST, "--out", tmp_path / "run")
+    results = check_outputs(tmp_path / "run", proc, num_classes=3)
+    assert results["n_labeled"] == 4
+    args = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert args["crop_size"] == [24, 32] and args["num_classes"] is None  # crop = the images' own size
+
+
+def test_folder_default_arch_is_deeplabv2(folder_data, tmp_path):
+    proc = run_script("train_cutmix.py", "--dataset", "folder", "--data-root", folder_data, "--no-pretrained",
+                      "--n-labeled", 4, "--iters", 2, "--eval-every", 2, "--batch-size", 1, "--num-workers", 0,
+                      "--out", tmp_path / "run")
+    results = check_outputs(tmp_path / "run", proc, num_classes=3, iters=2)
+    assert results["arch"] == "deeplabv2"
+
+
+def test_folder_images_of_mixed_sizes_are_padded_to_the_default_crop(tmp_path):
+    data = make_folder_dataset(tmp_path / "a", size=(20, 20), n_train=4, n_val=2)
+    bigger = make_folder_dataset(tmp_path / "b", size=(30, 26), n_train=2, n_val=2, seed=1)
+    for split in ("train", "val"):
+        for kind in ("images", "masks"):
+            for f in (bigger / split / kind).iterdir():
+                f.rename(data / split / kind / ("big_" + f.name))
+    proc = run_script("train_cutmix.py", "--dataset", "folder", "--data-root", data, "--arch", "unet_small",
+                      "--n-labeled", 3, *FAST, "--crop-size", "40,36", "--out", tmp_path / "run")
+    check_outputs(tmp_path / "run", proc, num_classes=3)
+    import common  # the default crop for mixed sizes is Pascal's
+    assert common.default_crop([(20, 20), (30, 26)]) == (321, 321)
+    assert common.default_crop([(20, 20)] * 3) == (20, 20)
+    assert common.default_crop([(600, 800)]) == (321, 321)
+
+
+def test_labeled_subset_follows_the_split_seed_and_the_split_file(tmp_path):
+    import common
+
+    class A:
+        n_labeled, split_seed, split_file = 3, 12345, None
+    names = [f"n{i}" for i in range(10)]
+    assert common.choose_labeled(names, A).tolist() == np.random.RandomState(12345).permutation(10)[:3].tolist()
+    split = tmp_path / "labeled.txt"
+    split.write_text("n7\n\nn2.png\nn5\nn1\n")
+    A.split_file = str(split)
+    assert common.choose_labeled(names, A).tolist() == [7, 2, 5]
+    A.n_labeled = -1
+    assert common.choose_labeled(names, A).tolist() == [7, 2, 5, 1]
+
+
+def test_resume_after_a_kill_ends_with_the_same_miou(tmp_path):
+    args = ["--iters", 40, "--eval-every", 10, "--batch-size", 2, "--num-workers", 0, "--deterministic"]
+    reference = read_results(tmp_path / "ref") if False else None
+    run_script("train_cutmix.py", *args, "--out", tmp_path / "ref")
+    reference = read_results(tmp_path / "ref")
+    # start the same run, kill it (SIGKILL: no clean-up) once it has written a checkpoint past iteration 10
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_cutmix.py"), *map(str, args), "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    import torch
+    while time.time() < deadline:
+        ckpt = out / "checkpoint.pt"
+        if ckpt.is_file():
+            try:
+                if torch.load(ckpt, weights_only=True)["iter"] >= 20:
+                    break
+            except Exception:
+                pass
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "results.json").exists(), "the run finished before it could be killed"
+    # without --resume the unfinished run is refused, never overwritten
+    refused = run_script("train_cutmix.py", *args, "--out", out, check=False)
+    assert refused.returncode != 0 and "--resume" in refused.stderr
+    resumed = run_script("train_cutmix.py", *args, "--out", out, "--resume")
+    results = read_results(out)
+    assert results["resumed_from"] >= 20
+    assert results["miou"] == reference["miou"] and results["student_miou"] == reference["student_miou"]
+    assert results["per_class_iou"] == reference["per_class_iou"]
+    assert resumed.stdout.rstrip().splitlines()[-1] == f"FINAL mIoU={reference['miou']:.2f}"
+
+
+def test_a_finished_run_is_never_overwritten(tmp_path):
+    run_script("train_baseline.py", *FAST, "--out", tmp_path / "run")
+    before = (tmp_path / "run" / "results.json").read_text()
+    proc = run_script("train_baseline.py", *FAST, "--out", tmp_path / "run", check=False)
+    assert proc.returncode != 0 and "already holds a finished run" in proc.stderr
+    assert (tmp_path / "run" / "results.json").read_text() == before
+
+
+def test_shared_flags_agree_between_scripts():
+    import importlib
+    import common
+    shared = [f.name for f in dataclasses.fields(common.TrainArgs)]
+    contract = ["dataset", "data_root", "n_labeled", "split_seed", "split_file", "arch", "no_pretrained", "iters",
+                "batch_size", "lr", "crop_size", "eval_every", "seed", "device", "out", "resume", "amp",
+                "deterministic", "num_workers", "num_classes", "teacher_alpha"]
+    assert shared[:len(contract)] == contract
+    helps = {}
+    for script in sorted(p.name for p in ROOT.glob("train_*.py")):
+        module = importlib.import_module(script[:-3])
+        fields = [(f.name, f.default, f.type) for f in dataclasses.fields(module.Args)]
+        assert [f[0] for f in fields[:len(shared)]] == shared, script
+        assert fields[:len(shared)] == [(f.name, f.default, f.type) for f in dataclasses.fields(common.TrainArgs)]
+        own = [f[0] for f in fields[len(shared):]]
+        if script != "train_baseline.py":
+            assert own[:2] == ["cons_weight", "conf_thresh"], script
+        text = run_script(script, "--help").stdout
+        flags = [w for w in text.split() if w.startswith("--") and w != "--help"]
+        helps[script] = [f.strip("[],") for f in flags]
+    first = helps["train_baseline.py"]
+    for script, flags in helps.items():
+        assert flags[:len(first)] == first, script
+    assert "--n-boxes" in helps["train_cutmix.py"]
+
+
+def test_unknown_dataset_is_refused_by_argparse():
+    proc = run_script("train_baseline.py", "--dataset", "mnist", check=False)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
