@@ -304,33 +304,33 @@ def choose_labeled(names, args):
 DEMO_CLASSES = ["background", "disc", "square", "triangle", "cross"]
 
 
-def demo_image(rng, size=64):
+def demo_image(rng, size=48):
     """One demo image and its label map.
 
-    Every colour and texture is drawn from one distribution for the background clutter and for the
-    objects alike, so only shape tells the classes apart; the clutter (strokes, blobs, noise) means no
-    low-density gap separates object pixels from background pixels (paper Sec. 3.1).
+    Objects and background draw their colours from one distribution, so only shape tells the classes
+    apart; smooth background texture, clutter strokes and noise make sure no low-density gap separates
+    object pixels from background pixels (paper Sec. 3.1).
     """
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
 
-    def texture():
-        c1, c2 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-        angle, freq = rng.uniform(0, np.pi), rng.uniform(0.1, 0.6)
+    def texture(contrast):
+        c1 = rng.uniform(0, 255, 3)
+        c2 = np.clip(c1 + rng.normal(0, contrast, 3), 0, 255)
+        angle, freq = rng.uniform(0, np.pi), rng.uniform(0.05, 0.3)
         wave = 0.5 + 0.5 * np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 6.3))
         return c1 + (c2 - c1) * wave[..., None]
 
-    image = texture()
-    for _ in range(rng.integers(3, 7)):  # clutter: thick strokes and blobs in object-like colours
+    image = texture(contrast=80)
+    for _ in range(rng.integers(2, 5)):  # clutter: strokes in object-like colours
         x0, y0, x1, y1 = rng.uniform(0, size, 4)
         t = np.clip(((xx - x0) * (x1 - x0) + (yy - y0) * (y1 - y0)) / ((x1 - x0) ** 2 + (y1 - y0) ** 2 + 1e-6), 0, 1)
         dist = np.hypot(xx - x0 - t * (x1 - x0), yy - y0 - t * (y1 - y0))
-        stroke = dist < rng.uniform(1.0, 3.0)
-        image = np.where(stroke[..., None], texture(), image)
+        image = np.where((dist < rng.uniform(0.7, 1.6))[..., None], texture(contrast=30), image)
     label = np.zeros((size, size), np.uint8)
     for _ in range(rng.integers(1, 4)):
         cls = rng.integers(1, len(DEMO_CLASSES))
-        cx, cy = rng.uniform(10, size - 10, 2)
-        r = rng.uniform(7, 14)
+        cx, cy = rng.uniform(0.2 * size, 0.8 * size, 2)
+        r = rng.uniform(0.13, 0.23) * size
         theta = rng.uniform(0, 2 * np.pi)
         u = np.cos(theta) * (xx - cx) + np.sin(theta) * (yy - cy)
         v = -np.sin(theta) * (xx - cx) + np.cos(theta) * (yy - cy)
@@ -345,13 +345,13 @@ def demo_image(rng, size=64):
                 inside &= np.cos(a) * (xx - cx) + np.sin(a) * (yy - cy) < r * 0.55
         else:
             inside = (np.minimum(np.abs(u), np.abs(v)) < r * 0.3) & (np.maximum(np.abs(u), np.abs(v)) < r)
-        image = np.where(inside[..., None], texture(), image)
+        image = np.where(inside[..., None], texture(contrast=30), image)
         label[inside] = cls
-    image = image + rng.normal(0, 12, image.shape)
+    image = image + rng.normal(0, 8, image.shape)
     return np.clip(image, 0, 255).astype(np.uint8), label
 
 
-def demo_dataset(args, n_train=300, n_val=100, size=64):
+def demo_dataset(args, n_train=300, n_val=100, size=48):
     rng = np.random.default_rng(20200907)  # fixed: the demo is the same data on every machine
     samples = [demo_image(rng, size) for _ in range(n_train + n_val)]
     images = np.stack([s[0] for s in samples])
@@ -577,11 +577,14 @@ class StreamSampler(torch.utils.data.Sampler):
             yield batch
 
 
-def stream(split, indices, args, stream_id, start, with_label=True):
-    """Iterator over augmented training batches of `indices`, from iteration `start` on."""
+def stream(split, indices, args, stream_id, start, with_label=True, dataset=None):
+    """Iterator over augmented training batches of `indices`, from iteration `start` on.
+
+    `dataset` replaces the default TrainSet (a method with its own views, e.g. std-aug's pairs); it is
+    indexed by (sample index, augmentation seed) like TrainSet."""
     sampler = StreamSampler(indices, args.batch_size, args.seed, stream_id, start)
     loader = torch.utils.data.DataLoader(
-        TrainSet(split, args.crop_size, args.aug, with_label), batch_sampler=sampler,
+        dataset or TrainSet(split, args.crop_size, args.aug, with_label), batch_sampler=sampler,
         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
         persistent_workers=args.num_workers > 0, prefetch_factor=4 if args.num_workers > 0 else None)
     return iter(loader)
