@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import tempfile
@@ -70,6 +71,24 @@ DATASETS = {
                  num_workers=0),
     "folder": dict(arch="deeplabv2", n_labeled=-1, crop_size=None, batch_size=10, iters=40000,
                    eval_every=1000, aug=dict(hflip=True), optimizer="adam", lr_schedule="none"),
+    # 1024x512 images, 256x512 crops, h-flip, Adam (REFERENCE §6.3); split seeds 12345, 23456, ..., 56789
+    "cityscapes": dict(arch="deeplabv2", n_labeled=372, crop_size=(256, 512), batch_size=4, iters=40000,
+                       eval_every=1000, aug=dict(hflip=True), optimizer="adam", lr_schedule="none"),
+    # 321x321 crops of images rescaled by 0.5..1.5, h-flip, Adam (§6.2); 106 = 1/100 of train_aug
+    "pascal_aug": dict(arch="deeplabv2", n_labeled=106, crop_size=(321, 321), batch_size=10, iters=40000,
+                       eval_every=1000, aug=dict(hflip=True, hung_scale=True), optimizer="adam",
+                       lr_schedule="none"),
+    # 224x224 rotated (±45°) and scaled (1/1.1..1.1) crops of 248x248 images, all flips; SGD + poly, the
+    # predicted lesion hole-filled before scoring (§6.4, §10.1). The original script's lr 0.1 (the paper
+    # says 0.05) belongs to the DenseUNet, hence per-arch learning rates: they win over ARCHS' Adam ones.
+    # Nesterov stays off, as in the original's mask program (CutMix, Cutout); methods that the original
+    # ran with its other programs (baseline, std-aug, ICT, VAT) turn it on in their method_protocol (G8).
+    "isic2017": dict(arch="deeplabv2", n_labeled=50, crop_size=(224, 224), batch_size=10, iters=40000,
+                     eval_every=400, aug=dict(hflip=True, vflip=True, transpose=True, rot=45.0, max_scale=1.1),
+                     optimizer="sgd", lr_schedule="poly", momentum=0.9, weight_decay=5e-4, fill_holes=True,
+                     arch_overrides=dict(denseunet161=dict(lr=0.1),      # the paper's network (Table 3)
+                                         deeplabv2=dict(lr=2.5e-4),      # DeepLab v2's usual SGD rate
+                                         unet_small=dict(lr=0.1))),
 }
 # Architecture protocols (REFERENCE §5): head learning rate, the backbone's share of it, BatchNorm.
 ARCHS = {
@@ -85,12 +104,14 @@ OPTIMIZER_DEFAULTS = dict(momentum=0.9, weight_decay=0.0, nesterov=False, poly_p
 @dataclass
 class TrainArgs:
     """Options shared by every train_*.py, in the same order everywhere. None = from the protocol."""
-    dataset: str = arg("demo", "dataset: demo (built in), folder (ROOT/{train,val}/{images,masks})",
+    dataset: str = arg("demo", "dataset: demo (built in), folder (ROOT/{train,val}/{images,masks}), cityscapes, "
+                               "pascal_aug, isic2017 (their official downloads, README 'Datasets')",
                        choices=list(DATASETS))
     data_root: str = arg(None, "folder holding the dataset (required for every dataset but demo)")
     n_labeled: int = arg(None, "labeled training images; -1 = all (default: the dataset's)")
     split_seed: int = arg(12345, "seed of the labeled subset, independent of --seed")
-    split_file: str = arg(None, "text file naming the labeled images, one per line (first --n-labeled used)")
+    split_file: str = arg(None, "labeled images: a text file naming one per line (or labeled.txt's 'image mask' "
+                                "lines), or the original's .pkl index permutation (first --n-labeled used)")
     arch: str = arg(None, "network (default: the dataset's)", choices=list(ARCHS))
     no_pretrained: bool = arg(False, "random initialisation instead of ImageNet weights")
     iters: int = arg(None, "training iterations (default: the dataset's)")
@@ -112,6 +133,8 @@ class TrainArgs:
                                      "stepped most of them 3-4 times, REFERENCE G3)")
     aspp_all_branches: bool = arg(False, "deeplabv2: sum all four ASPP branches (the original sums only the "
                                          "rate-6 and rate-12 ones, REFERENCE G4)")
+    cache_dir: str = arg(None, "folder for prepared data (half-size Cityscapes, 248x248 ISIC, checks) (default: "
+                               "beside the data when writable, else ~/.cache/cutmix-seg)")
 
 
 def parse_args(args_class, argv=None):
@@ -138,6 +161,7 @@ def resolve_protocol(args):
     proto.update(DATASETS[args.dataset])
     arch = chosen.get("arch", proto["arch"])
     proto.update(ARCHS[arch])
+    proto.update(proto.pop("arch_overrides", {}).get(arch, {}))  # a dataset's word on one arch (ISIC's SGD lr)
     proto.update(getattr(args, "method_protocol", lambda d: {})(args.dataset))
     proto.update(chosen)
     proto.setdefault("num_workers", min(8, os.cpu_count() or 1))
@@ -253,7 +277,8 @@ class Data:
 
 def load_dataset(args):
     """Build the dataset named by --dataset, choose the labeled subset, and fill the crop default."""
-    builder = {"demo": demo_dataset, "folder": folder_dataset}[args.dataset]
+    builder = {"demo": demo_dataset, "folder": folder_dataset, "cityscapes": cityscapes_dataset,
+               "pascal_aug": pascal_aug_dataset, "isic2017": isic2017_dataset}[args.dataset]
     train, val, num_classes, class_names = builder(args)
     if args.crop_size is None:
         args.crop_size = default_crop(train.sizes)
@@ -272,7 +297,9 @@ def default_crop(sizes):
 
 
 def choose_labeled(names, args):
-    """First --n-labeled of RandomState(split_seed).permutation over the sorted names, or of --split-file."""
+    """First --n-labeled of RandomState(split_seed).permutation over the sorted names, or of --split-file:
+    names (one per line, or labeled.txt's "JPEGImages/x.jpg SegmentationClassAug/x.png" lines), or a .pkl
+    index permutation of the training order (the original's data/splits/pascal_aug/split_0.pkl)."""
     n = len(names)
     if args.n_labeled > n:
         raise UserError(f"--n-labeled {args.n_labeled} is larger than the training set ({n} images)")
@@ -280,6 +307,8 @@ def choose_labeled(names, args):
         path = Path(args.split_file)
         if not path.is_file():
             raise UserError(f"--split-file {args.split_file}: no such file")
+        if path.suffix == ".pkl":  # the original's order: the first n of a permutation of the training list
+            return read_permutation(path, n)[:n if args.n_labeled == -1 else args.n_labeled]
         index = {name: i for i, name in enumerate(names)}
         index.update({Path(name).stem: i for i, name in enumerate(names)})
         chosen = []
@@ -298,6 +327,33 @@ def choose_labeled(names, args):
         return np.array(chosen[:args.n_labeled] if args.n_labeled != -1 else chosen, dtype=np.int64)
     order = np.arange(n) if args.n_labeled == -1 else np.random.RandomState(args.split_seed).permutation(n)
     return order[:n if args.n_labeled == -1 else args.n_labeled].astype(np.int64)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles a numpy array and nothing else: a pickle naming any other global (os.system, ...) is
+    refused before it can run, so a downloaded split file cannot execute code."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.numeric", "_frombuffer"),
+               ("numpy._core.numeric", "_frombuffer")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a split file has no need of")
+        return super().find_class(module, name)
+
+
+def read_permutation(path, n):
+    """The int array pickled in `path` (no arbitrary code runs); it must be a permutation of 0..n-1."""
+    try:
+        with open(path, "rb") as f:
+            perm = _ArrayUnpickler(f, encoding="latin1").load()  # latin1: pickles written by Python 2 too
+    except Exception as e:
+        raise UserError(f"--split-file {path}: not a pickled numpy index array ({e})")
+    if not (isinstance(perm, np.ndarray) and perm.ndim == 1 and perm.dtype.kind in "iu"
+            and np.array_equal(np.sort(perm), np.arange(n))):
+        raise UserError(f"--split-file {path}: expected a permutation of the {n} training images' indices "
+                        f"(numpy int array of shape ({n},)), got {getattr(perm, 'shape', type(perm).__name__)}")
+    return perm.astype(np.int64)
 
 
 # ---- demo: built-in, deterministic, classes told apart by shape alone ------------------------------
@@ -420,12 +476,8 @@ def folder_dataset(args):
     num_classes = args.num_classes or verdict["max_label"] + 1
     if num_classes < 2:
         raise UserError(f"--data-root {args.data_root}: the masks hold a single class; expected at least 2")
-
-    def make(split):
-        pairs = splits[split]
-        load = lambda i, with_label=True: (read_image(pairs[i][0]), read_mask(pairs[i][1]) if with_label else None)
-        return Split([p.stem for p, _ in pairs], load, verdict[split])
-    return make("train"), make("val"), num_classes, [str(c) for c in range(num_classes)]
+    return (file_split(splits["train"], verdict["train"]), file_split(splits["val"], verdict["val"]), num_classes,
+            [str(c) for c in range(num_classes)])
 
 
 def require_root(args, dataset, layout):
@@ -481,6 +533,259 @@ def cache_dir(args, data_root):
     return path
 
 
+def file_split(pairs, sizes):
+    """A Split that decodes its (image path, mask path) pairs on the fly, named by the images' stems."""
+    load = lambda i, with_label=True: (read_image(pairs[i][0]), read_mask(pairs[i][1]) if with_label else None)
+    return Split([p.stem for p, _ in pairs], load, sizes)
+
+
+def layout_error(args, problem, layout):
+    return UserError(f"--data-root {args.data_root}: {problem}; expected layout: {layout}")
+
+
+def existing_pairs(args, images, labels, layout):
+    """[(image, label), ...], or one clear error naming the first missing file."""
+    for image, label in zip(images, labels):
+        for kind, path in (("image", image), ("label", label)):
+            if not path.is_file():
+                raise layout_error(args, f"missing {kind} {path}", layout)
+    return list(zip(images, labels))
+
+
+def prepared_split(args, root, tag, names, pairs, convert):
+    """A Split over uint8 arrays that convert(image path, label path) -> (image, label) fills once.
+
+    The arrays, images (N, H, W, 3) and labels (N, H, W), are .npy files in the cache, read by memory
+    mapping: a training sample costs no decoding. They are filled in <folder>.partial, the count of
+    finished samples in a progress file, and renamed when complete, so an interrupted preparation resumes
+    where it stopped and never leaves a half-written cache. The folder's name hashes the source files'
+    names, sizes and times: changed data is prepared anew."""
+    files = [(p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for pair in pairs for p in pair]
+    folder = cache_dir(args, root) / f"{tag}_{hashlib.sha1(json.dumps(files).encode()).hexdigest()[:16]}"
+    if not folder.is_dir():
+        partial, arrays = folder.with_name(folder.name + ".partial"), None
+        partial.mkdir(exist_ok=True)
+        progress = partial / "done.txt"
+        done = int(progress.read_text()) if progress.is_file() else 0
+        if done:
+            arrays = [np.load(partial / f"{kind}.npy", mmap_mode="r+") for kind in ("images", "labels")]
+        for i in tqdm(range(done, len(pairs)), initial=done, total=len(pairs), desc=f"preparing {tag} (once)",
+                      dynamic_ncols=True):
+            sample = convert(*pairs[i])
+            if arrays is None:  # the first sample sets the arrays' shapes
+                arrays = [np.lib.format.open_memmap(partial / f"{kind}.npy", "w+", np.uint8, (len(pairs), *a.shape))
+                          for kind, a in zip(("images", "labels"), sample)]
+            if sample[0].shape != arrays[0].shape[1:]:
+                raise UserError(f"{pairs[i][0]} is {sample[0].shape[1]}x{sample[0].shape[0]} once prepared, the "
+                                f"images before it {arrays[0].shape[2]}x{arrays[0].shape[1]}: they must share one size")
+            for array, a in zip(arrays, sample):
+                array[i] = a
+                array.flush()
+            atomic_write_text(progress, str(i + 1))
+        del arrays  # unmapped before the rename
+        os.replace(partial, folder)
+    images, labels = (np.load(folder / f"{kind}.npy", mmap_mode="r") for kind in ("images", "labels"))
+    return Split(names, lambda i: (np.array(images[i]), np.array(labels[i])), [images.shape[1:3]] * len(names))
+
+
+# ---- cityscapes: the official leftImg8bit/ and gtFine/ trees, prepared once at half size ---------------
+CITYSCAPES_LAYOUT = ("ROOT/leftImg8bit/{train,val}/CITY/NAME_leftImg8bit.png and ROOT/gtFine/{train,val}/CITY/"
+                     "NAME_gtFine_labelIds.png, i.e. leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from "
+                     "https://www.cityscapes-dataset.com/downloads/ unzipped into ROOT")
+CITYSCAPES_CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic_light", "traffic_sign",
+                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+                      "bicycle"]
+# labelId -> trainId for the 19 evaluated classes; every other id (void 0-6, 9, 10, ..., license plate 34) -> 255
+CITYSCAPES_TRAIN_ID = np.full(256, IGNORE, np.uint8)
+CITYSCAPES_TRAIN_ID[[7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]] = np.arange(19)
+
+
+def cityscapes_dataset(args):
+    """Cityscapes: 2975 train / 500 val street scenes of 2048x1024, 19 classes, used at half size (1024x512).
+
+    Reads ROOT/leftImg8bit/<split>/<city>/<name>_leftImg8bit.png and ROOT/gtFine/<split>/<city>/
+    <name>_gtFine_labelIds.png; the rest of the download (test split, _color, _instanceIds, _polygons.json)
+    is ignored. Halved once into the cache (about 7 GB; any even image size works)."""
+    root = require_root(args, "cityscapes", CITYSCAPES_LAYOUT)
+    splits = []
+    for split in ("train", "val"):
+        image_dir, label_dir = root / "leftImg8bit" / split, root / "gtFine" / split
+        for d in (image_dir, label_dir):
+            if not d.is_dir():
+                raise layout_error(args, f"missing folder {d}", CITYSCAPES_LAYOUT)
+        # sorted by <city>/<name>: the original's order, which the seeded labeled subsets index
+        images = sorted(image_dir.glob("*/*_leftImg8bit.png"), key=lambda p: p.relative_to(image_dir).as_posix())
+        if not images:
+            raise layout_error(args, f"no CITY/*_leftImg8bit.png images in {image_dir}", CITYSCAPES_LAYOUT)
+        names = [p.name[:-len("_leftImg8bit.png")] for p in images]
+        labels = [label_dir / p.parent.name / f"{name}_gtFine_labelIds.png" for p, name in zip(images, names)]
+        pairs = existing_pairs(args, images, labels, CITYSCAPES_LAYOUT)
+        splits.append(prepared_split(args, root, f"cityscapes_{split}", names, pairs, halve_cityscapes))
+    return splits[0], splits[1], len(CITYSCAPES_CLASSES), CITYSCAPES_CLASSES
+
+
+def halve_cityscapes(image_path, label_path):
+    """Half size as the original's conversion (REFERENCE §6.3, G20): the image by 2x2 mean truncated to
+    uint8; the labelIds by 2x2 majority vote, ties to the lower id, then mapped to trainIds."""
+    image, label = read_image(image_path), read_mask(label_path)
+    h, w = label.shape
+    if image.shape[:2] != (h, w) or h % 2 or w % 2:
+        raise UserError(f"{label_path} ({w}x{h}) and {image_path} ({image.shape[1]}x{image.shape[0]}) must share "
+                        f"one even size (2048x1024 in the official download)")
+    image = image.reshape(h // 2, 2, w // 2, 2, 3).sum((1, 3), dtype=np.uint16) // 4
+    blocks = label.reshape(h // 2, 2, w // 2, 2).transpose(0, 2, 1, 3).reshape(h // 2, w // 2, 4)
+    votes = (blocks[..., :, None] == blocks[..., None, :]).sum(-1)  # (h/2, w/2, 4): votes for each entry's id
+    winner = np.take_along_axis(blocks, (votes * 256 - blocks).argmax(-1)[..., None], -1)[..., 0]
+    return image.astype(np.uint8), CITYSCAPES_TRAIN_ID[winner]
+
+
+# ---- pascal_aug: VOC 2012 with the SBD-augmented labels (SegmentationClassAug) ------------------------
+PASCAL_LAYOUT = ("VOCdevkit/VOC2012/{JPEGImages/NAME.jpg, SegmentationClassAug/NAME.png, ImageSets/Segmentation/"
+                 "val.txt, optionally ImageSets/SegmentationAug/train_aug.txt}, i.e. VOCtrainval_11-May-2012.tar "
+                 "from http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ plus SegmentationClassAug.zip (as distributed "
+                 "by Hung et al.'s AdvSemiSeg) unzipped inside VOC2012, or the labels built from SBD with "
+                 "`python common.py sbd-to-aug SBD_ROOT VOC2012` (README 'Datasets')")
+PASCAL_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+                  "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+                  "tvmonitor"]
+
+
+def voc2012_folder(path):
+    """VOC2012 itself, found from it, from VOCdevkit or from the folder holding VOCdevkit; else None."""
+    for candidate in (path, path / "VOC2012", path / "VOCdevkit" / "VOC2012"):
+        if (candidate / "JPEGImages").is_dir():
+            return candidate
+    return None
+
+
+def read_names(path):
+    """Image names, one per line; "/JPEGImages/x.jpg /SegmentationClassAug/x.png" lines give x."""
+    return [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
+
+
+def pascal_aug_dataset(args):
+    """Pascal VOC 2012 augmented: 10,582 train / 1,449 val images up to 500x500, 21 classes.
+
+    Training names: ImageSets/SegmentationAug/train_aug.txt when present (the order the original's
+    split_0.pkl indexes), else every SegmentationClassAug label not in the official val.txt, sorted.
+    Validation: ImageSets/Segmentation/val.txt, whole images. JPEGs without a label (the test images)
+    are never used. Decoded on the fly (small files); the one-time check of every pair is cached."""
+    voc = voc2012_folder(require_root(args, "pascal_aug", PASCAL_LAYOUT))
+    if voc is None:
+        raise layout_error(args, "no JPEGImages/ in it, in VOC2012/ or in VOCdevkit/VOC2012/", PASCAL_LAYOUT)
+    labels, val_list = voc / "SegmentationClassAug", voc / "ImageSets" / "Segmentation" / "val.txt"
+    for path in (labels, val_list):
+        if not path.exists():
+            raise layout_error(args, f"missing {path}", PASCAL_LAYOUT)
+    train_list, val = voc / "ImageSets" / "SegmentationAug" / "train_aug.txt", read_names(val_list)
+    if train_list.is_file():
+        train = read_names(train_list)
+    elif args.split_file and args.split_file.endswith(".pkl"):
+        raise layout_error(args, f"--split-file {args.split_file} indexes the order of {train_list}, which is "
+                                 f"missing (get it from AdvSemiSeg's dataset/voc_list/train_aug.txt)", PASCAL_LAYOUT)
+    else:
+        excluded = set(val)
+        train = sorted(p.stem for p in labels.glob("*.png") if p.stem not in excluded)
+    if not train or not val:
+        raise layout_error(args, f"no training labels in {labels}" if not train else f"{val_list} is empty",
+                           PASCAL_LAYOUT)
+    splits = {split: existing_pairs(args, [voc / "JPEGImages" / f"{n}.jpg" for n in names],
+                                    [labels / f"{n}.png" for n in names], PASCAL_LAYOUT)
+              for split, names in (("train", train), ("val", val))}
+    verdict = validate_pairs(splits, args, len(PASCAL_CLASSES))
+    return (file_split(splits["train"], verdict["train"]), file_split(splits["val"], verdict["val"]),
+            len(PASCAL_CLASSES), PASCAL_CLASSES)
+
+
+def sbd_to_aug(sbd, voc):
+    """Build VOC2012/SegmentationClassAug/NAME.png (class indices, 255 = void) from SBD's dataset/cls/NAME.mat,
+    VOC's own SegmentationClass labels winning where both exist, as in the usual SegmentationClassAug.
+
+    Needs scipy, for this step only. Each PNG is written atomically and existing ones are kept: re-run it
+    after an interruption."""
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise UserError("sbd-to-aug reads SBD's .mat files with scipy, needed for this step only: pip install scipy")
+    cls = next((d for d in (sbd / "dataset" / "cls", sbd / "benchmark_RELEASE" / "dataset" / "cls", sbd / "cls")
+                if d.is_dir()), None)
+    voc = voc2012_folder(voc)
+    if cls is None:
+        raise UserError(f"{sbd}: no dataset/cls/ folder of .mat labels; expected SBD's benchmark.tgz unpacked "
+                        f"(http://home.bharathh.info/pubs/codes/SBD/download.html)")
+    if voc is None or not (voc / "SegmentationClass").is_dir():
+        raise UserError(f"no VOC2012 folder with JPEGImages/ and SegmentationClass/ there; expected {PASCAL_LAYOUT}")
+    sources = {p.stem: p for p in cls.glob("*.mat")}
+    sources.update({p.stem: p for p in (voc / "SegmentationClass").glob("*.png")})  # VOC's own labels win
+    for name, source in tqdm(sorted(sources.items()), desc="writing SegmentationClassAug"):
+        target = voc / "SegmentationClassAug" / f"{name}.png"
+        if target.is_file():
+            continue
+        if source.suffix == ".png":
+            label = read_mask(source)  # palette indices, 255 = boundary
+        else:
+            label = loadmat(source, squeeze_me=True, struct_as_record=False)["GTcls"].Segmentation.astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(label).save(buffer, format="PNG")
+        atomic_write_bytes(target, buffer.getvalue())
+    print(f"{len(sources)} labels in {voc / 'SegmentationClassAug'}")
+
+
+# ---- isic2017: the official ISIC 2017 Part 1 folders, prepared once at 248x248 -------------------------
+ISIC_LAYOUT = ("ROOT/ISIC-2017_Training_Data/ISIC_NNNNNNN.jpg, ROOT/ISIC-2017_Training_Part1_GroundTruth/"
+               "ISIC_NNNNNNN_segmentation.png and the same for ISIC-2017_Validation_*, i.e. the ISIC 2017 Part 1 "
+               "zips from https://challenge.isic-archive.com/data/#2017 unzipped into ROOT")
+ISIC_SIZE = (248, 248)
+
+
+def isic2017_dataset(args):
+    """ISIC 2017 lesion segmentation: 2000 train / 150 val dermoscopy images, classes background and lesion.
+
+    Reads ROOT/ISIC-2017_{Training,Validation}_Data/<name>.jpg (superpixel PNGs and metadata CSVs are
+    skipped) and ROOT/ISIC-2017_{Training,Validation}_Part1_GroundTruth/<name>_segmentation.png; the
+    Test_v2 folders are ignored. Resized once into the cache to 248x248 (aspect ratio not kept)."""
+    root = require_root(args, "isic2017", ISIC_LAYOUT)
+    splits = []
+    for split, part in (("train", "Training"), ("val", "Validation")):
+        image_dir, truth_dir = root / f"ISIC-2017_{part}_Data", root / f"ISIC-2017_{part}_Part1_GroundTruth"
+        for d in (image_dir, truth_dir):
+            if not d.is_dir():
+                raise layout_error(args, f"missing folder {d}", ISIC_LAYOUT)
+        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() == ".jpg" and "_superpixels" not in p.stem)
+        if not images:
+            raise layout_error(args, f"no ISIC_*.jpg images in {image_dir}", ISIC_LAYOUT)
+        truths = [truth_dir / f"{p.stem}_segmentation.png" for p in images]
+        pairs = existing_pairs(args, images, truths, ISIC_LAYOUT)
+        splits.append(prepared_split(args, root, f"isic2017_{split}", [p.stem for p in images], pairs, shrink_isic))
+    return splits[0], splits[1], 2, ["background", "lesion"]
+
+
+def shrink_isic(image_path, truth_path):
+    """248x248 by area interpolation, image and ground truth alike (the original's cv2.INTER_AREA), then
+    lesion where the resized ground truth is >= 127 (REFERENCE §6.4)."""
+    image, truth = read_image(image_path), read_mask(truth_path)
+    if image.shape[:2] != truth.shape:
+        raise UserError(f"ground truth {truth_path} is {truth.shape[1]}x{truth.shape[0]} but its image "
+                        f"{image_path} is {image.shape[1]}x{image.shape[0]}; they must match")
+    return area_resize(image, ISIC_SIZE), (area_resize(truth, ISIC_SIZE) >= 127).astype(np.uint8)
+
+
+def area_resize(a, size):
+    """Resize a uint8 (H, W) or (H, W, C) array by area averaging, as OpenCV's INTER_AREA when shrinking:
+    each output pixel is the mean of the input area it covers, pixels partly inside weighted by that part."""
+    out = a
+    for axis, m in enumerate(size):
+        x = np.moveaxis(out, axis, 0)  # resize along the first axis
+        n, rows = len(x), []
+        edges = np.arange(m + 1) * (n / m)
+        for lo, hi in zip(edges[:-1], edges[1:]):  # one output pixel: the input interval [lo, hi)
+            pixels = np.arange(int(lo), min(math.ceil(hi), n))
+            inside = np.minimum(pixels + 1, hi) - np.maximum(pixels, lo)  # the part of each pixel inside
+            rows.append(np.tensordot(inside / (hi - lo), x[pixels[0]:pixels[-1] + 1], 1))
+        out = np.moveaxis(np.stack(rows), 0, axis)
+    return np.rint(out).clip(0, 255).astype(np.uint8)
+
+
 # ---- augmentation: runs in the loader on uint8 tensors -------------------------------------------
 def augment(image, label, rng, crop, aug):
     """Random crop (with the dataset's scale/flip augmentation) of one sample, REFERENCE §6.1.
@@ -497,12 +802,15 @@ def augment(image, label, rng, crop, aug):
         wh, ww = round(ch / f), round(cw / f)
     else:
         wh, ww = ch, cw
-    img, lab, valid = pad_to(img, lab, valid, wh, ww)
-    y0 = round((img.shape[1] - wh) * rng.uniform())
-    x0 = round((img.shape[2] - ww) * rng.uniform())
-    img, valid = img[:, y0:y0 + wh, x0:x0 + ww], valid[y0:y0 + wh, x0:x0 + ww]
-    lab = lab[y0:y0 + wh, x0:x0 + ww] if lab is not None else None
-    if (wh, ww) != (ch, cw):
+    if aug.get("rot") or aug.get("max_scale"):  # ISIC: rotated and scaled crop, no padding
+        img, lab, valid = rotate_scale_crop(img, lab, valid, rng, crop, aug.get("rot") or 0, aug.get("max_scale") or 1)
+    else:
+        img, lab, valid = pad_to(img, lab, valid, wh, ww)
+        y0 = round((img.shape[1] - wh) * rng.uniform())
+        x0 = round((img.shape[2] - ww) * rng.uniform())
+        img, valid = img[:, y0:y0 + wh, x0:x0 + ww], valid[y0:y0 + wh, x0:x0 + ww]
+        lab = lab[y0:y0 + wh, x0:x0 + ww] if lab is not None else None
+    if img.shape[1:] != (ch, cw):
         img = resize(img, crop, "bilinear")
         valid = resize(valid[None], crop, "bilinear")[0]
         lab = resize(lab[None], crop, "nearest")[0] if lab is not None else None
@@ -514,6 +822,32 @@ def augment(image, label, rng, crop, aug):
             img, valid = op(img), op(valid)
             lab = op(lab) if lab is not None else None
     return img.contiguous(), lab.contiguous() if lab is not None else None, valid.contiguous()
+
+
+def rotate_scale_crop(img, lab, valid, rng, crop, rot, max_scale):
+    """A crop turned by θ ~ U(-rot, rot) degrees and scaled by s = exp(U(-ln m, ln m)), REFERENCE §6.1: the
+    original's cv2.warpAffine with T(crop/2)·R(θ)·S(s)·T(-centre), here as its inverse map for grid_sample.
+    Beyond the border the image is mirrored (reflect-101), labels are 255 and valid 0. The image is sampled
+    nearest when labeled (to stay aligned with its labels), else nearest or bilinear at random."""
+    scale = math.exp(rng.uniform(-math.log(max_scale), math.log(max_scale)))
+    theta = math.radians(rng.uniform(-rot, rot))
+    size, window = np.array(img.shape[1:], float), np.array(crop) / scale  # (H, W), the crop's extent in the image
+    cy, cx = np.maximum(size - window, 0) * rng.uniform(size=2) + np.minimum(window, size) / 2
+    dy, dx = torch.meshgrid(torch.arange(crop[0]) - crop[0] / 2, torch.arange(crop[1]) - crop[1] / 2, indexing="ij")
+    cos, sin = math.cos(theta) / scale, math.sin(theta) / scale
+    x, y = cx + cos * dx + sin * dy, cy - sin * dx + cos * dy  # (h, w) source pixel of each output pixel
+    # align_corners=True: -1 and 1 are the centres of the first and last pixels, as OpenCV's pixel grid
+    grid = torch.stack([x / max(size[1] - 1, 1) * 2 - 1, y / max(size[0] - 1, 1) * 2 - 1], -1)[None].float()
+
+    def warp(t, mode, border):  # (C, H, W) -> (C, h, w) float
+        return F.grid_sample(t[None].float(), grid, mode=mode, padding_mode=border, align_corners=True)[0]
+    mode = "nearest" if lab is not None or rng.uniform() < 0.5 else "bilinear"
+    img = warp(img, mode, "reflection").round().clamp(0, 255).to(torch.uint8)
+    valid = warp(valid[None], mode, "zeros")[0].round().to(torch.uint8)
+    if lab is not None:  # shifted by one so that 0 marks "outside the image"
+        lab = warp(lab[None].long() + 1, "nearest", "zeros")[0].long()
+        lab = torch.where(lab == 0, IGNORE, lab - 1).to(torch.uint8)
+    return img, lab, valid
 
 
 def pad_to(img, lab, valid, h, w):
@@ -881,6 +1215,25 @@ def iou_from_confusion(conf):
     return inter / union.clamp(min=1)
 
 
+def fill_holes(mask):
+    """(B, H, W) bool -> the same with every hole filled, as scipy's binary_fill_holes: background regions
+    that no 4-connected path links to the image border become foreground."""
+    background = ~mask
+    outside = torch.zeros_like(mask)
+    outside[:, [0, -1], :] = background[:, [0, -1], :]
+    outside[:, :, [0, -1]] = background[:, :, [0, -1]]
+    while True:  # grow the border's background one pixel per step, through background only
+        grown = outside.clone()
+        grown[:, 1:] |= outside[:, :-1]
+        grown[:, :-1] |= outside[:, 1:]
+        grown[:, :, 1:] |= outside[:, :, :-1]
+        grown[:, :, :-1] |= outside[:, :, 1:]
+        grown &= background
+        if torch.equal(grown, outside):
+            return ~outside
+        outside = grown
+
+
 @torch.no_grad()
 def evaluate(net, loader, data, device, args):
     """Per-class IoU (percent) of `net` on whole validation images; returns (mIoU, list, confusion)."""
@@ -891,6 +1244,8 @@ def evaluate(net, loader, data, device, args):
         x, _ = to_device(images, None, device, data.mean, data.std, channels_last)
         with autocast(args, device):
             pred = net(x).argmax(1)
+        if getattr(args, "fill_holes", False):  # ISIC: the predicted lesion is hole-filled before scoring (G19)
+            pred = fill_holes(pred == 1).long()
         conf += confusion_matrix(pred, labels.to(device), data.num_classes)
     iou = iou_from_confusion(conf.cpu()) * 100
     return iou.mean().item(), iou.tolist(), conf.cpu()
@@ -1031,7 +1386,11 @@ class Run:
         miou, per_class, _ = evaluate(self.tracked["teacher"], self.val_loader, data, device, args)
         student_miou, _, _ = evaluate(self.tracked["student"], self.val_loader, data, device, args)
         self.last_eval = dict(miou=miou, student_miou=student_miou, per_class_iou=per_class)
-        self.print(f"eval it {done} | teacher mIoU {miou:.2f} | student mIoU {student_miou:.2f}")
+        lesion = ""
+        if "lesion" in data.class_names:  # ISIC: the paper reports the lesion IoU, pooled over the set (§7)
+            self.last_eval["lesion_iou"] = per_class[data.class_names.index("lesion")]
+            lesion = f" | teacher lesion IoU {self.last_eval['lesion_iou']:.2f}"
+        self.print(f"eval it {done} | teacher mIoU {miou:.2f} | student mIoU {student_miou:.2f}{lesion}")
         self.print("-- per class: " + " ".join(f"{n}={v:.1f}" for n, v in zip(data.class_names, per_class)))
         self.metrics(iter=done, **self.last_eval)
         now = time.perf_counter()
@@ -1117,3 +1476,11 @@ def preview(net, split, data, device, args, n=4):
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
     return np.concatenate(rows, axis=0)
+
+
+if __name__ == "__main__":  # one-time preparation: python common.py sbd-to-aug SBD_ROOT VOC_ROOT
+    sys.excepthook = _excepthook
+    if len(sys.argv) != 4 or sys.argv[1] != "sbd-to-aug":
+        sys.exit("usage: python common.py sbd-to-aug SBD_ROOT VOC_ROOT  (builds VOC2012/SegmentationClassAug from "
+                 "SBD's dataset/cls/*.mat; README 'Datasets')")
+    sbd_to_aug(Path(sys.argv[2]), Path(sys.argv[3]))
