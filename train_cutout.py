@@ -1,0 +1,147 @@
+"""Cutout consistency with a mean teacher (French et al., BMVC 2020, Sec. 3.3, Fig. 6).
+
+    L = CE(f_θ(x_l), y_l) + γ · c · mean_pixels M ⊙ Σ_classes ( f_θ(M ⊙ x) − g_φ(x) )²
+
+    M = the pixels the student sees (1) or not (0), from one box whose area share is U(0, 1), with a
+    random aspect ratio, lying fully inside the image; f_θ = student, g_φ = teacher (EMA of the student,
+    α = 0.99), which sees the whole image (Cutout is the *strong* augmentation, as in FixMatch);
+    c = share of teacher pixels in the batch whose confidence reaches τ = 0.97 (Sec. D.4.4); the squared
+    error is summed over classes and averaged over all pixels (Sec. D.4.5), counting only where M = 1
+    and the pixel is real image content. Blanked pixels are 0 after normalisation: the mean colour.
+
+    Two readings of M (REFERENCE §2.3, G9, G23):
+    - default, the original code: its box generator inverts by default, so M = 1 *inside* the box. The
+      student keeps a random rectangle, everything around it is blanked, and the loss counts only inside
+      the rectangle. This is what produced the paper's numbers.
+    - --erase-box, the paper's text (after DeVries & Taylor): M starts at 1 and the box is set to 0, so
+      the student sees the image with one rectangle blanked and the loss counts on the rest.
+    With the area share drawn from U(0, 1) the seen area has the same distribution both ways; what
+    differs is the shape of the seen region: a rectangle, or the complement of one.
+
+Run:   python train_cutout.py --dataset cityscapes --n-labeled 372
+Diff:  only the blocks marked `# --- Cutout ---` differ from train_baseline.py
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+from common import arg
+
+
+@dataclass
+class Args(common.TrainArgs):
+    cons_weight: float = arg(None, "γ, weight of the consistency loss (default: 1, the paper's on every dataset)")
+    conf_thresh: float = arg(0.97, "τ, teacher confidence counted as confident (Sec. D.4.4)")
+    erase_box: bool = arg(False, "the paper text's Cutout: blank the box, keep the rest (default: the original "
+                                 "code's, keep the box and blank the rest)")
+
+    @staticmethod
+    def method_protocol(dataset):
+        # REFERENCE §10.1: Cutout weight 1 on Pascal, Cityscapes and ISIC; the mask program has Nesterov off (G8)
+        return dict(cons_weight=1.0)
+
+
+def box_mask(n, size, area, generator):
+    """(n, 1, H, W) float mask, 1 inside one box (REFERENCE §2.1, the original's mask_gen).
+
+    Area share p ~ U(area), height share h = p^u with u ~ U(0, 1) (a log-uniform aspect ratio), width
+    share p / h; both lie in [p, 1], so the box always fits; its position is uniform inside the image.
+    """
+    device = generator.device
+    H, W = size
+    lo, hi = area
+    p = lo + (hi - lo) * torch.rand(n, generator=generator, device=device)
+    h = torch.where(p > 0, p ** torch.rand(n, generator=generator, device=device), torch.zeros_like(p))
+    w = torch.where(p > 0, p / h.clamp(min=1e-12), torch.zeros_like(p))
+    box_h, box_w = torch.round(h * H), torch.round(w * W)  # (n,) pixels
+    y0 = torch.round((H - box_h) * torch.rand(n, generator=generator, device=device))
+    x0 = torch.round((W - box_w) * torch.rand(n, generator=generator, device=device))
+    ys = torch.arange(H, device=device).view(1, H)
+    xs = torch.arange(W, device=device).view(1, W)
+    in_y = (ys >= y0[:, None]) & (ys < (y0 + box_h)[:, None])  # (n, H)
+    in_x = (xs >= x0[:, None]) & (xs < (x0 + box_w)[:, None])  # (n, W)
+    return (in_y[:, None, :, None] & in_x[:, None, None, :]).float()
+
+
+def cutout_mask(n, size, erase_box, generator):
+    """(n, 1, H, W) M, 1 = the student sees the pixel: inside the box (the original code) or, with
+    erase_box, outside it (the paper's text). The box's area share is U(0, 1) (--mask_prop_range=0:1)."""
+    box = box_mask(n, size, (0.0, 1.0), generator)
+    return 1 - box if erase_box else box
+
+
+def consistency_loss(p_student, p_teacher, loss_mask, conf_thresh):
+    """Confidence-modulated squared error (Sec. D.4.4, D.4.5); returns (loss, confident share).
+
+    Squared error summed over classes keeps the gradient's size nearly independent of the number of
+    classes, so one weight serves 2 classes and 21. The mean runs over all N·H·W pixels (masked ones
+    count in the denominator), scaled by the share of confident teacher pixels in the whole batch,
+    blanked pixels included: that share grows during training and stands in for a sigmoid ramp-up.
+    """
+    conf_weight = (p_teacher.amax(1, keepdim=True) >= conf_thresh).float().mean()
+    sq_err = (p_student - p_teacher).pow(2).sum(1, keepdim=True)  # (B, 1, H, W)
+    return (sq_err * loss_mask * conf_weight).mean(), conf_weight
+
+
+def main(args):
+    run = common.Run(args, method="cutout")
+    device = common.setup_device(args)
+    data = common.load_dataset(args)
+    student = common.build_net(args, data.num_classes).to(device)
+    channels_last = device.type == "cuda"
+    if channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    teacher = common.make_teacher(student)
+    optimizer = common.make_optimizer(student, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    mask_rng = torch.Generator(device).manual_seed(args.seed)  # --- Cutout ---: masks drawn on the device
+    start = run.start(data, device, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler,
+                      mask_rng=mask_rng)
+    ema = common.ema_pairs(teacher, student)
+    labeled = common.stream(data.train, data.labeled, args, stream_id=0, start=start)
+    # --- Cutout ---: one unlabeled batch per iteration, from a shuffle of the whole training set (G17)
+    unlabeled = common.stream(data.train, np.arange(len(data.train)), args, stream_id=1, start=start,
+                              with_label=False)
+
+    def batch(images, valid):
+        return common.to_device(images, valid, device, data.mean, data.std, channels_last)
+
+    for it in run.iterations():
+        # 1. supervised loss on the labeled batch (its own forward pass and backward, as the original)
+        images, y_l, valid = next(labeled)
+        x_l, _ = batch(images, valid)
+        y_l = y_l.to(device, non_blocking=True).long()
+        with common.autocast(args, device):
+            loss_sup = F.cross_entropy(student(x_l).float(), y_l, ignore_index=common.IGNORE)
+        scaler.scale(loss_sup).backward()
+
+        # --- Cutout ---
+        # 2. the teacher predicts the whole, unmasked images (train mode, as the original, G6)
+        x_u, v_u = batch(*next(unlabeled))  # (B, 3, H, W), (B, 1, H, W)
+        with torch.no_grad(), common.autocast(args, device):
+            p_teacher = teacher(x_u).float().softmax(1)
+        # 3. draw M: the pixels the student gets to see
+        cut_mask = cutout_mask(len(x_u), x_u.shape[2:], args.erase_box, mask_rng)  # (B, 1, H, W), 1 = seen
+        # 4. the student predicts the masked images; blanked pixels become 0, the mean colour
+        with common.autocast(args, device):
+            p_student = student(x_u * cut_mask).float().softmax(1)
+        # 5. confidence-modulated consistency loss, only where the student sees real image content
+        loss_cons, conf_weight = consistency_loss(p_student, p_teacher, cut_mask * v_u, args.conf_thresh)
+        scaler.scale(args.cons_weight * loss_cons).backward()
+        # --- end Cutout ---
+
+        # 6. one optimizer step, then the teacher follows the student by EMA
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        common.ema_update(ema, args.teacher_alpha)
+        # 7. log; every --eval-every iterations: evaluate teacher and student, checkpoint
+        run.end_iteration(it, sup=loss_sup, cons=loss_cons, conf=conf_weight)
+    return run.finish()
+
+
+if __name__ == "__main__":
+    main(common.parse_args(Args))
