@@ -334,7 +334,7 @@ class _ArrayUnpickler(pickle.Unpickler):
     refused before it can run, so a downloaded split file cannot execute code."""
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
                ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.numeric", "_frombuffer"),
-               ("numpy._core.numeric", "_frombuffer")}
+               ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}  # encode: protocol 2's bytes
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
