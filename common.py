@@ -37,6 +37,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+try:
+    import fcntl  # Unix: serialises concurrent preparations of one dataset cache
+except ImportError:  # Windows: one run at a time prepares
+    fcntl = None
+
 IGNORE = 255  # label value of void / padding pixels, never scored, never trained on
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -556,36 +561,45 @@ def prepared_split(args, root, tag, names, pairs, convert):
     """A Split over uint8 arrays that convert(image path, label path) -> (image, label) fills once.
 
     The arrays, images (N, H, W, 3) and labels (N, H, W), are .npy files in the cache, read by memory
-    mapping: a training sample costs no decoding. They are filled in <folder>.partial, the count of
-    finished samples in a progress file, and renamed when complete, so an interrupted preparation resumes
-    where it stopped and never leaves a half-written cache. The folder's name hashes the source files'
-    names, sizes and times: changed data is prepared anew."""
+    mapping: a training sample costs no decoding. The folder's name hashes the source files' names, sizes
+    and times, so changed data is prepared anew."""
     files = [(p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for pair in pairs for p in pair]
     folder = cache_dir(args, root) / f"{tag}_{hashlib.sha1(json.dumps(files).encode()).hexdigest()[:16]}"
     if not folder.is_dir():
-        partial, arrays = folder.with_name(folder.name + ".partial"), None
-        partial.mkdir(exist_ok=True)
-        progress = partial / "done.txt"
-        done = int(progress.read_text()) if progress.is_file() else 0
-        if done:
-            arrays = [np.load(partial / f"{kind}.npy", mmap_mode="r+") for kind in ("images", "labels")]
-        for i in tqdm(range(done, len(pairs)), initial=done, total=len(pairs), desc=f"preparing {tag} (once)",
-                      dynamic_ncols=True):
-            sample = convert(*pairs[i])
-            if arrays is None:  # the first sample sets the arrays' shapes
-                arrays = [np.lib.format.open_memmap(partial / f"{kind}.npy", "w+", np.uint8, (len(pairs), *a.shape))
-                          for kind, a in zip(("images", "labels"), sample)]
-            if sample[0].shape != arrays[0].shape[1:]:
-                raise UserError(f"{pairs[i][0]} is {sample[0].shape[1]}x{sample[0].shape[0]} once prepared, the "
-                                f"images before it {arrays[0].shape[2]}x{arrays[0].shape[1]}: they must share one size")
-            for array, a in zip(arrays, sample):
-                array[i] = a
-                array.flush()
-            atomic_write_text(progress, str(i + 1))
-        del arrays  # unmapped before the rename
-        os.replace(partial, folder)
+        with open(folder.with_name(folder.name + ".lock"), "a") as lock:
+            if fcntl:  # runs started together (the seeds of a table): one prepares, the others wait for it
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if not folder.is_dir():
+                fill_arrays(folder, pairs, convert, tag)
     images, labels = (np.load(folder / f"{kind}.npy", mmap_mode="r") for kind in ("images", "labels"))
     return Split(names, lambda i: (np.array(images[i]), np.array(labels[i])), [images.shape[1:3]] * len(names))
+
+
+def fill_arrays(folder, pairs, convert, tag):
+    """Fill <folder>.partial sample by sample, the count of finished samples in a progress file, and rename
+    it when complete: an interrupted preparation resumes where it stopped and never leaves a half-written
+    cache behind."""
+    partial, arrays = folder.with_name(folder.name + ".partial"), None
+    partial.mkdir(exist_ok=True)
+    progress = partial / "done.txt"
+    done = int(progress.read_text()) if progress.is_file() else 0
+    if done:
+        arrays = [np.load(partial / f"{kind}.npy", mmap_mode="r+") for kind in ("images", "labels")]
+    for i in tqdm(range(done, len(pairs)), initial=done, total=len(pairs), desc=f"preparing {tag} (once)",
+                  dynamic_ncols=True):
+        sample = convert(*pairs[i])
+        if arrays is None:  # the first sample sets the arrays' shapes
+            arrays = [np.lib.format.open_memmap(partial / f"{kind}.npy", "w+", np.uint8, (len(pairs), *a.shape))
+                      for kind, a in zip(("images", "labels"), sample)]
+        if sample[0].shape != arrays[0].shape[1:]:
+            raise UserError(f"{pairs[i][0]} is {sample[0].shape[1]}x{sample[0].shape[0]} once prepared, the "
+                            f"images before it {arrays[0].shape[2]}x{arrays[0].shape[1]}: they must share one size")
+        for array, a in zip(arrays, sample):
+            array[i] = a
+            array.flush()
+        atomic_write_text(progress, str(i + 1))
+    del arrays  # unmapped before the rename
+    os.replace(partial, folder)
 
 
 # ---- cityscapes: the official leftImg8bit/ and gtFine/ trees, prepared once at half size ---------------
