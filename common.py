@@ -71,7 +71,7 @@ def arg(default=None, help="", **kw):
 # Dataset protocols: the paper's per-dataset settings (REFERENCE §10.1). `None` means "not applicable".
 # aug: hflip, vflip, transpose (hvflip), hung_scale (0.5..1.5 in steps of 0.1), rot (degrees), max_scale.
 DATASETS = {
-    "demo": dict(arch="unet_small", n_labeled=30, crop_size=None, batch_size=8, iters=1500, eval_every=500,
+    "demo": dict(arch="unet_small", n_labeled=60, crop_size=None, batch_size=8, iters=1500, eval_every=500,
                  aug=dict(hflip=True), optimizer="adam", lr_schedule="none",
                  num_workers=0),
     "folder": dict(arch="deeplabv2", n_labeled=-1, crop_size=None, batch_size=10, iters=40000,
@@ -412,7 +412,7 @@ def demo_image(rng, size=48):
     return np.clip(image, 0, 255).astype(np.uint8), label
 
 
-def demo_dataset(args, n_train=300, n_val=100, size=48):
+def demo_dataset(args, n_train=600, n_val=100, size=48):
     rng = np.random.default_rng(20200907)  # fixed: the demo is the same data on every machine
     samples = [demo_image(rng, size) for _ in range(n_train + n_val)]
     images = np.stack([s[0] for s in samples])
