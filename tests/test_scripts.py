@@ -40,7 +40,7 @@ def check_outputs(out, proc, num_classes, iters=6):
 def test_demo_end_to_end(script, tmp_path):
     proc = run_script(script, *FAST, "--out", tmp_path / "run")
     results = check_outputs(tmp_path / "run", proc, num_classes=5)
-    assert results["dataset"] == "demo" and results["arch"] == "unet_small" and results["n_labeled"] == 30
+    assert results["dataset"] == "demo" and results["arch"] == "unet_small" and results["n_labeled"] == 60
     assert results["method"] == script[len("train_"):-3]
 
 
