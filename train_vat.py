@@ -3,13 +3,13 @@
     L = CE(f_θ(x_l), y_l) + γ · c · mean_pixels Σ_classes KL( g_φ(x) ‖ f_θ(x + r_adv) )
 
     r_adv = ε · g / ‖g‖,  g = ∇_d Σ_pixels KL( g_φ(x) ‖ g_φ(x + d) ) at a random d of norm ξ = 1e-6·H·W/1000
-    (one power iteration, Miyato et al.), per image; ε = vat_radius · ½ ‖(∂x/∂v, ∂x/∂u)‖, the adaptive
-    radius: half the L2 norm of the image's central-difference gradient field, on normalised pixels
-    (scale 1 in the paper), or vat_radius · sqrt(C·H·W) with --vat-fixed-radius. f_θ = student,
-    g_φ = teacher (EMA of the student, α = 0.99), which also gives the direction, in eval mode, as the
-    original did (REFERENCE §2.6, G6, G21); c = share of teacher pixels in the batch whose confidence
-    reaches τ = 0.97 (Sec. D.4.4); the KL divergence is summed over classes and averaged over all pixels,
-    over valid pixels only.
+    (one power iteration, Miyato et al.), norms per image; ε = vat_radius · ½ · sqrt(Σ (x[v+1] − x[v−1])²
+    + Σ (x[u+1] − x[u−1])²), the adaptive radius: half the L2 norm of the image's central-difference
+    gradient field, on normalised pixels (scale 1 in the paper), or vat_radius · sqrt(C·H·W) with
+    --vat-fixed-radius. f_θ = student, g_φ = teacher (EMA of the student, α = 0.99), which also gives
+    the direction, in eval mode, as the original did (REFERENCE §2.6, G6, G21); c = share of teacher
+    pixels in the batch whose confidence reaches τ = 0.97 (Sec. D.4.4); the KL divergence is summed over
+    classes and averaged over all pixels, over valid pixels only.
 
 Run:   python train_vat.py --dataset pascal_aug --n-labeled 106
 Diff:  only the blocks marked `# --- VAT ---` differ from train_baseline.py
