@@ -107,9 +107,9 @@ def pascal_pair(image_size, crop, offset_range, rng):
 def rotate_scale_pair(image_size, crop, aug, offset_range, rng):
     """(A_teacher, A_student) sharing scale and rotation, the student shifted (REFERENCE §2.4, ISIC)."""
     image_size, crop = np.array(image_size, float), np.array(crop, float)
-    log_m = math.log(aug.get("max_scale", 1.0))
+    log_m = math.log(aug.get("max_scale") or 1.0)
     s = math.exp(rng.uniform(-log_m, log_m))
-    theta = math.radians(rng.uniform(-1, 1) * aug.get("rot", 0.0))
+    theta = math.radians(rng.uniform(-1, 1) * (aug.get("rot") or 0.0))
     window = crop / s
     centre = np.maximum(image_size - window, 0) * rng.uniform(size=2) + np.minimum(window, image_size) / 2
     offset = np.round(offset_range * rng.uniform(-1, 1, size=2))  # (y, x), in output pixels
