@@ -219,7 +219,10 @@ def seed_everything(seed, deterministic=False):
 
 
 def rng_state():
-    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    """Every global RNG's state, in types that torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = dict(python=random.getstate(), numpy=(kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                  cached), torch=torch.get_rng_state())
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -227,7 +230,8 @@ def rng_state():
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -433,7 +437,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 def read_image(path):
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))
     except Exception as e:  # PIL raises many kinds; the user needs the file name and the reason
         raise UserError(f"cannot read image {path}: {e}")
 
@@ -1376,8 +1380,9 @@ class Run:
         done = it + 1
         if done % self.log_every == 0 or done == self.args.iters:
             means = (self.sums / self.count).tolist()
-            if not math.isfinite(means[0]):
-                raise RuntimeError(f"the supervised loss became {means[0]} at iteration {done}; stopping")
+            for name, value in zip(scalars, means):
+                if not math.isfinite(value):  # as the original: a NaN loss ends the run
+                    raise RuntimeError(f"the {name} loss became {value} by iteration {done}; stopping")
             lr = self.tracked["optimizer"].param_groups[-1]["lr"]
             elapsed = time.perf_counter() - self.segment_start
             rate = elapsed / max(self.segment_iters, 1)

@@ -16,8 +16,12 @@ sys.path.insert(0, str(ROOT))
 FAST = ["--iters", "6", "--eval-every", "3", "--batch-size", "2", "--num-workers", "0"]
 
 
+# one thread per run: faster for tiny workloads, and the same float arithmetic in every run
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
 def run_script(script, *args, cwd=None, check=True, timeout=600):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
+    env = ENV
     proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FAST, ROOT, make_folder_dataset, read_results, run_script
+from conftest import ENV, FAST, ROOT, make_folder_dataset, read_results, run_script
 
 SCRIPTS = ["train_baseline.py", "train_cutmix.py"]
 RESULT_KEYS = {"miou", "student_miou", "per_class_iou", "iters", "train_seconds", "seconds_per_iter",
@@ -95,13 +95,12 @@ def test_labeled_subset_follows_the_split_seed_and_the_split_file(tmp_path):
 
 def test_resume_after_a_kill_ends_with_the_same_miou(tmp_path):
     args = ["--iters", 40, "--eval-every", 10, "--batch-size", 2, "--num-workers", 0, "--deterministic"]
-    reference = read_results(tmp_path / "ref") if False else None
     run_script("train_cutmix.py", *args, "--out", tmp_path / "ref")
     reference = read_results(tmp_path / "ref")
     # start the same run, kill it (SIGKILL: no clean-up) once it has written a checkpoint past iteration 10
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_cutmix.py"), *map(str, args), "--out", str(out)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     import torch
     while time.time() < deadline:
