@@ -91,7 +91,7 @@ DATASETS = {
     "isic2017": dict(arch="deeplabv2", n_labeled=50, crop_size=(224, 224), batch_size=10, iters=40000,
                      eval_every=400, aug=dict(hflip=True, vflip=True, transpose=True, rot=45.0, max_scale=1.1),
                      optimizer="sgd", lr_schedule="poly", momentum=0.9, weight_decay=5e-4, fill_holes=True,
-                     arch_overrides=dict(denseunet161=dict(lr=0.1),      # the paper's network (Table 3)
+                     arch_overrides=dict(denseunet161=dict(lr=0.1),      # the paper's ISIC network
                                          deeplabv2=dict(lr=2.5e-4),      # DeepLab v2's usual SGD rate
                                          unet_small=dict(lr=0.1))),
 }
