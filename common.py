@@ -1305,7 +1305,8 @@ class Run:
     def __init__(self, args, method):
         self.args, self.method = args, method
         script = Path(sys.argv[0]).stem if sys.argv and sys.argv[0].endswith(".py") else f"train_{method}"
-        args.out = args.out or f"runs/{script}_{args.dataset}_{args.n_labeled}_s{args.seed}"
+        split = "" if args.split_seed == 12345 else f"_ss{args.split_seed}"  # the paper varies split seeds
+        args.out = args.out or f"runs/{script}_{args.dataset}_{args.n_labeled}_s{args.seed}{split}"
         self.out = Path(args.out)
         self.checkpoint_path = self.out / "checkpoint.pt"
         finished = (self.out / "results.json").is_file()

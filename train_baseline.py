@@ -18,7 +18,11 @@ import common
 
 @dataclass
 class Args(common.TrainArgs):
-    pass
+    @staticmethod
+    def method_protocol(dataset):
+        # The original ran its ISIC baselines with its std-aug program, whose SGD had Nesterov on (G8);
+        # it only matters where the dataset selects SGD (ISIC)
+        return dict(nesterov=True)
 
 
 def main(args):
