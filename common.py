@@ -6,10 +6,12 @@ the plumbing around it, in this order:
     1. Errors and command line   UserError, TrainArgs, parse_args (protocol: dataset -> arch -> method -> CLI)
     2. Reproducibility           seed_everything, deterministic mode
     3. Data                      demo and folder datasets, splits, augmentation, infinite sample streams
-    4. Networks                  deeplabv2 (ResNet-101, as Hung et al. / the original), unet_small
+    4. Networks                  deeplabv2 (ResNet-101, as Hung et al. / the original), deeplabv3plus,
+                                 denseunet161, pspnet101 (paper Table 4), unet_small
     5. Mean teacher              make_teacher, ema_update, optimizer with the original's parameter groups
     6. Metrics                   confusion matrix, per-class IoU, mIoU, evaluation loop
     7. Run plumbing              output folder, log, metrics.jsonl, checkpoints (atomic), results, preview
+    8. Paper tables              PAPER_RESULTS; `python common.py seeds ...` and `python common.py summary runs/`
 
 Images travel from the loaders as uint8 and are normalised on the device (`to_device`), so padding and
 out-of-image pixels become exactly 0 (the mean colour), as in the original's alpha-channel trick.
@@ -88,10 +90,10 @@ DATASETS = {
     # says 0.05) belongs to the DenseUNet, hence per-arch learning rates: they win over ARCHS' Adam ones.
     # Nesterov stays off, as in the original's mask program (CutMix, Cutout); methods that the original
     # ran with its other programs (baseline, std-aug, ICT, VAT) turn it on in their method_protocol (G8).
-    "isic2017": dict(arch="deeplabv2", n_labeled=50, crop_size=(224, 224), batch_size=10, iters=40000,
+    "isic2017": dict(arch="denseunet161", n_labeled=50, crop_size=(224, 224), batch_size=10, iters=40000,
                      eval_every=400, aug=dict(hflip=True, vflip=True, transpose=True, rot=45.0, max_scale=1.1),
                      optimizer="sgd", lr_schedule="poly", momentum=0.9, weight_decay=5e-4, fill_holes=True,
-                     arch_overrides=dict(denseunet161=dict(lr=0.1),      # the paper's ISIC network
+                     arch_overrides=dict(denseunet161=dict(lr=0.1, freeze_bn=False),  # the paper's
                                          deeplabv2=dict(lr=2.5e-4),      # DeepLab v2's usual SGD rate
                                          unet_small=dict(lr=0.1))),
 }
@@ -101,6 +103,12 @@ ARCHS = {
     "deeplabv2": dict(lr=3e-5, backbone_lr_mult=0.1, freeze_bn=True),
     # From scratch: one parameter group, all BatchNorm trains (as the original's ISIC DenseUNet).
     "unet_small": dict(lr=1e-3, backbone_lr_mult=1.0, freeze_bn=False),
+    # Paper Table 5 (Pascal, Adam). freeze_bn freezes only the pretrained backbone's BN (the net's
+    # frozen_bn_modules); the heads' BN trains. The original's Pascal scripts all pass --freeze_bn.
+    # DeepLab v3+: the original's wrapper had no pretraining tag, so every parameter runs at 1e-5 (G8).
+    "deeplabv3plus": dict(lr=1e-5, backbone_lr_mult=1.0, freeze_bn=True),
+    "denseunet161": dict(lr=3e-4, backbone_lr_mult=0.1, freeze_bn=True),  # ISIC: SGD 0.1, no BN frozen
+    "pspnet101": dict(lr=1e-4, backbone_lr_mult=0.1, freeze_bn=True),
 }
 # Optimizer settings shared by every protocol unless a dataset says otherwise (REFERENCE §1.3).
 OPTIMIZER_DEFAULTS = dict(momentum=0.9, weight_decay=0.0, nesterov=False, poly_power=0.9)
@@ -1109,6 +1117,161 @@ class UNetSmall(nn.Module):
         return []
 
 
+def resnet101_dilated():
+    """torchvision's ResNet-101 with layer3/layer4 dilated 2/4 (output stride 8, torchvision's scheme: each
+    dilated layer's first block keeps the previous dilation), without its average pooling and fc."""
+    from torchvision.models import resnet101
+    net = resnet101(weights=None, replace_stride_with_dilation=[False, True, True])
+    del net.avgpool, net.fc
+    return net
+
+
+def resnet_features(r, x):
+    """(layer1 output: 256 channels at /4, layer4 output: 2048 channels at /8) of a dilated ResNet."""
+    low = r.layer1(r.maxpool(r.relu(r.bn1(r.conv1(x)))))
+    return low, r.layer4(r.layer3(r.layer2(low)))
+
+
+def load_resnet101(resnet):
+    """torchvision's ImageNet ResNet-101 (IMAGENET1K_V1, as the original) into `resnet`: every key but fc's."""
+    from torchvision.models import ResNet101_Weights
+    state = {k: v for k, v in load_torchvision_weights(ResNet101_Weights.IMAGENET1K_V1).items()
+             if not k.startswith("fc.")}
+    resnet.load_state_dict(state)  # strict: a key that does not fit is an error, not a silent skip
+    return state
+
+
+def init_head(modules, bn_bias=0.0):
+    """Kaiming-normal conv weights, BN weight 1 and bias `bn_bias`: the original's init of new layers."""
+    for m in modules:
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1.0)
+            nn.init.constant_(m.bias, bn_bias)
+
+
+class DeepLabV3Plus(nn.Module):
+    """DeepLab v3+ on a dilated ResNet-101 (REFERENCE §5.2): ASPP rates 12/24/36 (its projection ends in
+    Dropout 0.5), a 48-channel layer1 skip, two 3x3 conv-BN-ReLU blocks, bilinear upsampling (G13)."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        from torchvision.models.segmentation.deeplabv3 import ASPP
+        self.backbone = resnet101_dilated()
+        self.project = nn.Sequential(nn.Conv2d(256, 48, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU(inplace=True))
+        self.aspp = ASPP(2048, [12, 24, 36])
+        self.classifier = nn.Sequential(
+            nn.Conv2d(304, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
+            nn.Conv2d(256, num_classes, 1))
+        init_head([*self.project.modules(), *self.aspp.modules(), *self.classifier.modules()])
+
+    def forward(self, x):
+        low, high = resnet_features(self.backbone, x)
+        low = self.project(low)  # (B, 48, H/4, W/4)
+        high = F.interpolate(self.aspp(high), size=low.shape[2:], mode="bilinear", align_corners=False)
+        logits = self.classifier(torch.cat([low, high], 1))
+        return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)
+
+    def backbone_modules(self):
+        return []  # the original's wrapper quirk: no pretrained group, all parameters at the head's rate (G8)
+
+    def frozen_bn_modules(self):
+        return [self.backbone]  # --freeze_bn: backbone BN statistics only; its affine parameters still train
+
+    def load_imagenet(self):
+        return load_resnet101(self.backbone)
+
+
+class DenseUNet161(nn.Module):
+    """U-Net on torchvision's DenseNet-161 features (REFERENCE §5.3), as the original (after Li et al.):
+    each decoder block upsamples x2 (nearest), *adds* the skip, then conv 3x3 + BN + ReLU."""
+
+    TAPS = ("pool0", "transition1", "transition2", "transition3")  # skips = the inputs of these layers
+
+    def __init__(self, num_classes):
+        super().__init__()
+        from torchvision.models import densenet161
+        # The encoder only: the original also kept DenseNet's ImageNet classifier (in the head group), but no
+        # gradient ever reaches it, so it is dropped here.
+        self.features = densenet161(weights=None).features
+        self.line0 = nn.Conv2d(2112, 2208, 1)  # the /16 skip widened to the bottom's 2208 channels
+        chans = [2208, 768, 384, 96, 96]  # decoder: /32 -> /16 -> /8 -> /4 -> /2; skips of 2208, 768, 384, 96
+        self.decoder = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+            for cin, cout in zip(chans, chans[1:]))
+        self.final = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(96, 64, 3, padding=1, bias=False),
+                                   nn.Dropout(0.3), nn.BatchNorm2d(64), nn.ReLU(inplace=True),  # conv, dropout, BN
+                                   nn.Conv2d(64, num_classes, 1))
+
+    def forward(self, x):
+        h, w = x.shape[2:]
+        # The original pads each batch to a multiple of 32 (BLOCK_SIZE) with the mean colour; zeros here are
+        # that colour after normalisation, and the padding is cropped off the logits again.
+        x = F.pad(x, (0, -w % 32, 0, -h % 32))
+        skips = []
+        for name, layer in self.features.named_children():
+            if name in self.TAPS:
+                skips.append(x)
+            x = layer(x)
+        x = F.relu(x)  # (B, 2208, H/32, W/32): norm5, then ReLU
+        skips[-1] = self.line0(skips[-1])
+        for block, skip in zip(self.decoder, reversed(skips)):
+            x = block(F.interpolate(x, scale_factor=2, mode="nearest") + skip)
+        return self.final(x)[:, :, :h, :w]
+
+    def backbone_modules(self):
+        return [self.features]
+
+    def frozen_bn_modules(self):
+        return [self.features]
+
+    def load_imagenet(self):
+        """torchvision's ImageNet DenseNet-161 (IMAGENET1K_V1); its file keeps the old layer names
+        (denselayer1.norm.1), renamed here as torchvision does (norm1)."""
+        import re
+        from torchvision.models import DenseNet161_Weights
+        state = load_torchvision_weights(DenseNet161_Weights.IMAGENET1K_V1)
+        state = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.", r"\1\2.", k[len("features."):]): v
+                 for k, v in state.items() if k.startswith("features.")}
+        self.features.load_state_dict(state)
+        return state
+
+
+class PSPNet101(nn.Module):
+    """PSPNet on a dilated ResNet-101 (REFERENCE §5.5, MIT CSAIL's `resnet101dilated` + `ppm`): pyramid
+    pooling 1/2/3/6, no auxiliary (deep-supervision) loss. The original's encoder was MIT's deep-stem
+    ResNet-101 with MIT's ImageNet weights; torchvision has only the standard stem (README, deviations)."""
+
+    def __init__(self, num_classes, scales=(1, 2, 3, 6)):
+        super().__init__()
+        self.backbone = resnet101_dilated()
+        self.ppm = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(s), nn.Conv2d(2048, 512, 1, bias=False), nn.BatchNorm2d(512),
+                          nn.ReLU(inplace=True)) for s in scales)
+        self.classifier = nn.Sequential(
+            nn.Conv2d(2048 + 512 * len(scales), 512, 3, padding=1, bias=False), nn.BatchNorm2d(512),
+            nn.ReLU(inplace=True), nn.Dropout2d(0.1), nn.Conv2d(512, num_classes, 1))
+        init_head([*self.ppm.modules(), *self.classifier.modules()], bn_bias=1e-4)  # MIT's weights_init
+
+    def forward(self, x):
+        _, f = resnet_features(self.backbone, x)  # (B, 2048, H/8, W/8)
+        pyramid = [f] + [F.interpolate(branch(f), size=f.shape[2:], mode="bilinear", align_corners=False)
+                         for branch in self.ppm]
+        logits = self.classifier(torch.cat(pyramid, 1))
+        return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)
+
+    def backbone_modules(self):
+        return [self.backbone]
+
+    def frozen_bn_modules(self):
+        return [self.backbone]
+
+    def load_imagenet(self):
+        return load_resnet101(self.backbone)
+
+
 def build_net(args, num_classes):
     """The student network for args.arch, with ImageNet weights unless --no-pretrained."""
     if args.arch == "deeplabv2":
@@ -1117,18 +1280,24 @@ def build_net(args, num_classes):
             net.load_imagenet()
     elif args.arch == "unet_small":
         net = UNetSmall(num_classes)
+    elif args.arch in ("deeplabv3plus", "denseunet161", "pspnet101"):
+        net = dict(deeplabv3plus=DeepLabV3Plus, denseunet161=DenseUNet161, pspnet101=PSPNet101)[args.arch](num_classes)
+        if not args.no_pretrained:
+            net.load_imagenet()
     else:
         raise UserError(f"--arch {args.arch}: unknown architecture; choose one of {', '.join(ARCHS)}")
     return net
 
 
 def set_train_mode(net, args):
-    """Train mode, with BatchNorm back in eval mode where the protocol freezes it (--freeze_bn)."""
+    """Train mode, with BatchNorm back in eval mode where the protocol freezes it (--freeze_bn): the
+    net's frozen_bn_modules() (its pretrained backbone), else all of it (DeepLab v2)."""
     net.train()
     if args.freeze_bn:
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        for top in net.frozen_bn_modules() if hasattr(net, "frozen_bn_modules") else [net]:
+            for m in top.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1498,9 +1667,164 @@ def preview(net, split, data, device, args, n=4):
     return np.concatenate(rows, axis=0)
 
 
-if __name__ == "__main__":  # one-time preparation: python common.py sbd-to-aug SBD_ROOT VOC_ROOT
+# ---------------------------------------------------------------------------------------------------
+# 8. Paper tables: the published numbers, several seeds per cell, a summary beside the paper's
+# ---------------------------------------------------------------------------------------------------
+# Labeled counts of each table's columns; "All" is the training set's size, as results.json records it.
+PAPER_COUNTS = {"pascal_aug": (106, 212, 529, 1323, 10582), "cityscapes": (100, 372, 744, 2975), "isic2017": (50, 2000)}
+# (dataset, arch, method) -> one value per PAPER_COUNTS column, a mean or (mean, std over 5 runs), None = not run.
+# Pascal: Tables 2 and 4 (one run each, split 0); Cityscapes: Table 1, Sec. D.3; ISIC: Table 3, lesion IoU.
+PAPER_RESULTS = {
+    ("pascal_aug", "deeplabv2", "baseline"): (33.09, 43.15, 52.05, 60.56, 72.59),
+    ("pascal_aug", "deeplabv2", "stdaug"): (32.40, 42.81, 53.37, 60.66, 72.24),
+    ("pascal_aug", "deeplabv2", "vat"): (38.81, 48.55, 58.50, 62.93, 72.18),
+    ("pascal_aug", "deeplabv2", "ict"): (35.82, 46.28, 53.17, 59.63, 71.50),
+    ("pascal_aug", "deeplabv2", "cutout"): (48.73, 58.26, 64.37, 66.79, 72.03),
+    ("pascal_aug", "deeplabv2", "cutmix"): (53.79, 64.81, 66.48, 67.60, 72.54),
+    ("pascal_aug", "deeplabv3plus", "baseline"): (37.95, 48.35, 59.19, 66.58, 76.70),
+    ("pascal_aug", "deeplabv3plus", "cutmix"): (59.52, 67.05, 69.57, 72.45, 76.73),
+    ("pascal_aug", "denseunet161", "baseline"): (29.22, 39.92, 50.31, 60.65, 72.30),
+    ("pascal_aug", "denseunet161", "cutmix"): (54.19, 63.81, 66.57, 66.78, 72.02),
+    ("pascal_aug", "pspnet101", "baseline"): (36.69, 46.96, 59.02, 66.67, 77.59),
+    ("pascal_aug", "pspnet101", "cutmix"): (67.20, 68.80, 73.33, 74.11, 77.42),
+    ("cityscapes", "deeplabv2", "baseline"): ((44.41, 1.11), (55.25, 0.66), (60.57, 1.13), (67.53, 0.35)),
+    ("cityscapes", "deeplabv2", "cutout"): ((47.21, 1.74), (57.72, 0.83), (61.96, 0.99), (67.47, 0.68)),
+    ("cityscapes", "deeplabv2", "cutmix"): ((51.20, 2.29), (60.34, 1.24), (63.87, 0.71), (67.68, 0.37)),
+    ("cityscapes", "deeplabv2", "cutmix, crop 512x1024"): (None, (58.75, 0.75), None, None),
+    ("cityscapes", "deeplabv2", "cutmix, crop 512x1024, 3 boxes"): (None, (60.41, 1.12), None, None),
+    ("isic2017", "denseunet161", "baseline"): ((67.64, 1.83), (78.61, 0.36)),  # 2000 = "fully supervised"
+    ("isic2017", "denseunet161", "stdaug"): ((71.40, 2.34), None),
+    ("isic2017", "denseunet161", "vat"): ((69.09, 1.38), None),
+    ("isic2017", "denseunet161", "ict"): ((65.45, 3.50), None),
+    ("isic2017", "denseunet161", "cutout"): ((68.76, 4.30), None),
+    ("isic2017", "denseunet161", "cutmix"): ((74.57, 1.03), None),
+}
+METHOD_ORDER = ["baseline", "stdaug", "vat", "ict", "cutout", "cutmix"]
+
+
+def run_label(results, args):
+    """The method, tagged with what sets a run apart from the protocol (a crop, several CutMix boxes)."""
+    tags = [results["method"]]
+    default_crop_size = DATASETS.get(results["dataset"], {}).get("crop_size")
+    if args.get("crop_size") and default_crop_size and tuple(args["crop_size"]) != tuple(default_crop_size):
+        tags.append("crop {}x{}".format(*args["crop_size"]))
+    if args.get("n_boxes", 1) != 1:
+        tags.append(f"{args['n_boxes']} boxes")
+    return ", ".join(tags)
+
+
+def collect_results(paths):
+    """{(dataset, arch, label, n_labeled): [score, ...]} from results.json files (ISIC: the lesion IoU);
+    unreadable or incomplete ones are reported on stderr and skipped."""
+    cells = {}
+    for path in paths:
+        try:
+            results = json.loads(Path(path).read_text())
+            args_path = Path(path).parent / "args.json"
+            args = json.loads(args_path.read_text()) if args_path.is_file() else {}
+            score = results["lesion_iou" if results["dataset"] == "isic2017" else "miou"]
+            key = (results["dataset"], results["arch"], run_label(results, args), int(results["n_labeled"]))
+            cells.setdefault(key, []).append(float(score))
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            print(f"skipped {path}: {type(e).__name__} {e}", file=sys.stderr)
+    return cells
+
+
+def paper_value(dataset, arch, label, n):
+    counts, values = PAPER_COUNTS.get(dataset, ()), PAPER_RESULTS.get((dataset, arch, label))
+    value = values[counts.index(n)] if values and n in counts else None
+    if value is None:
+        return "—"
+    return f"{value[0]:.2f} ± {value[1]:.2f}" if isinstance(value, tuple) else f"{value:.2f}"
+
+
+def summary(cells):
+    """Markdown tables, one per (dataset, arch): method x labeled count, ours (mean ± std [runs]) / paper."""
+    lines = []
+    for dataset, arch in sorted({key[:2] for key in cells}):
+        keys = [key for key in cells if key[:2] == (dataset, arch)]
+        order = lambda m: (METHOD_ORDER.index(m.split(",")[0]) if m.split(",")[0] in METHOD_ORDER else 99, m)
+        labels, counts = sorted({k[2] for k in keys}, key=order), sorted({k[3] for k in keys})
+        metric = "lesion IoU" if dataset == "isic2017" else "mIoU"
+        lines += [f"{dataset}, {arch}: {metric} (%), ours mean ± std [runs] / paper", "",
+                  "| method | " + " | ".join(map(str, counts)) + " |", "|---" * (len(counts) + 1) + "|"]
+        for label in labels:
+            row = []
+            for n in counts:
+                v = cells.get((dataset, arch, label, n), [])
+                ours = "—" if not v else f"{np.mean(v):.2f}" + (f" ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else "")
+                row.append(f"{ours} [{len(v)}] / {paper_value(dataset, arch, label, n)}")
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines) if lines else "no finished runs (results.json) found"
+
+
+def run_seeds(argv):
+    """python common.py seeds SCRIPT [--seeds S ...] [--runs RUNS] [--dry-run] -- SCRIPT'S OPTIONS
+
+    Runs SCRIPT once per seed into RUNS/<script>_<dataset>_<arch>_<n>_s<seed>: finished runs are skipped,
+    unfinished ones resumed. The seed goes to --split-seed (a new labeled subset, as the paper's Cityscapes
+    and ISIC runs) or, when a --split-file fixes the subset (Pascal), to --seed. Then prints the summary."""
+    import shlex
+    import subprocess
+    parser = argparse.ArgumentParser(prog="python common.py seeds", description=" ".join(run_seeds.__doc__.split("\n\n")[1].split()))
+    parser.add_argument("script", help="train_*.py")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[12345, 23456, 34567, 45678, 56789],
+                        help="default: the original's Cityscapes split seeds")
+    parser.add_argument("--runs", default="runs", help="folder of the run folders")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    cut = argv.index("--") if "--" in argv else len(argv)
+    opts, rest = parser.parse_args(argv[:cut]), argv[cut + 1:]
+    for flag in ("--seed", "--split-seed", "--out", "--resume"):
+        if any(a == flag or a.startswith(flag + "=") for a in rest):
+            raise UserError(f"seeds: {flag} is set per seed by this tool; leave it out of the script's options")
+    script = Path(opts.script) if Path(opts.script).is_file() else Path(__file__).resolve().parent / opts.script
+    if not script.is_file():
+        raise UserError(f"seeds: no script {opts.script}")
+    known = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flag in ("--dataset", "--arch", "--n-labeled", "--split-file"):
+        known.add_argument(flag)
+    given = known.parse_known_args(rest)[0]
+    dataset = given.dataset or TrainArgs.dataset
+    protocol = DATASETS.get(dataset, {})
+    arch, n = given.arch or protocol.get("arch"), int(given.n_labeled or protocol.get("n_labeled", -1))
+    vary = "seed" if given.split_file else "split-seed"
+    outs, failed = [], []
+    for seed in opts.seeds:
+        out = Path(opts.runs) / f"{script.stem}_{dataset}_{arch}_{'all' if n == -1 else n}_s{seed}"
+        outs.append(out)
+        if (out / "results.json").is_file():
+            print(f"finished: {out}")
+            continue
+        command = [sys.executable, str(script), *rest, f"--{vary}", str(seed), "--out", str(out)]
+        if (out / "checkpoint.pt").is_file():
+            command.append("--resume")
+        elif out.is_dir() and not opts.dry_run:  # stopped before its first checkpoint: start it again
+            leftovers = {p.name for p in out.iterdir()}
+            if not leftovers <= {"args.json", "log.txt", "metrics.jsonl"}:
+                raise UserError(f"seeds: {out} holds {sorted(leftovers)} but no checkpoint.pt; move it away")
+            for name in leftovers:
+                (out / name).unlink()
+        print("$ " + shlex.join(command), flush=True)
+        if not opts.dry_run and subprocess.call(command) != 0:
+            failed.append(seed)
+    print(summary(collect_results(out / "results.json" for out in outs if (out / "results.json").is_file())))
+    if failed:
+        print(f"failed seeds: {' '.join(map(str, failed))}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
     sys.excepthook = _excepthook
-    if len(sys.argv) != 4 or sys.argv[1] != "sbd-to-aug":
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    if command == "seeds":  # python common.py seeds train_cutmix.py --seeds 1 2 3 -- --dataset cityscapes ...
+        sys.exit(run_seeds(sys.argv[2:]))
+    elif command == "summary":  # python common.py summary [runs/]
+        print(summary(collect_results(sorted(Path(sys.argv[2] if len(sys.argv) > 2 else "runs").rglob("results.json")))))
+    elif len(sys.argv) != 4 or command != "sbd-to-aug":  # one-time preparation of Pascal's SBD labels
         sys.exit("usage: python common.py sbd-to-aug SBD_ROOT VOC_ROOT  (builds VOC2012/SegmentationClassAug from "
-                 "SBD's dataset/cls/*.mat; README 'Datasets')")
-    sbd_to_aug(Path(sys.argv[2]), Path(sys.argv[3]))
+                 "SBD's dataset/cls/*.mat; README 'Datasets')\n"
+                 "       python common.py seeds SCRIPT [--seeds S ...] [--dry-run] -- SCRIPT_OPTIONS\n"
+                 "       python common.py summary [RUNS_DIR]")
+    else:
+        sbd_to_aug(Path(sys.argv[2]), Path(sys.argv[3]))

@@ -1,0 +1,95 @@
+"""`python common.py seeds` (one run per seed, skip finished, resume unfinished) and `python common.py
+summary` (mean ± std per cell beside the paper's number), on fake results.json files and one tiny demo run."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+import common
+from conftest import ENV, FAST, ROOT
+
+
+def fake_run(folder, dataset, arch, method, n, score, **args):
+    folder.mkdir(parents=True)
+    key = "lesion_iou" if dataset == "isic2017" else "miou"
+    results = dict(miou=score if key == "miou" else 50.0, dataset=dataset, arch=arch, method=method, n_labeled=n)
+    results[key] = score
+    (folder / "results.json").write_text(json.dumps(results))
+    (folder / "args.json").write_text(json.dumps(dict(args, dataset=dataset)))
+
+
+def common_py(*argv, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "common.py"), *map(str, argv)], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_summary_groups_runs_into_cells_beside_the_papers_values(tmp_path):
+    runs = tmp_path / "runs"
+    for i, score in enumerate([60.0, 61.0, 62.0]):
+        fake_run(runs / f"cm_{i}", "cityscapes", "deeplabv2", "cutmix", 372, score, crop_size=[256, 512])
+    fake_run(runs / "full", "cityscapes", "deeplabv2", "cutmix", 372, 58.0, crop_size=[512, 1024], n_boxes=3)
+    fake_run(runs / "psp", "pascal_aug", "pspnet101", "cutmix", 106, 66.0)
+    fake_run(runs / "odd", "pascal_aug", "pspnet101", "vat", 50, 40.0)  # a cell the paper has not
+    fake_run(runs / "isic" / "a", "isic2017", "denseunet161", "cutmix", 50, 74.0)
+    (runs / "unfinished").mkdir()
+    (runs / "unfinished" / "checkpoint.pt").write_bytes(b"")
+    (runs / "broken").mkdir()
+    (runs / "broken" / "results.json").write_text("{")  # a run killed while writing: skipped
+    proc = common_py("summary", runs, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "broken" in proc.stderr and "unfinished" not in proc.stderr
+    std = np.std([60.0, 61.0, 62.0], ddof=1)
+    assert f"| cutmix | 61.00 ± {std:.2f} [3] / 60.34 ± 1.24 |" in out
+    assert "| cutmix, crop 512x1024, 3 boxes | 58.00 [1] / 60.41 ± 1.12 |" in out
+    assert "pascal_aug, pspnet101: mIoU" in out
+    assert "| cutmix | — [0] / — | 66.00 [1] / 67.20 |" in out  # columns 50 and 106
+    assert "| vat | 40.00 [1] / — | — [0] / 38.81 |" not in out  # VAT has no PSPNet value in the paper
+    assert "| vat | 40.00 [1] / — | — [0] / — |" in out
+    assert "isic2017, denseunet161: lesion IoU" in out and "| cutmix | 74.00 [1] / 74.57 ± 1.03 |" in out
+
+
+def test_every_table_4_cell_has_a_paper_value():
+    for arch in ("deeplabv3plus", "denseunet161", "pspnet101"):
+        for method in ("baseline", "cutmix"):
+            for n in common.PAPER_COUNTS["pascal_aug"]:
+                assert common.paper_value("pascal_aug", arch, method, n) != "—"
+    assert common.paper_value("pascal_aug", "pspnet101", "cutmix", 10582) == "77.42"
+    assert common.paper_value("isic2017", "denseunet161", "baseline", 2000) == "78.61 ± 0.36"
+    assert common.paper_value("cityscapes", "deeplabv2", "cutmix", 100) == "51.20 ± 2.29"
+
+
+def test_seeds_command_lines(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs / "train_cutmix_cityscapes_deeplabv2_372_s1", "cityscapes", "deeplabv2", "cutmix", 372, 60.0)
+    (runs / "train_cutmix_cityscapes_deeplabv2_372_s2").mkdir()
+    (runs / "train_cutmix_cityscapes_deeplabv2_372_s2" / "checkpoint.pt").write_bytes(b"")
+    proc = common_py("seeds", "train_cutmix.py", "--seeds", 1, 2, 3, "--runs", runs, "--dry-run", "--",
+                     "--dataset", "cityscapes", "--data-root", "CS", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("$ ")]
+    assert f"finished: {runs}/train_cutmix_cityscapes_deeplabv2_372_s1" in proc.stdout
+    assert len(lines) == 2
+    assert lines[0].endswith(f"--dataset cityscapes --data-root CS --split-seed 2 --out "
+                             f"{runs}/train_cutmix_cityscapes_deeplabv2_372_s2 --resume")
+    assert lines[1].endswith(f"--split-seed 3 --out {runs}/train_cutmix_cityscapes_deeplabv2_372_s3")
+    assert "| cutmix | 60.00 [1] / 60.34 ± 1.24 |" in proc.stdout  # the finished seed's summary
+    # Pascal: the split file fixes the labeled subset, so the seed varies initialisation and sampling
+    proc = common_py("seeds", "train_baseline.py", "--seeds", 7, "--dry-run", "--", "--dataset", "pascal_aug",
+                     "--arch", "pspnet101", "--split-file", "split_0.pkl", "--n-labeled", -1, cwd=tmp_path)
+    assert proc.stdout.splitlines()[0].endswith("--seed 7 --out runs/train_baseline_pascal_aug_pspnet101_all_s7")
+    proc = common_py("seeds", "train_cutmix.py", "--", "--seed", 3, cwd=tmp_path)
+    assert proc.returncode != 0 and "--seed is set per seed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_seeds_runs_the_demo_twice_then_skips_both(tmp_path):
+    argv = ["seeds", "train_cutmix.py", "--seeds", 1, 2, "--", *FAST, "--n-labeled", 8]
+    proc = common_py(*argv, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for seed in (1, 2):
+        results = json.loads((tmp_path / f"runs/train_cutmix_demo_unet_small_8_s{seed}/results.json").read_text())
+        assert results["n_labeled"] == 8 and results["iters"] == 6
+    assert "demo, unet_small: mIoU" in proc.stdout and "[2] / —" in proc.stdout
+    again = common_py(*argv, cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.count("finished: ") == 2 and "$ " not in again.stdout
