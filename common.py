@@ -182,7 +182,8 @@ def resolve_protocol(args):
     for key, value in proto.items():
         setattr(args, key, value)
     if args.no_pretrained:
-        args.backbone_lr_mult = 1.0  # nothing pretrained: one learning rate for all (original: same)
+        # nothing pretrained: one learning rate for all, and BatchNorm statistics learn from the data
+        args.backbone_lr_mult, args.freeze_bn = 1.0, False
     for name in ("iters", "batch_size", "eval_every"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")

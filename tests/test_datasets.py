@@ -250,7 +250,8 @@ def test_isic_official_layout(layouts):
 
 
 def test_isic_protocol_per_arch():
-    assert args_for("isic2017", "x").lr == 2.5e-4  # deeplabv2 stand-in
+    assert args_for("isic2017", "x").lr == 0.1 and args_for("isic2017", "x").arch == "denseunet161"
+    assert args_for("isic2017", "x", arch="deeplabv2").lr == 2.5e-4
     assert args_for("isic2017", "x", arch="unet_small").lr == 0.1
     assert args_for("isic2017", "x", arch="unet_small", lr=0.05).lr == 0.05  # the command line wins
     assert args_for("cityscapes", "x").lr == 3e-5 and not hasattr(args_for("cityscapes", "x"), "arch_overrides")
