@@ -247,16 +247,22 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def resolve_device(name):
+    """--device: auto (CUDA when present), cpu, cuda, cuda:N -> torch.device, or one clear error."""
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device expects auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
 def setup_device(args):
     """Pick the device, the autocast dtype and the kernels' settings; returns torch.device."""
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UserError(f"--device expects auto, cpu, cuda or cuda:N, got {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
+    device = resolve_device(args.device)
+    args.device = str(device)
     if getattr(args, "amp_auto", False):
         args.amp = "bf16" if device.type == "cuda" else "off"
     if device.type == "cuda":

@@ -287,19 +287,8 @@ def parse_args(argv=None):
     return args
 
 
-def resolve_device(name):
-    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device expects auto, cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return device
-
-
 def main(args):
-    device = resolve_device(args.device)
+    device = common.resolve_device(args.device)
     kit_args = common.resolve_protocol(common.TrainArgs(dataset=args.dataset, data_root=args.data_root,
                                                         n_labeled=-1, num_classes=args.num_classes))
     train = common.load_dataset(kit_args).train
