@@ -320,17 +320,18 @@ def main(args):
         np.sort(np.random.RandomState(args.seed).permutation(n)[:args.max_images])
     pad = args.patch_size // 2
     anchors = choose_anchors(train, images, pad, args.n_anchors, args.seed)
-    a_patches, n_patches = [], []
-    for img, d, r, c, _ in anchors:
-        padded = symmetric_pad(to_float(train.load(img)[0], device), pad)
+    a_patches, n_patches, loaded = [], [], None
+    for img, d, r, c, _ in anchors:  # sorted by image: each image is loaded and padded once
+        if img != loaded:
+            padded, loaded = symmetric_pad(to_float(train.load(img)[0], device), pad), img
         a_patches.append(extract_patch(padded, pad, r, c))
         n_patches.append(extract_patch(padded, pad, r + NEIGHBOURS[d][0], c + NEIGHBOURS[d][1]))
     a_patches, n_patches = torch.stack(a_patches), torch.stack(n_patches)  # (n, P, P, C)
     inter = (n_patches.double() - a_patches.double()).flatten(1).norm(dim=1).cpu().numpy()
     sizes = np.array([train.sizes[i] for i in images])
     fft_size = tuple(int(v) for v in sizes.max(0) + args.patch_size - 1)
-    # anchors per FFT batch: their spectra and correlation maps in about 1 GB
-    chunk = max(1, int(2**30 // (4 * 2 * 4 * fft_size[0] * (fft_size[1] // 2 + 1))))
+    # anchors per FFT batch: their spectra, products and distance maps (~64 bytes per frequency) in ~1 GB
+    chunk = max(1, 2**30 // (64 * fft_size[0] * (fft_size[1] // 2 + 1)))
     t0 = time.perf_counter()
     intra, where = nearest_patches(train, images, anchors, a_patches, fft_size, device, chunk)
     search_seconds = time.perf_counter() - t0

@@ -105,16 +105,25 @@ def test_end_to_end_demo(tmp_path):
     assert not list(out.glob("*.tmp"))
 
 
-def test_folder_dataset_and_bad_input(tmp_path):
+def test_folder_dataset(tmp_path):
     root = make_folder_dataset(tmp_path / "data", n_train=4, n_val=1)
     out = tmp_path / "run"
     run_script("patch_analysis.py", "--dataset", "folder", "--data-root", root, "--patch-sizes", "5",
                "--patch-size", "5", "--n-anchors", 3, "--out", out)
     assert "median_ratio" in json.loads((out / "results.json").read_text())
-    for args, words in [(["--dataset", "folder"], "needs --data-root"),
-                        (["--patch-size", "4"], "odd size"),
-                        (["--max-images", "1"], "--max-images")]:
-        proc = run_script("patch_analysis.py", *args, "--out", tmp_path / "bad", check=False)
-        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-        assert words in proc.stderr.strip().splitlines()[-1]
-        assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("args, words", [(["--patch-size", "4"], "odd size"),
+                                         (["--patch-sizes", "15,x"], "--patch-sizes"),
+                                         (["--max-images", "1"], "--max-images"),
+                                         (["--n-anchors", "0"], "--n-anchors")])
+def test_bad_values_name_the_option(args, words):
+    with pytest.raises(pa.UserError, match=words):
+        pa.parse_args(args)
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path):
+    proc = run_script("patch_analysis.py", "--dataset", "folder", "--out", tmp_path / "bad", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "needs --data-root" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "bad").exists()

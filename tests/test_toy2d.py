@@ -1,0 +1,107 @@
+"""toy2d.py: the signed distance, the gap's erosion and the contour look-up against direct computations;
+the consistency loss on known values; one tiny end-to-end run; bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import toy2d
+from conftest import run_script
+
+KEYS = {"a_supervised", "a_gap_isotropic", "b_no_gap_isotropic", "d_no_gap_constrained"}
+
+
+def blobs(seed, shape=(17, 23)):
+    """A random two-class mask with several separate regions."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    field = sum(np.sin(rng.uniform(0.2, 0.8) * xx + rng.uniform(0, 6)) * np.cos(rng.uniform(0.2, 0.8) * yy)
+                for _ in range(3))
+    return (field > 0).astype(np.int64)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_signed_distance_matches_brute_force(seed):
+    mask = blobs(seed)
+    got = toy2d.signed_distance(mask)
+    pixels = np.stack(np.nonzero(np.ones_like(mask)), 1)
+    for (r, c), cls in zip(pixels, mask.ravel()):
+        other = pixels[mask.ravel() != cls]  # every pixel of the other class
+        d = np.sqrt(((other - (r, c)) ** 2).sum(1)).min()
+        assert got[r, c] == pytest.approx(d if cls == 1 else -d, abs=1e-9)
+
+
+@pytest.mark.parametrize("radius", [1, 3])
+def test_erode_keeps_pixels_whose_city_block_ball_is_inside(radius):
+    region = blobs(3).astype(bool)
+    got = toy2d.erode(region, radius)
+    H, W = region.shape
+    for r in range(H):
+        for c in range(W):
+            ball = [(r + dr, c + dc) for dr in range(-radius, radius + 1) for dc in range(-radius, radius + 1)
+                    if abs(dr) + abs(dc) <= radius]
+            inside = all(0 <= y < H and 0 <= x < W and region[y, x] for y, x in ball)  # outside = eroded
+            assert got[r, c] == inside
+
+
+def test_gap_and_labeled_points():
+    toy = toy2d.make_toy(12345)
+    assert 0.4 < toy.mask.mean() < 0.6 and (toy.mask[:, 0] == 1).all() and (toy.mask[:, -1] == 0).all()
+    x_u = toy2d.unlabeled_points(toy, toy2d.CLUSTER["gap"], 0.2, np.random.RandomState(0))
+    px = np.clip(((x_u + 1) / 2 * toy2d.SIZE).astype(int), 0, toy2d.SIZE - 1)
+    # 35 px city-block erosion: at least 35/√2 ≈ 25 px (Euclidean) from the boundary, less the 2 px jitter
+    assert np.abs(toy.dist[px[:, 1], px[:, 0]]).min() > 35 / np.sqrt(2) - 12
+    assert sorted(toy.y_l.tolist()) == [0] * 5 + [1] * 5
+    assert (toy2d.true_class(toy.x_l) == toy.y_l).all()
+
+
+def test_contour_lookup_reads_pixel_centres_exactly():
+    toy = toy2d.make_toy(12345)
+    dist_map = torch.from_numpy(toy.dist).float()[None, None]
+    centres = torch.from_numpy(toy2d.pixel_centres(toy2d.SIZE))
+    np.testing.assert_allclose(toy2d.sample_map(dist_map, centres).numpy(), toy.dist.ravel(), atol=1e-3)
+
+
+def test_consistency_loss_known_values():
+    exp = dict(toy2d.CONTINUOUS)  # logits_var
+    logits_t = torch.tensor([[5.0, -5.0], [0.1, 0.0], [-4.0, 4.0]])  # confident, not confident, confident
+    logits_s = logits_t + torch.tensor([[1.0, 1.0], [3.0, 3.0], [2.0, 0.0]])
+    w = torch.tensor([1.0, 1.0, 0.0])  # the third perturbation left its contour
+    loss, conf = toy2d.consistency_loss(logits_s, logits_t, w, exp)
+    assert loss.item() == pytest.approx(1.0 / 2)  # only sample 1: mean(1², 1²) = 1, divided by Σw = 2
+    assert conf.item() == pytest.approx(2 / 3)
+    exp["loss"] = "var"
+    loss, _ = toy2d.consistency_loss(logits_t, logits_t, torch.ones(3), exp)
+    assert loss.item() == 0
+
+
+def test_end_to_end_tiny(tmp_path):
+    out = tmp_path / "toy"
+    proc = run_script("toy2d.py", "--steps", 3, "--seeds", 2, "--unlabeled-share", 0.01, "--grid", 32,
+                      "--out", out)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == KEYS and all(0 <= v <= 100 for v in results.values())
+    for name in KEYS:
+        assert sum(line.startswith(name + " ") and "error" in line for line in proc.stdout.splitlines()) == 1 + 2
+    for name in ("a_gap_isotropic", "b_no_gap_isotropic", "c_distance_contours", "d_no_gap_constrained",
+                 "figure3"):
+        with Image.open(out / f"{name}.png") as im:
+            assert im.size[0] >= toy2d.SIZE
+    assert not list(out.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("args, words", [(["--steps", "0"], "--steps"),
+                                         (["--unlabeled-share", "0"], "--unlabeled-share"),
+                                         (["--grid", "-2"], "--grid")])
+def test_bad_values_name_the_option(args, words):
+    with pytest.raises(toy2d.UserError, match=words):
+        toy2d.parse_args(args)
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path):
+    proc = run_script("toy2d.py", "--device", "nonsense", "--out", tmp_path / "bad", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--device" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "bad").exists()
