@@ -105,9 +105,9 @@ def boundary_pairs(label, pad):
     H, W = label.shape
     lo_r, hi_r = (pad + 1, H - pad - 2) if H >= 2 * pad + 3 else (0, H - 1)
     lo_c, hi_c = (pad + 1, W - pad - 2) if W >= 2 * pad + 3 else (0, W - 1)
+    rows, cols = np.mgrid[0:H, 0:W]
     out = []
     for d, (dr, dc) in enumerate(NEIGHBOURS):
-        rows, cols = np.mgrid[0:H, 0:W]
         nr, nc = rows + dr, cols + dc
         ok = (nr >= 0) & (nr < H) & (nc >= 0) & (nc < W)
         ok &= (rows >= lo_r) & (rows <= hi_r) & (cols >= lo_c) & (cols <= hi_c)
@@ -122,7 +122,7 @@ def choose_anchors(split, images, pad, n_anchors, seed):
     """n_anchors (image, direction, row, col, class) drawn uniformly from all boundary pairs of `images`.
 
     Two passes over the labels keep memory small: count the pairs per image, draw global indices, then
-    look the chosen ones up (Cityscapes holds ~10^8 pairs)."""
+    look the chosen ones up (Cityscapes holds tens of millions of pairs)."""
     counts = np.array([len(boundary_pairs(split.load(i)[1], pad)) for i in tqdm(images, desc="boundaries",
                                                                                  leave=False)])
     if counts.sum() == 0:
@@ -299,7 +299,7 @@ def main(args):
 
     # --- Figure 1: neighbour-patch distance maps of one image --------------------------------------
     image, label = train.load(args.image_index)
-    shown, captions = [enlarge(with_boundaries(image.astype(np.float64), label))], ["image"]
+    shown, captions = [enlarge(image)], ["image"]
     files["figure1_image.png"] = shown[0]
     edge = label_edges(label)
     for size in args.patch_sizes:

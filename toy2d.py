@@ -17,8 +17,8 @@ Experiments (panels of Fig. 3; same labeled points, seeds and schedule; settings
     d_no_gap_constrained  no gap, σ = 30 px on the contour the consistency path, loss on logits, γ = 1
     (panel c: the signed distance to the true boundary and its contours)
 
-Run:   python toy2d.py            3 seeds × 4 experiments, 1800 steps each, a quarter of the unlabeled points
-                                  (~9 minutes on an idle 2-core CPU)
+Run:   python toy2d.py            3 seeds × 4 experiments, 1600 steps each, a quarter of the unlabeled points
+                                  (about 8 minutes on a 2-core CPU)
        python toy2d.py --full     the original's schedule: 100 epochs over all 512² points (25 supervised)
 Out:   --out (runs/toy2d): a_gap_isotropic.png, b_no_gap_isotropic.png, c_distance_contours.png,
        d_no_gap_constrained.png, figure3.png (all four), results.json (teacher error %, mean of the seeds),
@@ -67,7 +67,7 @@ class Args:
     seed: int = arg(1, "first seed: network initialisation, batches, perturbations, unlabeled jitter")
     seeds: int = arg(3, "seeds per experiment (--seed, --seed+1, ...); error rates are their mean")
     split_seed: int = arg(12345, "seed of the 10 labeled points, shared by every experiment and seed")
-    steps: int = arg(1800, "optimizer steps of every run (ignored with --full)")
+    steps: int = arg(1600, "optimizer steps of every run (ignored with --full)")
     unlabeled_share: float = arg(0.25, "share of the one-point-per-pixel unlabeled cloud kept (1 with --full)")
     grid: int = arg(256, "side of the evaluation grid of pixel centres over [-1, 1]² (512 with --full)")
     full: bool = arg(False, "the paper's schedule: 100 epochs of batch 512 over all points, 25 for a_supervised")
@@ -373,17 +373,6 @@ def parse_args(argv=None):
     return args
 
 
-def resolve_device(name):
-    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device expects auto, cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return device
-
-
 def run_experiment(name, seed, toy, args, device):
     """One experiment with one seed: train, then the teacher's error (%) on the evaluation grid."""
     exp, started = EXPERIMENTS[name], time.perf_counter()
@@ -416,7 +405,7 @@ def run_all(jobs, toy, args, device, workers):
 
 
 def main(args):
-    device = resolve_device(args.device)
+    device = common.resolve_device(args.device)
     share = 1.0 if args.full else args.unlabeled_share
     out, lines, started = Path(args.out), [], time.perf_counter()
 
