@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -149,6 +150,10 @@ class TrainArgs:
                                          "rate-6 and rate-12 ones, REFERENCE G4)")
     cache_dir: str = arg(None, "folder for prepared data (half-size Cityscapes, 248x248 ISIC, checks) (default: "
                                "beside the data when writable, else ~/.cache/cutmix-seg)")
+    compile: bool = arg(False, "torch.compile student and teacher (pays off on long CUDA runs; compiles for minutes)")
+    benchmark: int = arg(0, "measure instead of training: this many timed iterations on cached batches of the "
+                            "protocol's shapes (real data when given, else synthetic); prints speed, memory, FLOP "
+                            "utilisation and loading throughput, writes nothing")
 
 
 def parse_args(args_class, argv=None):
@@ -178,12 +183,14 @@ def resolve_protocol(args):
     proto.update(proto.pop("arch_overrides", {}).get(arch, {}))  # a dataset's word on one arch (ISIC's SGD lr)
     proto.update(getattr(args, "method_protocol", lambda d: {})(args.dataset))
     proto.update(chosen)
-    proto.setdefault("num_workers", min(8, os.cpu_count() or 1))
+    proto.setdefault("num_workers", min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     for key, value in proto.items():
         setattr(args, key, value)
     if args.no_pretrained:
         # nothing pretrained: one learning rate for all, and BatchNorm statistics learn from the data
         args.backbone_lr_mult, args.freeze_bn = 1.0, False
+    if args.benchmark < 0:
+        raise UserError(f"--benchmark expects a number of iterations, got {args.benchmark}")
     for name in ("iters", "batch_size", "eval_every"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -259,9 +266,31 @@ def resolve_device(name):
     return device
 
 
+def process_group():
+    """(rank, world size): torchrun's RANK and WORLD_SIZE, or (0, 1) for a plain `python train_*.py`."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def setup_device(args):
-    """Pick the device, the autocast dtype and the kernels' settings; returns torch.device."""
+    """Pick the device, the autocast dtype and the kernels' settings; returns torch.device.
+
+    Under `torchrun --nproc_per_node N` every process takes the GPU of its LOCAL_RANK (gloo on the CPU)
+    and --batch-size stays the global batch: each process trains on its 1/N share (`local_rows`)."""
     device = resolve_device(args.device)
+    rank, world = process_group()
+    args.world_size = world
+    if world > 1:
+        if args.batch_size % world:
+            raise UserError(f"--batch-size {args.batch_size} is the global batch of all {world} processes: "
+                            f"it must be divisible by {world}")
+        if device.type == "cuda":
+            if args.device not in ("auto", "cuda"):
+                raise UserError(f"--device {args.device}: under torchrun each process takes the GPU of its "
+                                f"LOCAL_RANK; choose the GPUs with CUDA_VISIBLE_DEVICES")
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     args.device = str(device)
     if getattr(args, "amp_auto", False):
         args.amp = "bf16" if device.type == "cuda" else "off"
@@ -270,6 +299,92 @@ def setup_device(args):
         torch.backends.cudnn.allow_tf32 = True
     seed_everything(args.seed, args.deterministic)
     return device
+
+
+def local_rows(t):
+    """This process's rows of a tensor made for the global batch (all of them in a single process).
+
+    Random draws (masks, probes, mixing weights) are made for the global batch on every process from one
+    shared generator, so a run draws the same numbers however many processes share it."""
+    rank, world = process_group()
+    n = len(t) // world
+    return t if world == 1 else t[rank * n:(rank + 1) * n]
+
+
+def all_reduce_grads(net):
+    """Average the gradients over the torchrun processes (nothing to do in a single process): one
+    all-reduce of one flat buffer, after all of an iteration's backward passes."""
+    world = process_group()[1]
+    if world == 1:
+        return
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
+
+
+def all_reduce_sum(t):
+    """Sum a tensor over the processes (in place) and return it."""
+    if process_group()[1] > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum over the processes; the gradient of each process's input is the sum of all processes' gradients."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return all_reduce_sum(t.clone())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce_sum(grad.clone())
+
+
+class GlobalBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch across torchrun processes, on
+    any device (torch's SyncBatchNorm, used on CUDA, needs a GPU). The all-reduce is differentiable, so the
+    gradient also flows through the other processes' share of the statistics."""
+
+    def forward(self, x):
+        if not (self.training and process_group()[1] > 1):
+            return super().forward(x)
+        xf, C = x.float(), x.shape[1]
+        stats = torch.cat([xf.sum((0, 2, 3)), xf.pow(2).sum((0, 2, 3)), xf.new_full((1,), xf.numel() / C)])
+        stats = AllReduceSum.apply(stats)
+        count = stats[-1]
+        mean = stats[:C] / count
+        var = (stats[C:2 * C] / count - mean.pow(2)).clamp(min=0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked.item()
+                self.running_mean.lerp_(mean, momentum)
+                self.running_var.lerp_(var * count / (count - 1).clamp(min=1), momentum)
+        y = (xf - mean.view(1, C, 1, 1)) * torch.rsqrt(var + self.eps).view(1, C, 1, 1)
+        if self.affine:
+            y = y * self.weight.view(1, C, 1, 1) + self.bias.view(1, C, 1, 1)
+        return y.to(x.dtype)
+
+
+def sync_batchnorm(net, device):
+    """Under torchrun, BatchNorm layers normalise with the global batch's statistics where they train
+    (frozen ones stay in eval mode and never communicate)."""
+    if str(device).startswith("cuda"):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    for name, m in list(net.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if type(child) is nn.BatchNorm2d:
+                sync = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                       child.track_running_stats)
+                sync.load_state_dict(child.state_dict())
+                sync.train(child.training)
+                for p, q in zip(sync.parameters(), child.parameters()):
+                    p.requires_grad_(q.requires_grad)
+                setattr(m, child_name, sync)
+    return net
 
 
 def autocast(args, device):
@@ -304,11 +419,32 @@ def load_dataset(args):
     """Build the dataset named by --dataset, choose the labeled subset, and fill the crop default."""
     builder = {"demo": demo_dataset, "folder": folder_dataset, "cityscapes": cityscapes_dataset,
                "pascal_aug": pascal_aug_dataset, "isic2017": isic2017_dataset}[args.dataset]
+    if args.benchmark and args.data_root is None and args.dataset != "demo":
+        builder = synthetic_dataset
     train, val, num_classes, class_names = builder(args)
     if args.crop_size is None:
         args.crop_size = default_crop(train.sizes)
     labeled = choose_labeled(train.names, args)
     return Data(train, val, num_classes, class_names, labeled)
+
+
+# --benchmark without --data-root: random images of each dataset's size (Cityscapes at the half size the
+# protocol trains on, Pascal at its largest), as many as the real sets hold: (H, W), train, val, classes.
+SYNTHETIC = {"cityscapes": ((512, 1024), 2975, 500, 19), "pascal_aug": ((375, 500), 10582, 1449, 21),
+             "isic2017": ((248, 248), 2000, 150, 2), "folder": ((512, 512), 1000, 100, 21)}
+
+
+def synthetic_dataset(args):
+    size, n_train, n_val, num_classes = SYNTHETIC[args.dataset]
+    num_classes = args.num_classes or num_classes
+
+    def load(i):
+        rng = np.random.default_rng(i)
+        return (rng.integers(0, 256, (*size, 3), dtype=np.uint8),
+                rng.integers(0, num_classes, size, dtype=np.uint8))
+
+    split = lambda n: Split([f"synthetic_{i}" for i in range(n)], load, [size] * n)  # noqa: E731
+    return split(n_train), split(n_val), num_classes, [f"class_{c}" for c in range(num_classes)]
 
 
 def default_crop(sizes):
@@ -934,6 +1070,8 @@ class StreamSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         n, pos, current_pass = len(self.indices), self.start * self.batch_size, None
+        rank, world = process_group()
+        share = self.batch_size // world
         while True:
             batch = []
             for _ in range(self.batch_size):
@@ -942,7 +1080,7 @@ class StreamSampler(torch.utils.data.Sampler):
                     order, current_pass = np.random.default_rng([self.seed, self.stream, k]).permutation(n), k
                 batch.append((int(self.indices[order[j]]), (self.seed, self.stream, pos)))
                 pos += 1
-            yield batch
+            yield batch[rank * share:(rank + 1) * share]  # under torchrun: this process's share
 
 
 def stream(split, indices, args, stream_id, start, with_label=True, dataset=None):
@@ -950,12 +1088,31 @@ def stream(split, indices, args, stream_id, start, with_label=True, dataset=None
 
     `dataset` replaces the default TrainSet (a method with its own views, e.g. std-aug's pairs); it is
     indexed by (sample index, augmentation seed) like TrainSet."""
+    dataset = dataset or TrainSet(split, args.crop_size, args.aug, with_label)
+    if args.benchmark:  # two batches, cycled: the benchmark times the training step, not the loader
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=StreamSampler(indices, args.batch_size,
+                                                                                  args.seed, stream_id, start))
+        batches = [[t.pin_memory() if torch.cuda.is_available() else t for t in b]
+                   for b in itertools.islice(loader, 2)]
+        return cycle_counted(batches)
+    return train_loader(dataset, indices, args, stream_id, start)
+
+
+BENCHMARK_IMAGES = [0]  # --benchmark: images handed out by all streams
+
+
+def cycle_counted(batches):
+    for i in itertools.count():
+        BENCHMARK_IMAGES[0] += len(batches[i % 2][0])
+        yield batches[i % 2]
+
+
+def train_loader(dataset, indices, args, stream_id, start):
+    """The DataLoader iterator behind `stream`: batches from StreamSampler, assembled by workers."""
     sampler = StreamSampler(indices, args.batch_size, args.seed, stream_id, start)
-    loader = torch.utils.data.DataLoader(
-        dataset or TrainSet(split, args.crop_size, args.aug, with_label), batch_sampler=sampler,
-        num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-        persistent_workers=args.num_workers > 0, prefetch_factor=4 if args.num_workers > 0 else None)
-    return iter(loader)
+    return iter(torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+        persistent_workers=args.num_workers > 0, prefetch_factor=4 if args.num_workers > 0 else None))
 
 
 class ValSet(torch.utils.data.Dataset):
@@ -971,7 +1128,8 @@ class ValSet(torch.utils.data.Dataset):
 
 
 def val_loader(split, args, max_batch=None):
-    """Whole images at their own size; images of equal size share a batch (no padding, REFERENCE G12)."""
+    """Whole images at their own size; images of equal size share a batch (no padding, REFERENCE G12).
+    Under torchrun each process takes every N-th batch (evaluate() sums the confusion matrices)."""
     max_batch = max_batch or args.batch_size
     batches, current = [], []
     for i in range(len(split)):
@@ -980,7 +1138,8 @@ def val_loader(split, args, max_batch=None):
             current = []
         current.append(i)
     batches.append(current)
-    return torch.utils.data.DataLoader(ValSet(split), batch_sampler=batches, num_workers=min(args.num_workers, 4),
+    rank, world = process_group()
+    return torch.utils.data.DataLoader(ValSet(split), batch_sampler=batches[rank::world], num_workers=min(args.num_workers, 4),
                                        pin_memory=torch.cuda.is_available())
 
 
@@ -1284,17 +1443,25 @@ def build_net(args, num_classes):
     """The student network for args.arch, with ImageNet weights unless --no-pretrained."""
     if args.arch == "deeplabv2":
         net = DeepLabV2(num_classes, aspp_all_branches=args.aspp_all_branches)
-        if not args.no_pretrained:
+        if not (args.no_pretrained or args.benchmark):  # the benchmark times random weights
             net.load_imagenet()
     elif args.arch == "unet_small":
         net = UNetSmall(num_classes)
     elif args.arch in ("deeplabv3plus", "denseunet161", "pspnet101"):
         net = dict(deeplabv3plus=DeepLabV3Plus, denseunet161=DenseUNet161, pspnet101=PSPNet101)[args.arch](num_classes)
-        if not args.no_pretrained:
+        if not (args.no_pretrained or args.benchmark):  # the benchmark times random weights
             net.load_imagenet()
     else:
         raise UserError(f"--arch {args.arch}: unknown architecture; choose one of {', '.join(ARCHS)}")
-    return net
+    return sync_batchnorm(net, args.device) if process_group()[1] > 1 else net
+
+
+def forward_each(net, *batches):
+    """[net(b) for b in batches], in one pass over their concatenation where no BatchNorm of `net` uses
+    batch statistics (frozen or eval): the same outputs from fewer, larger kernels."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in net.modules()):
+        return [net(b) for b in batches]
+    return net(torch.cat(batches)).split([len(b) for b in batches])
 
 
 def set_train_mode(net, args):
@@ -1442,6 +1609,7 @@ def evaluate(net, loader, data, device, args):
         if getattr(args, "fill_holes", False):  # ISIC: the predicted lesion is hole-filled before scoring (G19)
             pred = fill_holes(pred == 1).long()
         conf += confusion_matrix(pred, labels.to(device), data.num_classes)
+    conf = all_reduce_sum(conf)
     iou = iou_from_confusion(conf.cpu()) * 100
     return iou.mean().item(), iou.tolist(), conf.cpu()
 
@@ -1477,10 +1645,19 @@ def atomic_torch_save(obj, path):
 class Run:
     """One training run and its folder: args.json, log.txt, metrics.jsonl, checkpoint.pt, results.json,
     preview.png. The scripts call, in order: Run(args, method) (checks --out, --resume), start(...) once
-    the data and networks are good, iterations(), end_iteration() after each step, finish()."""
+    the data and networks are good, iterations(), end_iteration() after each step, finish().
+
+    Under torchrun every process runs the loop on its share of the batch; process 0 alone prints and
+    writes. With --benchmark the same calls time the loop instead (`Benchmark`) and nothing is written."""
 
     def __init__(self, args, method):
         self.args, self.method = args, method
+        self.rank, self.world = process_group()
+        self.main = self.rank == 0
+        self.log_every = max(1, min(100, args.eval_every // 5))
+        self.out = self.log_file = self.metrics_file = None
+        if args.benchmark:
+            return
         script = Path(sys.argv[0]).stem if sys.argv and sys.argv[0].endswith(".py") else f"train_{method}"
         split = "" if args.split_seed == 12345 else f"_ss{args.split_seed}"  # the paper varies split seeds
         args.out = args.out or f"runs/{script}_{args.dataset}_{args.n_labeled}_s{args.seed}{split}"
@@ -1489,15 +1666,15 @@ class Run:
         finished = (self.out / "results.json").is_file()
         if args.resume and not self.checkpoint_path.is_file() and not finished:
             raise UserError(f"--resume: {self.out} holds no checkpoint.pt to continue from")
-        if not args.resume and self.out.exists() and any(self.out.iterdir()):
+        if self.main and not args.resume and self.out.exists() and any(self.out.iterdir()):
             what = "a finished run" if finished else "an unfinished run (add --resume to continue it)"
             raise UserError(f"--out {self.out} already holds {what}; choose another --out or delete it")
         if args.resume and finished:
             results = json.loads((self.out / "results.json").read_text())
-            print(f"{self.out} is already finished")
-            print(f"FINAL mIoU={results['miou']:.2f}")
+            if self.main:
+                print(f"{self.out} is already finished")
+                print(f"FINAL mIoU={results['miou']:.2f}")
             sys.exit(0)
-        self.log_every = max(1, min(100, args.eval_every // 5))
 
     def start(self, data, device, **tracked):
         """Create the folder and log; restore `tracked` objects (nets, optimizer, ...) when resuming.
@@ -1505,11 +1682,12 @@ class Run:
         Returns the iteration to start from."""
         self.data, self.device, self.tracked = data, device, tracked
         self.val_loader = val_loader(data.val, self.args)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.log_file = open(self.out / "log.txt", "a")
-        self.metrics_file = open(self.out / "metrics.jsonl", "a")
         self.start_iter, self.timed_iters, self.timed_seconds, self.wall_seconds = 0, 0, 0.0, 0.0
-        if self.args.resume:
+        if self.main and self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.log_file = open(self.out / "log.txt", "a")
+            self.metrics_file = open(self.out / "metrics.jsonl", "a")
+        if self.args.resume and not self.args.benchmark:
             state = self.load_checkpoint()
             for name, obj in tracked.items():
                 if isinstance(obj, torch.Generator):
@@ -1519,32 +1697,54 @@ class Run:
             self.start_iter = state["iter"]
             self.timed_iters, self.timed_seconds = state["timed_iters"], state["timed_seconds"]
             self.wall_seconds = state["wall_seconds"]
-            self.print(f"resumed from iteration {self.start_iter} of {self.out}")
+            self.print(f"resumed from iteration {self.start_iter} of {self.out}"
+                       + (f" with {self.world} processes" if self.world > 1 else ""))
         else:
             record = dict(vars(self.args), method=self.method)
-            atomic_write_text(self.out / "args.json", json.dumps(record, indent=2, default=str))
+            if self.main and self.out is not None:
+                atomic_write_text(self.out / "args.json", json.dumps(record, indent=2, default=str))
             self.print("settings: " + " ".join(f"{k}={v}" for k, v in sorted(record.items())))
             self.print(f"data: {len(data.train)} train ({len(data.labeled)} labeled), {len(data.val)} val, "
                        f"{data.num_classes} classes; labeled: {data.labeled.tolist()[:20]}"
                        f"{' ...' if len(data.labeled) > 20 else ''}")
+        if self.world > 1:
+            for name in ("student", "teacher"):  # one set of weights on every process, from process 0
+                for t in tracked[name].state_dict().values():
+                    torch.distributed.broadcast(t, 0)
+            # the global RNGs (dropout) differ between processes; shared draws use their own generators
+            s = int(np.random.default_rng([self.args.seed, self.rank, self.start_iter]).integers(2 ** 31))
+            random.seed(s), np.random.seed(s), torch.manual_seed(s)
         self.sums, self.count = None, 0
         return self.start_iter
 
     def iterations(self):
         """Iteration numbers from the start (or the checkpoint) to --iters, with a progress bar."""
-        self.bar = tqdm(range(self.start_iter, self.args.iters), initial=self.start_iter, total=self.args.iters,
-                        desc=self.method, dynamic_ncols=True, leave=False)
-        self.segment_start = self.clock_start = time.perf_counter()
-        self.segment_iters, self.warmup_left = 0, 5
         for nets in ("student", "teacher"):
             set_train_mode(self.tracked[nets], self.args)
+        if self.args.benchmark:
+            self.benchmark = Benchmark(self)
+            yield from self.benchmark.iterations()
+            return
+        if self.args.compile:
+            self.compile()
+        self.bar = tqdm(range(self.start_iter, self.args.iters), initial=self.start_iter, total=self.args.iters,
+                        desc=self.method, dynamic_ncols=True, leave=False, disable=not self.main)
+        self.segment_start = self.clock_start = time.perf_counter()
+        self.segment_iters, self.warmup_left = 0, 5
         for it in self.bar:
             set_lr(self.tracked["optimizer"], self.args, it)
             yield it
 
+    def compile(self):
+        """--compile: torch.compile each net's forward in place (state dicts keep their names)."""
+        for nets in ("student", "teacher"):
+            self.tracked[nets].compile()
+
     def end_iteration(self, it, **scalars):
         """Accumulate the losses (no host-device sync); print every log interval; evaluate and
         checkpoint every --eval-every iterations and at the end."""
+        if self.args.benchmark:
+            return
         values = torch.stack([v.detach().float() for v in scalars.values()])
         self.sums = values if self.sums is None else self.sums + values
         self.count += 1
@@ -1557,7 +1757,7 @@ class Run:
             self.segment_iters += 1
         done = it + 1
         if done % self.log_every == 0 or done == self.args.iters:
-            means = (self.sums / self.count).tolist()
+            means = (all_reduce_sum(self.sums) / (self.count * self.world)).tolist()  # mean over processes
             for name, value in zip(scalars, means):
                 if not math.isfinite(value):  # as the original: a NaN loss ends the run
                     raise RuntimeError(f"the {name} loss became {value} by iteration {done}; stopping")
@@ -1590,25 +1790,29 @@ class Run:
         self.print(f"eval it {done} | teacher mIoU {miou:.2f} | student mIoU {student_miou:.2f}{lesion}")
         self.print("-- per class: " + " ".join(f"{n}={v:.1f}" for n, v in zip(data.class_names, per_class)))
         self.metrics(iter=done, **self.last_eval)
-        now = time.perf_counter()
-        state = {name: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
-                 for name, obj in self.tracked.items()}
-        state.update(iter=done, timed_iters=self.timed_iters, timed_seconds=self.timed_seconds,
-                     wall_seconds=self.wall_seconds + now - self.clock_start, rng=rng_state())
-        atomic_torch_save(state, self.checkpoint_path)
+        if self.main:
+            now = time.perf_counter()
+            state = {name: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
+                     for name, obj in self.tracked.items()}
+            state.update(iter=done, timed_iters=self.timed_iters, timed_seconds=self.timed_seconds,
+                         wall_seconds=self.wall_seconds + now - self.clock_start, rng=rng_state())
+            atomic_torch_save(state, self.checkpoint_path)
 
     def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def print(self, line):
-        tqdm.write(line)
-        self.log_file.write(line + "\n")
-        self.log_file.flush()
+        if self.main:
+            tqdm.write(line)
+        if self.log_file:
+            self.log_file.write(line + "\n")
+            self.log_file.flush()
 
     def metrics(self, **record):
-        self.metrics_file.write(json.dumps(record) + "\n")
-        self.metrics_file.flush()
+        if self.metrics_file:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
 
     def load_checkpoint(self):
         try:
@@ -1620,6 +1824,8 @@ class Run:
 
     def finish(self):
         """results.json and preview.png; the last line on stdout is `FINAL mIoU=<teacher mIoU>`."""
+        if self.args.benchmark:
+            return self.benchmark.report()
         self.bar.close()
         args = self.args
         if not hasattr(self, "last_eval"):  # resumed from a checkpoint written at the very end
@@ -1629,17 +1835,149 @@ class Run:
                        train_seconds=self.wall_seconds + time.perf_counter() - self.clock_start,
                        seconds_per_iter=self.timed_seconds / max(self.timed_iters, 1),
                        resumed_from=self.start_iter)
-        image = preview(self.tracked["teacher"], self.data.val, self.data, self.device, args)
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="PNG")
-        atomic_write_bytes(self.out / "preview.png", buffer.getvalue())
-        atomic_write_text(self.out / "results.json", json.dumps(results, indent=2))
-        self.print(f"results in {self.out}: teacher mIoU {results['miou']:.2f}, student "
-                   f"{results['student_miou']:.2f}, {results['seconds_per_iter']:.3f} s/it")
-        self.log_file.close()
-        self.metrics_file.close()
-        print(f"FINAL mIoU={results['miou']:.2f}", flush=True)
+        if self.world > 1:
+            results["world_size"] = self.world
+        if self.main:
+            image = preview(self.tracked["teacher"], self.data.val, self.data, self.device, args)
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG")
+            atomic_write_bytes(self.out / "preview.png", buffer.getvalue())
+            atomic_write_text(self.out / "results.json", json.dumps(results, indent=2))
+            self.print(f"results in {self.out}: teacher mIoU {results['miou']:.2f}, student "
+                       f"{results['student_miou']:.2f}, {results['seconds_per_iter']:.3f} s/it")
+            self.log_file.close()
+            self.metrics_file.close()
+            print(f"FINAL mIoU={results['miou']:.2f}", flush=True)
+        if self.world > 1:
+            torch.distributed.barrier()  # no process leaves before the results are written
         return results
+
+
+# Dense peak TFLOP/s of one GPU from the vendors' data sheets: (name contains, bf16/fp16, TF32), the first
+# match wins. fp32 runs count against TF32 (enabled on CUDA here). Add your card to get its utilisation.
+PEAK_TFLOPS = [("H100 PCIe", 756, 378), ("H100 NVL", 835, 418), ("H100", 989, 495), ("H200", 989, 495),
+               ("A100", 312, 156), ("L40S", 362, 183), ("L4", 121, 60), ("A10", 125, 62.5)]
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def peak_tflops(device, amp):
+    """The device's dense peak for the run's precision, or None when unknown (every CPU)."""
+    name = device_name(device)
+    for key, half, tf32 in PEAK_TFLOPS if device.type == "cuda" else []:
+        if key in name:
+            return half if amp in ("bf16", "fp16") else tf32
+    return None
+
+
+class Benchmark:
+    """--benchmark N: the script's own loop on two cached batches per stream (`stream`), so it times
+    the training step: one iteration under torch's FLOP counter, a few warm-up iterations, N timed ones.
+    Then the evaluation speed and, on real data, the loader's throughput; one summary, no files."""
+
+    def __init__(self, run):
+        self.run, self.args, self.device = run, run.args, run.device
+        self.real_data = self.args.dataset == "demo" or self.args.data_root is not None
+
+    def iterations(self):
+        from torch.utils.flop_counter import FlopCounterMode
+        args, run, optimizer = self.args, self.run, self.run.tracked["optimizer"]
+        self.loading = self.loader_throughput() if self.real_data else None
+        counter = FlopCounterMode(display=False)
+        with counter:  # FLOPs of one iteration (forward and backward passes), counted once
+            set_lr(optimizer, args, 0)
+            yield 0
+        self.flops = counter.get_total_flops() * self.run.world  # all processes
+        if args.compile:
+            run.compile()
+        warmup = (3 if self.device.type == "cuda" else 1) + (3 if args.compile else 0)
+        for it in range(1, 1 + warmup):  # allocation, cudnn autotuning, compilation: not timed
+            set_lr(optimizer, args, it)
+            yield it
+        run.sync()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        started, images = time.perf_counter(), BENCHMARK_IMAGES[0]
+        for it in range(1 + warmup, 1 + warmup + args.benchmark):
+            set_lr(optimizer, args, it)
+            yield it
+        run.sync()
+        self.seconds_per_iter = (time.perf_counter() - started) / args.benchmark
+        self.images_per_iter = (BENCHMARK_IMAGES[0] - images) // args.benchmark * run.world  # all processes
+
+    def loader_throughput(self):
+        """Images/s that the real training loader delivers (reading, augmentation, collation) with
+        --num-workers workers, summed over the processes."""
+        args, data = self.args, self.run.data
+        batches = train_loader(TrainSet(data.train, args.crop_size, args.aug), np.arange(len(data.train)),
+                               args, stream_id=99, start=0)
+        next(batches)  # worker start-up is not counted
+        n, started = max(10, 4 * args.num_workers), time.perf_counter()
+        for _ in range(n):
+            next(batches)
+        del batches
+        return n * args.batch_size / (time.perf_counter() - started)
+
+    def eval_seconds(self):
+        """Seconds to evaluate the whole validation set once (timed on a few batches)."""
+        args, val, teacher = self.args, self.run.data.val, self.run.tracked["teacher"]
+        n = min(len(val), args.batch_size * (4 if self.device.type == "cuda" else 1) * self.run.world)
+        subset = val_loader(Split(val.names[:n], val.load, val.sizes[:n]), args)
+        if self.device.type == "cuda":
+            evaluate(teacher, subset, self.run.data, self.device, args)  # cudnn autotuning for the new shapes
+        self.run.sync()
+        started = time.perf_counter()
+        evaluate(teacher, subset, self.run.data, self.device, args)
+        self.run.sync()
+        return (time.perf_counter() - started) / n * len(val)
+
+    def report(self):
+        args, device, s = self.args, self.device, self.seconds_per_iter
+        images = self.images_per_iter
+        if device.type == "cuda":
+            memory, memory_kind = torch.cuda.max_memory_allocated(device) / 2 ** 30, "peak GPU memory"
+        else:
+            import resource
+            memory, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "peak RSS"
+        peak = peak_tflops(device, args.amp)
+        achieved = self.flops / s / 1e12
+        eval_s = self.eval_seconds()
+        evals = math.ceil(args.iters / args.eval_every)  # each evaluates teacher and student
+        record = dict(script=Path(sys.argv[0]).name, method=self.run.method, dataset=args.dataset,
+                      arch=args.arch, device=device_name(device), amp=args.amp, compile=args.compile,
+                      world_size=self.run.world, batch_size=args.batch_size, crop_size=list(args.crop_size),
+                      data="real" if self.real_data else "synthetic", ms_per_iter=1000 * s, iters_per_s=1 / s,
+                      images_per_s=images / s, peak_memory_gib=memory, memory_kind=memory_kind,
+                      tflop_per_iter=self.flops / 1e12, tflops=achieved, peak_tflops=peak,
+                      mfu=achieved / peak if peak else None, eval_seconds=eval_s, iters=args.iters,
+                      train_minutes=args.iters * s / 60, run_minutes=(args.iters * s + evals * 2 * eval_s) / 60,
+                      loader_images_per_s=self.loading)
+        if self.run.main:
+            utilisation = (f"{100 * record['mfu']:.1f}% of the {peak:g} TFLOP/s {args.amp if args.amp != 'off' else 'TF32'}"
+                           f" peak" if peak else "peak unknown for this device")
+            lines = [f"benchmark: {record['script']} | {args.dataset}, {args.arch}, batch {args.batch_size} at "
+                     f"{args.crop_size[0]}x{args.crop_size[1]} ({record['data']} data) | {record['device']}, "
+                     f"amp {args.amp}{', compiled' if args.compile else ''}"
+                     f"{f', {self.run.world} processes' if self.run.world > 1 else ''}",
+                     f"  train step: {1000 * s:.1f} ms/it, {1 / s:.2f} it/s, {images / s:.1f} images/s "
+                     f"({images} per iteration), {memory_kind} {memory:.2f} GiB",
+                     f"  FLOPs: {record['tflop_per_iter']:.3f} TFLOP/it -> {achieved:.2f} TFLOP/s, {utilisation}",
+                     f"  evaluation: {eval_s:.1f} s per pass over the {len(self.run.data.val)} validation images",
+                     f"  {args.iters} iterations: {record['train_minutes']:.1f} min of training, "
+                     f"{record['run_minutes']:.1f} min with {evals} evaluations of teacher and student"]
+            if self.loading is not None:
+                bound = "loading" if self.loading < images / s else "compute"
+                lines.append(f"  loader: {self.loading:.1f} images/s with {args.num_workers} workers per process, "
+                             f"the step needs {images / s:.1f}: {bound} bounds the run")
+            for line in lines:
+                print(line)
+            print("BENCHMARK " + json.dumps(record), flush=True)
+        return record
 
 
 def palette(num_classes):

@@ -52,7 +52,9 @@ def main(args):
             loss_sup = F.cross_entropy(student(x_l).float(), y_l, ignore_index=common.IGNORE)
         scaler.scale(loss_sup).backward()
 
-        # 6. one optimizer step, then the teacher follows the student by EMA
+        # 6. one optimizer step (under torchrun on the gradients averaged over processes), then the
+        #    teacher follows the student by EMA
+        common.all_reduce_grads(student)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

@@ -111,11 +111,13 @@ def main(args):
         # 2. the teacher predicts the two unmixed batches (train mode, as the original, G6)
         x_a, v_a = batch(*next(unlabeled_a))  # (B, 3, H, W), (B, 1, H, W)
         x_b, v_b = batch(*next(unlabeled_b))
-        mix_mask = box_mask(len(x_a), x_a.shape[2:], args.n_boxes, (0.5, 0.5), mask_rng)  # (B, 1, H, W), 1 = from x_b
         with torch.no_grad(), common.autocast(args, device):
-            logits_a, logits_b = teacher(x_a), teacher(x_b)
-        # 3. mix the teacher's predictions with the same mask (mixing logits or probabilities is the
-        #    same here: M is exactly 0 or 1 per pixel)
+            logits_a, logits_b = common.forward_each(teacher, x_a, x_b)
+        # 3. draw the masks (for the global batch: the same ones however many torchrun processes), mix
+        #    the teacher's predictions with them (mixing logits or probabilities is the same here: M is
+        #    exactly 0 or 1 per pixel)
+        mix_mask = common.local_rows(box_mask(args.batch_size, x_a.shape[2:], args.n_boxes, (0.5, 0.5),
+                                              mask_rng))  # (B, 1, H, W), 1 = from x_b
         p_teacher = mix(logits_a.float(), logits_b.float(), mix_mask).softmax(1)
         # 4. the student predicts the mixed images; pixels from padding carry no loss
         x_mix, loss_mask = mix(x_a, x_b, mix_mask), mix(v_a, v_b, mix_mask)
@@ -126,7 +128,9 @@ def main(args):
         scaler.scale(args.cons_weight * loss_cons).backward()
         # --- end CutMix ---
 
-        # 6. one optimizer step, then the teacher follows the student by EMA
+        # 6. one optimizer step (under torchrun on the gradients averaged over processes), then the
+        #    teacher follows the student by EMA
+        common.all_reduce_grads(student)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

@@ -124,7 +124,9 @@ def main(args):
         with torch.no_grad(), common.autocast(args, device):
             p_teacher = teacher(x_u).float().softmax(1)
         # 3. draw M: the pixels the student gets to see
-        cut_mask = cutout_mask(len(x_u), x_u.shape[2:], args.erase_box, mask_rng)  # (B, 1, H, W), 1 = seen
+        #    (for the global batch: the same masks however many torchrun processes)
+        cut_mask = common.local_rows(cutout_mask(args.batch_size, x_u.shape[2:], args.erase_box,
+                                                 mask_rng))  # (B, 1, H, W), 1 = seen
         # 4. the student predicts the masked images; blanked pixels become 0, the mean colour
         with common.autocast(args, device):
             p_student = student(x_u * cut_mask).float().softmax(1)
@@ -133,7 +135,9 @@ def main(args):
         scaler.scale(args.cons_weight * loss_cons).backward()
         # --- end Cutout ---
 
-        # 6. one optimizer step, then the teacher follows the student by EMA
+        # 6. one optimizer step (under torchrun on the gradients averaged over processes), then the
+        #    teacher follows the student by EMA
+        common.all_reduce_grads(student)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

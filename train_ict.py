@@ -100,10 +100,11 @@ def main(args):
         x_0, v_0 = batch(*next(unlabeled))  # (B, 3, H, W), (B, 1, H, W)
         x_1, v_1 = batch(*next(unlabeled))
         with torch.no_grad(), common.autocast(args, device):
-            p_0, p_1 = teacher(x_0).float().softmax(1), teacher(x_1).float().softmax(1)
+            p_0, p_1 = (logits.float().softmax(1) for logits in common.forward_each(teacher, x_0, x_1))
         # 3. mix images, teacher probabilities and teacher confidences with the same λ per pair; the
         #    weights depend only on (seed, iteration), so a resumed run draws the same ones
-        lam = mixing_weights(len(x_0), args.ict_alpha, np.random.default_rng([args.seed, MIX_STREAM, it]))
+        lam = common.local_rows(mixing_weights(args.batch_size, args.ict_alpha,  # for the global batch
+                                               np.random.default_rng([args.seed, MIX_STREAM, it])))
         lam = lam.to(device)  # (B, 1, 1, 1), weight of x_1
         p_teacher = ict_mix(p_0, p_1, lam)  # (B, C, H, W)
         conf_teacher = ict_mix(p_0.amax(1, keepdim=True), p_1.amax(1, keepdim=True), lam)  # (B, 1, H, W)
@@ -116,7 +117,9 @@ def main(args):
         scaler.scale(args.cons_weight * loss_cons).backward()
         # --- end ICT ---
 
-        # 6. one optimizer step, then the teacher follows the student by EMA
+        # 6. one optimizer step (under torchrun on the gradients averaged over processes), then the
+        #    teacher follows the student by EMA
+        common.all_reduce_grads(student)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

@@ -238,7 +238,9 @@ def main(args):
         scaler.scale(args.cons_weight * loss_cons).backward()
         # --- end Std-aug ---
 
-        # 6. one optimizer step, then the teacher follows the student by EMA
+        # 6. one optimizer step (under torchrun on the gradients averaged over processes), then the
+        #    teacher follows the student by EMA
+        common.all_reduce_grads(student)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

@@ -77,11 +77,12 @@ def adaptive_radius(x):
     return 0.5 * (dy.pow(2).flatten(1).sum(1) + dx.pow(2).flatten(1).sum(1)).sqrt().view(-1, 1, 1, 1)
 
 
-def vat_perturbation(net, x, p, vat_radius, adaptive, generator):
+def vat_perturbation(net, x, p, vat_radius, adaptive, noise):
     """r_adv (B, C, H, W), detached: the direction that most changes `net`'s prediction p (B, K, H, W)
-    on x, found by one power iteration from a random probe of norm ξ, scaled per image to ε."""
+    on x, found by one power iteration from the random probe `noise` (B, C, H, W) scaled to norm ξ,
+    then scaled per image to ε."""
     xi = 1e-6 * x.shape[2] * x.shape[3] / 1000  # the original's probe size (not ξ/sqrt(dim), G21)
-    d = unit_per_image(torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)) * xi
+    d = unit_per_image(noise) * xi
     d.requires_grad_(True)
     log_q = F.log_softmax(net(x + d), 1)
     divergence = F.kl_div(log_q, p, reduction="sum")  # summed over pixels, classes and images
@@ -145,10 +146,12 @@ def main(args):
         teacher.eval()
         with torch.no_grad(), exact_fp32(device):
             p_teacher = teacher(x_u).softmax(1)  # (B, K, H, W)
-        # 3. the adversarial perturbation, from the teacher (one power iteration, full fp32)
+        # 3. the adversarial perturbation, from the teacher (one power iteration, full fp32), starting
+        #    from a random probe (drawn for the global batch: the same however many torchrun processes)
+        noise = common.local_rows(torch.randn((args.batch_size, *x_u.shape[1:]), generator=noise_rng, device=device))
         with exact_fp32(device):
             r_adv = vat_perturbation(teacher, x_u, p_teacher, args.vat_radius, not args.vat_fixed_radius,
-                                     noise_rng)  # (B, 3, H, W)
+                                     noise)  # (B, 3, H, W)
         # 4. the student predicts the perturbed images
         with common.autocast(args, device):
             logits_student = student(x_u + r_adv).float()
@@ -157,7 +160,9 @@ def main(args):
         scaler.scale(args.cons_weight * loss_cons).backward()
         # --- end VAT ---
 
-        # 6. one optimizer step, then the teacher follows the student by EMA
+        # 6. one optimizer step (under torchrun on the gradients averaged over processes), then the
+        #    teacher follows the student by EMA
+        common.all_reduce_grads(student)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

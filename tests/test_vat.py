@@ -40,11 +40,11 @@ def test_perturbation_norm_is_the_radius_per_image():
     with torch.no_grad():
         p = net(x).softmax(1)
     g = torch.Generator().manual_seed(0)
-    r = V.vat_perturbation(net, x, p, 1.0, True, g)
+    r = V.vat_perturbation(net, x, p, 1.0, True, torch.randn(x.shape, generator=g, dtype=x.dtype))
     assert r.shape == x.shape and not r.requires_grad
     # rtol: the gradient here is a few 1e-9 in norm, so the 1e-12 guarding its normalisation shows at 1e-4
     assert torch.allclose(r.flatten(1).norm(dim=1), V.adaptive_radius(x).flatten(), rtol=1e-3)
-    fixed = V.vat_perturbation(net, x, p, 0.5, False, g)
+    fixed = V.vat_perturbation(net, x, p, 0.5, False, torch.randn(x.shape, generator=g, dtype=x.dtype))
     assert torch.allclose(fixed.flatten(1).norm(dim=1), torch.full((3,), 0.5 * math.sqrt(3 * 12 * 16),
                                                                    dtype=torch.float64), rtol=1e-3)
     assert all(q.grad is None for q in net.parameters())
@@ -56,7 +56,8 @@ def test_adversarial_direction_raises_the_divergence_more_than_random_directions
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
     with torch.no_grad():
         p = net(x).softmax(1)
-    r_adv = V.vat_perturbation(net, x, p, 0.05, False, torch.Generator().manual_seed(1))
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    r_adv = V.vat_perturbation(net, x, p, 0.05, False, noise)
     radius = r_adv.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     adversarial = kl_per_image(net, x, p, r_adv)
     g = torch.Generator().manual_seed(2)

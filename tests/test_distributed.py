@@ -1,0 +1,140 @@
+"""torchrun: two CPU processes (gloo) give the run of one process, write one set of outputs, resume
+across world sizes; the global-batch BatchNorm against the plain one."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from conftest import ENV, ROOT, read_results, run_script
+
+import common
+
+# batch 4 = 2 images per process; unet_small's BatchNorm trains, so it goes through GlobalBatchNorm
+SMALL = ["--iters", "6", "--eval-every", "3", "--batch-size", "4", "--num-workers", "0"]
+SCRIPTS = ["train_baseline.py", "train_cutmix.py", "train_cutout.py", "train_vat.py", "train_ict.py",
+           "train_stdaug.py"]
+
+
+def torchrun(script, *args, nproc=2, check=True):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", str(ROOT / script), *map(str, args)],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def student_weights(out):
+    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["student"]
+
+
+def losses(out):
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("iter", "lr", "seconds_per_iter")} for r in records
+            if "seconds_per_iter" in r]
+
+
+def assert_same_run(a, b):
+    """Same data, masks and global-batch statistics: only the float summation order differs. Adam turns
+    such differences in near-zero gradients into steps of up to lr, hence the weights' tolerance."""
+    la, lb = losses(a), losses(b)
+    assert len(la) == len(lb) == 6
+    for ra, rb in zip(la, lb):
+        assert ra.keys() == rb.keys()
+        for key in ra:
+            assert ra[key] == pytest.approx(rb[key], rel=2e-3, abs=1e-5), (key, la, lb)
+    ra, rb = read_results(a), read_results(b)
+    assert ra["miou"] == pytest.approx(rb["miou"], abs=0.5)
+    assert ra["student_miou"] == pytest.approx(rb["student_miou"], abs=0.5)
+    wa, wb = student_weights(a), student_weights(b)
+    for key in wa:  # BatchNorm's running statistics follow the weights' differences through the layers
+        tolerance = dict(rtol=0.05, atol=0.01) if "running" in key else dict(atol=3e-3)
+        assert torch.allclose(wa[key].float(), wb[key].float(), **tolerance), key
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_two_processes_train_as_one(script, tmp_path):
+    run_script(script, *SMALL, "--out", tmp_path / "one")
+    proc = torchrun(script, *SMALL, "--out", tmp_path / "two")
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert read_results(tmp_path / "two")["world_size"] == 2
+    assert proc.stdout.count("FINAL mIoU=") == 1  # one process prints and writes
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    log = (tmp_path / "two" / "log.txt").read_text()
+    assert log.count("eval it 6") == 1
+
+
+def test_resume_with_another_number_of_processes(tmp_path):
+    run_script("train_cutmix.py", *SMALL, "--out", tmp_path / "whole")
+    # two processes train 3 iterations and checkpoint; without results.json the folder is what a kill
+    # after that checkpoint leaves; one process finishes the run
+    torchrun("train_cutmix.py", *SMALL[:1], "3", *SMALL[2:], "--out", tmp_path / "split")
+    (tmp_path / "split" / "results.json").unlink()
+    proc = run_script("train_cutmix.py", *SMALL, "--out", tmp_path / "split", "--resume")
+    assert "resumed from iteration 3" in proc.stdout
+    assert_same_run(tmp_path / "whole", tmp_path / "split")
+
+
+def test_global_batch_must_split_evenly(tmp_path):
+    proc = torchrun("train_baseline.py", *SMALL[:4], "--batch-size", "3", "--out", tmp_path / "x", check=False)
+    assert proc.returncode != 0
+    assert "--batch-size 3 is the global batch of all 2 processes: it must be divisible by 2" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def batchnorm_worker(rank, port, x, weight, queue):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    bn = common.GlobalBatchNorm(3, momentum=0.5)
+    bn.weight.data.copy_(weight)
+    share = x[rank * 2:(rank + 1) * 2].clone().requires_grad_(True)
+    y = bn(share)
+    (y * torch.arange(y.numel()).view(y.shape).float()).sum().backward()  # a loss per process
+    grads = [bn.weight.grad.clone(), bn.bias.grad.clone()]
+    for g in grads:
+        torch.distributed.all_reduce(g)  # what all_reduce_grads sums (before its division)
+    queue.put((rank, *(t.detach().numpy() for t in (y, share.grad, *grads, bn.running_mean, bn.running_var))))
+    torch.distributed.destroy_process_group()
+
+
+def test_global_batchnorm_equals_batchnorm_on_the_whole_batch():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 6) * 3 + 1
+    weight = torch.rand(3) + 0.5
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=batchnorm_worker, args=(r, port, x, weight, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((r[0], [torch.from_numpy(a) for a in r[1:]]) for r in (queue.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+    reference = nn.BatchNorm2d(3, momentum=0.5)
+    reference.weight.data.copy_(weight)
+    whole = x.clone().requires_grad_(True)
+    y = reference(whole)
+    loss = sum((y[r * 2:(r + 1) * 2] * torch.arange(y[r * 2:(r + 1) * 2].numel()).view(2, 3, 5, 6).float()).sum()
+               for r in range(2))
+    loss.backward()
+    for r in range(2):
+        y_r, grad_x, grad_w, grad_b, running_mean, running_var = results[r]
+        assert torch.allclose(y_r, y[r * 2:(r + 1) * 2].detach(), atol=1e-5)
+        assert torch.allclose(grad_x, whole.grad[r * 2:(r + 1) * 2], atol=1e-4)
+        assert torch.allclose(grad_w, reference.weight.grad, atol=1e-3)
+        assert torch.allclose(grad_b, reference.bias.grad, atol=1e-3)
+        assert torch.allclose(running_mean, reference.running_mean, atol=1e-5)
+        assert torch.allclose(running_var, reference.running_var, atol=1e-5)

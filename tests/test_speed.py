@@ -1,0 +1,127 @@
+"""--benchmark (numbers printed, nothing written, FLOPs counted), --compile, batched teacher passes."""
+import json
+
+import pytest
+import torch
+
+from conftest import ROOT, read_results, run_script
+
+import common
+
+# images per iteration of each script's streams at batch 8: labeled + unlabeled batches
+IMAGES = {"train_baseline.py": 8, "train_cutmix.py": 24, "train_cutout.py": 16, "train_vat.py": 16,
+          "train_ict.py": 24, "train_stdaug.py": 16}
+KEYS = {"script", "method", "dataset", "arch", "device", "amp", "compile", "world_size", "batch_size", "crop_size",
+        "data", "ms_per_iter", "iters_per_s", "images_per_s", "peak_memory_gib", "memory_kind", "tflop_per_iter",
+        "tflops", "peak_tflops", "mfu", "eval_seconds", "iters", "train_minutes", "run_minutes",
+        "loader_images_per_s"}
+
+
+def benchmark(script, *args, cwd):
+    proc = run_script(script, "--benchmark", "2", "--num-workers", "0", *args, cwd=cwd)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCHMARK ")]
+    assert len(lines) == 1, proc.stdout
+    return json.loads(lines[0][len("BENCHMARK "):]), proc.stdout
+
+
+@pytest.fixture(scope="module")
+def demo_benchmarks(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("bench")
+    records = {script: benchmark(script, cwd=cwd) for script in IMAGES}
+    assert list(cwd.iterdir()) == []  # a benchmark writes nothing
+    return records
+
+
+@pytest.mark.parametrize("script", list(IMAGES))
+def test_demo_benchmark_reports_speed_flops_and_loading(script, demo_benchmarks):
+    record, stdout = demo_benchmarks[script]
+    assert set(record) == KEYS
+    assert record["dataset"] == "demo" and record["data"] == "real" and record["crop_size"] == [48, 48]
+    assert record["ms_per_iter"] > 0 and record["iters_per_s"] == pytest.approx(1000 / record["ms_per_iter"])
+    assert record["images_per_s"] == pytest.approx(IMAGES[script] * record["iters_per_s"])
+    assert record["tflop_per_iter"] > 0 and record["peak_tflops"] is None and record["mfu"] is None  # CPU
+    assert record["loader_images_per_s"] > 0 and record["eval_seconds"] > 0 and record["peak_memory_gib"] > 0
+    assert record["train_minutes"] == pytest.approx(1500 * record["ms_per_iter"] / 60000)
+    assert record["run_minutes"] > record["train_minutes"]
+    for words in ("ms/it", "TFLOP/it", "peak unknown for this device", "validation images", "1500 iterations",
+                  "workers per process"):
+        assert words in stdout
+
+
+def test_flop_counts_follow_the_passes_of_each_method(demo_benchmarks):
+    """In units of one forward pass over one batch (a backward costs about two): baseline = forward +
+    backward on the labeled batch = 3; CutMix adds two teacher forwards and the student's forward and
+    backward on the mixed batch = 3 + 2 + 3; Cutout and std-aug one teacher forward = 3 + 1 + 3."""
+    flops = {s: r["tflop_per_iter"] for s, (r, _) in demo_benchmarks.items()}
+    base = flops["train_baseline.py"]
+    assert flops["train_cutmix.py"] / base == pytest.approx(8 / 3, rel=0.03)
+    assert flops["train_ict.py"] / base == pytest.approx(8 / 3, rel=0.03)
+    assert flops["train_cutout.py"] / base == pytest.approx(7 / 3, rel=0.03)
+    assert flops["train_stdaug.py"] / base == pytest.approx(7 / 3, rel=0.03)
+    # VAT: teacher forward (1); the direction's forward and backward through the frozen teacher, to
+    # the input only, no weight gradients (1 + 1); the student's forward and backward (3)
+    assert flops["train_vat.py"] / base == pytest.approx(9 / 3, rel=0.03)
+
+
+def test_flops_of_one_forward_pass_match_the_counted_iteration(demo_benchmarks):
+    from torch.utils.flop_counter import FlopCounterMode
+    net = common.UNetSmall(5)
+    with FlopCounterMode(display=False) as counter:
+        net(torch.zeros(8, 3, 48, 48))
+    forward = counter.get_total_flops() / 1e12
+    assert demo_benchmarks["train_baseline.py"][0]["tflop_per_iter"] / forward == pytest.approx(3, rel=0.05)
+
+
+def test_benchmark_without_data_uses_the_protocols_shapes(tmp_path):
+    record, stdout = benchmark("train_cutmix.py", "--dataset", "cityscapes", "--arch", "unet_small",
+                               "--crop-size", "64,128", "--batch-size", "2", cwd=tmp_path)
+    assert record["data"] == "synthetic" and record["loader_images_per_s"] is None
+    assert record["crop_size"] == [64, 128] and record["iters"] == 40000 and record["images_per_s"] > 0
+    assert "500 validation images" in stdout and "40000 iterations" in stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_benchmark_needs_no_pretrained_weights(tmp_path):
+    # deeplabv2 would load ImageNet weights; the benchmark times random ones (this machine has none)
+    record, _ = benchmark("train_baseline.py", "--dataset", "cityscapes", "--crop-size", "33,33", "--batch-size",
+                          "1", cwd=tmp_path)
+    assert record["arch"] == "deeplabv2" and record["tflop_per_iter"] > 0
+
+
+def test_negative_benchmark_is_refused():
+    proc = run_script("train_cutmix.py", "--benchmark", "-1", check=False)
+    assert proc.returncode != 0 and "--benchmark expects a number of iterations, got -1" in proc.stderr
+
+
+def test_forward_each_batches_only_where_batchnorm_uses_running_statistics():
+    torch.manual_seed(0)
+    net = common.UNetSmall(3)
+    a, b = torch.randn(2, 3, 16, 16), torch.randn(3, 3, 16, 16)
+    net.train()  # batch statistics: one pass per batch, as two separate calls
+    with torch.no_grad():
+        out_a, out_b = common.forward_each(net, a, b)
+        assert torch.equal(out_a, net(a)) and torch.equal(out_b, net(b))
+        joint = net(torch.cat([a, b]))[:2]
+    assert not torch.allclose(out_a, joint, atol=1e-4)  # concatenating would have changed the statistics
+    net.eval()
+    with torch.no_grad():
+        out_a, out_b = common.forward_each(net, a, b)
+        assert out_a.shape == (2, 3, 16, 16) and out_b.shape == (3, 3, 16, 16)
+        assert torch.allclose(out_a, net(a), atol=1e-5) and torch.allclose(out_b, net(b), atol=1e-5)
+
+
+def test_compiled_run_trains_like_the_eager_one(tmp_path):
+    args = ["--iters", "3", "--eval-every", "3", "--batch-size", "2", "--num-workers", "0"]
+    run_script("train_baseline.py", *args, "--out", tmp_path / "eager")
+    run_script("train_baseline.py", *args, "--compile", "--out", tmp_path / "compiled", timeout=900)
+    eager, compiled = (
+        [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("eager", "compiled"))
+    for e, c in zip(eager, compiled):
+        if "sup" in e:
+            assert c["sup"] == pytest.approx(e["sup"], rel=1e-3)
+    # the checkpoint keeps the plain module names: it loads into an uncompiled net
+    state = torch.load(tmp_path / "compiled" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    common.UNetSmall(5).load_state_dict(state["student"])
+    assert read_results(tmp_path / "compiled")["miou"] == pytest.approx(read_results(tmp_path / "eager")["miou"],
+                                                                        abs=0.5)
