@@ -1139,7 +1139,8 @@ def val_loader(split, args, max_batch=None):
         current.append(i)
     batches.append(current)
     rank, world = process_group()
-    return torch.utils.data.DataLoader(ValSet(split), batch_sampler=batches[rank::world], num_workers=min(args.num_workers, 4),
+    return torch.utils.data.DataLoader(ValSet(split), batch_sampler=batches[rank::world],
+                                       num_workers=min(args.num_workers, 4),
                                        pin_memory=torch.cuda.is_available())
 
 
@@ -1780,14 +1781,18 @@ class Run:
 
     def evaluate(self, done):
         data, device, args = self.data, self.device, self.args
+        """The teacher (the evaluated network) at every evaluation, the student at the last one only:
+        a pass over Cityscapes' validation set costs as much as ~200 training iterations."""
         miou, per_class, _ = evaluate(self.tracked["teacher"], self.val_loader, data, device, args)
-        student_miou, _, _ = evaluate(self.tracked["student"], self.val_loader, data, device, args)
-        self.last_eval = dict(miou=miou, student_miou=student_miou, per_class_iou=per_class)
-        lesion = ""
+        self.last_eval = dict(miou=miou, per_class_iou=per_class)
+        student = ""
+        if done == args.iters:
+            self.last_eval["student_miou"] = evaluate(self.tracked["student"], self.val_loader, data, device, args)[0]
+            student = f" | student mIoU {self.last_eval['student_miou']:.2f}"
         if "lesion" in data.class_names:  # ISIC: the paper reports the lesion IoU, pooled over the set (§7)
             self.last_eval["lesion_iou"] = per_class[data.class_names.index("lesion")]
-            lesion = f" | teacher lesion IoU {self.last_eval['lesion_iou']:.2f}"
-        self.print(f"eval it {done} | teacher mIoU {miou:.2f} | student mIoU {student_miou:.2f}{lesion}")
+            student += f" | teacher lesion IoU {self.last_eval['lesion_iou']:.2f}"
+        self.print(f"eval it {done} | teacher mIoU {miou:.2f}{student}")
         self.print("-- per class: " + " ".join(f"{n}={v:.1f}" for n, v in zip(data.class_names, per_class)))
         self.metrics(iter=done, **self.last_eval)
         if self.main:
@@ -1947,7 +1952,7 @@ class Benchmark:
         peak = peak_tflops(device, args.amp)
         achieved = self.flops / s / 1e12
         eval_s = self.eval_seconds()
-        evals = math.ceil(args.iters / args.eval_every)  # each evaluates teacher and student
+        evals = math.ceil(args.iters / args.eval_every) + 1  # the teacher's, and the student's at the end
         record = dict(script=Path(sys.argv[0]).name, method=self.run.method, dataset=args.dataset,
                       arch=args.arch, device=device_name(device), amp=args.amp, compile=args.compile,
                       world_size=self.run.world, batch_size=args.batch_size, crop_size=list(args.crop_size),
@@ -1955,11 +1960,12 @@ class Benchmark:
                       images_per_s=images / s, peak_memory_gib=memory, memory_kind=memory_kind,
                       tflop_per_iter=self.flops / 1e12, tflops=achieved, peak_tflops=peak,
                       mfu=achieved / peak if peak else None, eval_seconds=eval_s, iters=args.iters,
-                      train_minutes=args.iters * s / 60, run_minutes=(args.iters * s + evals * 2 * eval_s) / 60,
+                      train_minutes=args.iters * s / 60, run_minutes=(args.iters * s + evals * eval_s) / 60,
                       loader_images_per_s=self.loading)
         if self.run.main:
-            utilisation = (f"{100 * record['mfu']:.1f}% of the {peak:g} TFLOP/s {args.amp if args.amp != 'off' else 'TF32'}"
-                           f" peak" if peak else "peak unknown for this device")
+            precision = args.amp if args.amp != "off" else "TF32"
+            utilisation = (f"{100 * record['mfu']:.1f}% of the {peak:g} TFLOP/s {precision} peak" if peak
+                           else "peak unknown for this device")
             lines = [f"benchmark: {record['script']} | {args.dataset}, {args.arch}, batch {args.batch_size} at "
                      f"{args.crop_size[0]}x{args.crop_size[1]} ({record['data']} data) | {record['device']}, "
                      f"amp {args.amp}{', compiled' if args.compile else ''}"
@@ -1969,7 +1975,7 @@ class Benchmark:
                      f"  FLOPs: {record['tflop_per_iter']:.3f} TFLOP/it -> {achieved:.2f} TFLOP/s, {utilisation}",
                      f"  evaluation: {eval_s:.1f} s per pass over the {len(self.run.data.val)} validation images",
                      f"  {args.iters} iterations: {record['train_minutes']:.1f} min of training, "
-                     f"{record['run_minutes']:.1f} min with {evals} evaluations of teacher and student"]
+                     f"{record['run_minutes']:.1f} min with {evals} evaluations"]
             if self.loading is not None:
                 bound = "loading" if self.loading < images / s else "compute"
                 lines.append(f"  loader: {self.loading:.1f} images/s with {args.num_workers} workers per process, "
@@ -2160,17 +2166,64 @@ def run_seeds(argv):
     return 1 if failed else 0
 
 
+def cost_table(argv):
+    """python common.py costs [--datasets D ...] [--methods M ...] [--iters N] [--nproc K] [-- OPTIONS]
+
+    Runs `train_<method>.py --dataset D --benchmark N OPTIONS` for every pair (under torchrun when --nproc
+    is above 1; synthetic data unless OPTIONS give --data-root) and prints the README's cost table."""
+    import subprocess
+    parser = argparse.ArgumentParser(prog="python common.py costs", description=" ".join(
+        cost_table.__doc__.split("\n\n")[1].split()))
+    parser.add_argument("--datasets", nargs="+", default=["cityscapes", "pascal_aug", "isic2017"],
+                        choices=list(DATASETS))
+    parser.add_argument("--methods", nargs="+", default=METHOD_ORDER, choices=METHOD_ORDER)
+    parser.add_argument("--iters", type=int, default=50, help="timed iterations per cell")
+    parser.add_argument("--nproc", type=int, default=1, help="processes per cell (torchrun)")
+    cut = argv.index("--") if "--" in argv else len(argv)
+    opts, rest = parser.parse_args(argv[:cut]), argv[cut + 1:]
+    here = Path(__file__).resolve().parent
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={opts.nproc}"]
+                                 if opts.nproc > 1 else [])
+    rows = ["| dataset | arch | method | batch, crop | device | ms/it | images/s | peak memory (GiB) | TFLOP/it | "
+            "utilisation | eval (s) | min per run (training + evals) |", "|" + "---|" * 12]
+    for dataset in opts.datasets:
+        for method in opts.methods:
+            command = [*launch, str(here / f"train_{method}.py"), "--dataset", dataset, "--benchmark",
+                       str(opts.iters), *rest]
+            print("$ " + " ".join(command), file=sys.stderr, flush=True)
+            proc = subprocess.run(command, capture_output=True, text=True)
+            found = [line for line in proc.stdout.splitlines() if line.startswith("BENCHMARK ")]
+            if proc.returncode != 0 or not found:
+                why = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                rows.append(f"| {dataset} | | {method} | failed: {why} |")
+                continue
+            r = json.loads(found[0][len("BENCHMARK "):])
+            device = r["device"] + (f" x{r['world_size']}" if r["world_size"] > 1 else "") + f", {r['amp']}" + (
+                ", compiled" if r["compile"] else "")
+            cells = [dataset, r["arch"], method, "{}, {}x{}".format(r["batch_size"], *r["crop_size"]), device,
+                     f"{r['ms_per_iter']:.0f}", f"{r['images_per_s']:.1f}", f"{r['peak_memory_gib']:.1f}",
+                     f"{r['tflop_per_iter']:.3g}", f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a",
+                     f"{r['eval_seconds']:.1f}", f"{r['train_minutes']:.1f} + {r['run_minutes'] - r['train_minutes']:.1f}"]
+            rows.append("| " + " | ".join(cells) + " |")
+            print(rows[-1], file=sys.stderr, flush=True)
+    print("\n".join(rows))
+
+
 if __name__ == "__main__":
     sys.excepthook = _excepthook
     command = sys.argv[1] if len(sys.argv) > 1 else ""
     if command == "seeds":  # python common.py seeds train_cutmix.py --seeds 1 2 3 -- --dataset cityscapes ...
         sys.exit(run_seeds(sys.argv[2:]))
+    elif command == "costs":  # python common.py costs --datasets cityscapes --methods cutmix --iters 50
+        cost_table(sys.argv[2:])
     elif command == "summary":  # python common.py summary [runs/]
         print(summary(collect_results(sorted(Path(sys.argv[2] if len(sys.argv) > 2 else "runs").rglob("results.json")))))
     elif len(sys.argv) != 4 or command != "sbd-to-aug":  # one-time preparation of Pascal's SBD labels
         sys.exit("usage: python common.py sbd-to-aug SBD_ROOT VOC_ROOT  (builds VOC2012/SegmentationClassAug from "
                  "SBD's dataset/cls/*.mat; README 'Datasets')\n"
                  "       python common.py seeds SCRIPT [--seeds S ...] [--dry-run] -- SCRIPT_OPTIONS\n"
-                 "       python common.py summary [RUNS_DIR]")
+                 "       python common.py summary [RUNS_DIR]\n"
+                 "       python common.py costs [--datasets D ...] [--methods M ...] [--iters N] [--nproc K] "
+                 "[-- OPTIONS]")
     else:
         sbd_to_aug(Path(sys.argv[2]), Path(sys.argv[3]))

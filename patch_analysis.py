@@ -17,7 +17,7 @@ sliding-window search, ‖P − A‖² = ‖P‖² + ‖A‖² − 2⟨P, A⟩ w
 present). The histogram of |N − A| / |P − A| (plain L2, as the original's notebook) sits near 1/3 on
 Cityscapes: the neighbour across the boundary is ~3× closer than the best match in another image.
 
-Run:   python patch_analysis.py                                   demo data, about a minute on 2 CPU cores
+Run:   python patch_analysis.py                                   demo data, about 3 minutes on 2 CPU cores
        python patch_analysis.py --dataset cityscapes --data-root DATA --n-anchors 1000   (the paper's run)
 Out:   --out (runs/patch_analysis_<dataset>): figure1.png, figure1_image.png, figure1_patch_dist_<P>.png,
        figure2_ratio_histogram.png, results.json (median_ratio, ...)

@@ -142,7 +142,7 @@ def main(args):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         common.ema_update(ema, args.teacher_alpha)
-        # 7. log; every --eval-every iterations: evaluate teacher and student, checkpoint
+        # 7. log; every --eval-every iterations: evaluate the teacher (the student too at the end), checkpoint
         run.end_iteration(it, sup=loss_sup, cons=loss_cons, conf=conf_weight)
     return run.finish()
 

@@ -223,7 +223,7 @@ def main(args):
         images_t, valid_t, images_s, valid_s, theta = next(unlabeled)
         x_t, v_t = batch(images_t, valid_t)  # teacher views (B, 3, H, W), (B, 1, H, W)
         x_s, v_s = batch(images_s, valid_s)  # student views
-        theta = theta.to(device)  # (B, 2, 3): student-frame -> teacher-frame coordinates
+        theta = theta.to(device, non_blocking=True)  # (B, 2, 3): student-frame -> teacher-frame coordinates
         with torch.no_grad(), common.autocast(args, device):
             logits_t = teacher(x_t)
         # 3. warp the teacher's probabilities and valid mask into the student's frame; pixels with no
@@ -245,7 +245,7 @@ def main(args):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         common.ema_update(ema, args.teacher_alpha)
-        # 7. log; every --eval-every iterations: evaluate teacher and student, checkpoint
+        # 7. log; every --eval-every iterations: evaluate the teacher (the student too at the end), checkpoint
         run.end_iteration(it, sup=loss_sup, cons=loss_cons, conf=conf_weight)
     return run.finish()
 

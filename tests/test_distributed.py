@@ -138,3 +138,12 @@ def test_global_batchnorm_equals_batchnorm_on_the_whole_batch():
         assert torch.allclose(grad_b, reference.bias.grad, atol=1e-3)
         assert torch.allclose(running_mean, reference.running_mean, atol=1e-5)
         assert torch.allclose(running_var, reference.running_var, atol=1e-5)
+
+
+def test_benchmark_under_torchrun_counts_all_processes(tmp_path):
+    proc = torchrun("train_cutmix.py", "--benchmark", "2", "--batch-size", "4", "--num-workers", "0")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCHMARK ")]
+    assert len(lines) == 1  # process 0 reports
+    record = json.loads(lines[0][len("BENCHMARK "):])
+    assert record["world_size"] == 2 and "2 processes" in proc.stdout
+    assert record["images_per_s"] * record["ms_per_iter"] / 1000 == pytest.approx(12)  # 3 streams x global 4

@@ -125,3 +125,17 @@ def test_compiled_run_trains_like_the_eager_one(tmp_path):
     common.UNetSmall(5).load_state_dict(state["student"])
     assert read_results(tmp_path / "compiled")["miou"] == pytest.approx(read_results(tmp_path / "eager")["miou"],
                                                                         abs=0.5)
+
+
+def test_costs_command_prints_one_row_per_cell(tmp_path):
+    import subprocess
+    import sys
+    from conftest import ENV
+    proc = subprocess.run([sys.executable, str(ROOT / "common.py"), "costs", "--datasets", "demo", "--methods",
+                           "baseline", "cutmix", "--iters", "1", "--", "--num-workers", "0"], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| demo |")]
+    assert [row.split(" | ")[2] for row in rows] == ["baseline", "cutmix"]
+    assert all("| unet_small |" in row and "8, 48x48" in row for row in rows)
+    assert list(tmp_path.iterdir()) == []
