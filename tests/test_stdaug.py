@@ -176,7 +176,7 @@ def test_pair_dataset_is_fixed_by_its_key_and_batches_through_the_stream():
     assert first[0].dtype == torch.uint8 and set(first[1].unique().tolist()) <= set(range(256))
 
     class A:
-        batch_size, seed, num_workers = 3, 1, 0
+        batch_size, seed, num_workers, benchmark = 3, 1, 0, 0
     images_t, valid_t, images_s, valid_s, theta = next(common.stream(data, [0, 1], A, 1, 0, dataset=pairs))
     assert images_t.shape == (3, 3, 24, 32) and valid_s.shape == (3, 24, 32) and theta.shape == (3, 2, 3)
 
