@@ -18,6 +18,7 @@ out-of-image pixels become exactly 0 (the mean colour), as in the original's alp
 """
 import argparse
 import dataclasses
+import functools
 import hashlib
 import io
 import itertools
@@ -1144,10 +1145,21 @@ def val_loader(split, args, max_batch=None):
                                        pin_memory=torch.cuda.is_available())
 
 
+def host_to_device(t, device):
+    """A small host tensor to the device without waiting for the GPU's queue (pinned, asynchronous)."""
+    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=None)
+def normalisation(device, mean, std):
+    """mean and std as (1, 3, 1, 1) tensors on the device, made once: a copy from pageable host memory
+    would wait for the GPU's queue to drain at every batch."""
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
+
+
 def to_device(images, valid, device, mean, std, channels_last=False):
     """uint8 (B, 3, H, W) -> normalised float on the device; pixels outside the image become 0."""
-    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    mean, std = normalisation(device, tuple(mean), tuple(std))
     x = images.to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
     if valid is not None:
         valid = valid.to(device, non_blocking=True).float().div_(255).unsqueeze(1)  # (B, 1, H, W)
@@ -1609,7 +1621,7 @@ def evaluate(net, loader, data, device, args):
             pred = net(x).argmax(1)
         if getattr(args, "fill_holes", False):  # ISIC: the predicted lesion is hole-filled before scoring (G19)
             pred = fill_holes(pred == 1).long()
-        conf += confusion_matrix(pred, labels.to(device), data.num_classes)
+        conf += confusion_matrix(pred, labels.to(device, non_blocking=True), data.num_classes)
     conf = all_reduce_sum(conf)
     iou = iou_from_confusion(conf.cpu()) * 100
     return iou.mean().item(), iou.tolist(), conf.cpu()

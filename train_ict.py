@@ -105,7 +105,7 @@ def main(args):
         #    weights depend only on (seed, iteration), so a resumed run draws the same ones
         lam = common.local_rows(mixing_weights(args.batch_size, args.ict_alpha,  # for the global batch
                                                np.random.default_rng([args.seed, MIX_STREAM, it])))
-        lam = lam.to(device, non_blocking=True)  # (B, 1, 1, 1), weight of x_1
+        lam = common.host_to_device(lam, device)  # (B, 1, 1, 1), weight of x_1
         p_teacher = ict_mix(p_0, p_1, lam)  # (B, C, H, W)
         conf_teacher = ict_mix(p_0.amax(1, keepdim=True), p_1.amax(1, keepdim=True), lam)  # (B, 1, H, W)
         # 4. the student predicts the mixed images; the valid mask mixes too (soft at padding)
