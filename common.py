@@ -4,14 +4,17 @@ The training scripts hold the method (the mean-teacher loop and its perturbation
 the plumbing around it, in this order:
 
     1. Errors and command line   UserError, TrainArgs, parse_args (protocol: dataset -> arch -> method -> CLI)
-    2. Reproducibility           seed_everything, deterministic mode
-    3. Data                      demo and folder datasets, splits, augmentation, infinite sample streams
+    2. Reproducibility, devices  seed_everything, deterministic mode, device and autocast; torchrun processes:
+                                 local_rows, all_reduce_grads, GlobalBatchNorm / SyncBatchNorm
+    3. Data                      demo, folder, Cityscapes, Pascal aug, ISIC, synthetic (--benchmark) datasets,
+                                 splits, augmentation, infinite sample streams
     4. Networks                  deeplabv2 (ResNet-101, as Hung et al. / the original), deeplabv3plus,
-                                 denseunet161, pspnet101 (paper Table 4), unet_small
+                                 denseunet161, pspnet101 (paper Table 4), unet_small; forward_each
     5. Mean teacher              make_teacher, ema_update, optimizer with the original's parameter groups
     6. Metrics                   confusion matrix, per-class IoU, mIoU, evaluation loop
-    7. Run plumbing              output folder, log, metrics.jsonl, checkpoints (atomic), results, preview
-    8. Paper tables              PAPER_RESULTS; `python common.py seeds ...` and `python common.py summary runs/`
+    7. Run plumbing              output folder, log, metrics.jsonl, checkpoints (atomic), results, preview;
+                                 Benchmark (--benchmark: speed, FLOPs, utilisation, memory, loading)
+    8. Paper tables              PAPER_RESULTS; `python common.py seeds | summary | costs | sbd-to-aug`
 
 Images travel from the loaders as uint8 and are normalised on the device (`to_device`), so padding and
 out-of-image pixels become exactly 0 (the mean colour), as in the original's alpha-channel trick.
