@@ -1845,7 +1845,9 @@ class Run:
     def finish(self):
         """results.json and preview.png; the last line on stdout is `FINAL mIoU=<teacher mIoU>`."""
         if self.args.benchmark:
-            return self.benchmark.report()
+            record = self.benchmark.report()
+            self.leave_process_group()
+            return record
         self.bar.close()
         args = self.args
         if not hasattr(self, "last_eval"):  # resumed from a checkpoint written at the very end
@@ -1868,9 +1870,14 @@ class Run:
             self.log_file.close()
             self.metrics_file.close()
             print(f"FINAL mIoU={results['miou']:.2f}", flush=True)
-        if self.world > 1:
-            torch.distributed.barrier()  # no process leaves before the results are written
+        self.leave_process_group()
         return results
+
+    def leave_process_group(self):
+        """Under torchrun: no process leaves before the others are done, and each leaves cleanly."""
+        if self.world > 1:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 # Dense peak TFLOP/s of one GPU from the vendors' data sheets: (name contains, bf16/fp16, TF32), the first
