@@ -160,8 +160,9 @@ class TrainArgs:
                             "utilisation and loading throughput, writes nothing")
 
 
-def parse_args(args_class, argv=None):
-    """Command line -> resolved Args: dataset protocol, then arch, then method, then the command line."""
+def parse_dataclass(args_class, argv=None):
+    """Command line -> args_class: one --kebab-case option per field (its default, help and choices);
+    bad input ends as one line on stderr, never a traceback."""
     sys.excepthook = _excepthook
     parser = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -173,8 +174,12 @@ def parse_args(args_class, argv=None):
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"),
                                 help=f.metadata.get("help", ""))
-    args = args_class(**vars(parser.parse_args(argv)))
-    return resolve_protocol(args)
+    return args_class(**vars(parser.parse_args(argv)))
+
+
+def parse_args(args_class, argv=None):
+    """Command line -> resolved Args: dataset protocol, then arch, then method, then the command line."""
+    return resolve_protocol(parse_dataclass(args_class, argv))
 
 
 def resolve_protocol(args):
@@ -1652,6 +1657,13 @@ def atomic_write_text(path, text):
     atomic_write_bytes(path, text.encode())
 
 
+def atomic_write_png(path, image):
+    """A PIL image or an (H, W[, 3]) uint8 array as a PNG, atomically."""
+    buffer = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def atomic_torch_save(obj, path):
     buffer = io.BytesIO()
     torch.save(obj, buffer)
@@ -1860,10 +1872,8 @@ class Run:
         if self.world > 1:
             results["world_size"] = self.world
         if self.main:
-            image = preview(self.tracked["teacher"], self.data.val, self.data, self.device, args)
-            buffer = io.BytesIO()
-            Image.fromarray(image).save(buffer, format="PNG")
-            atomic_write_bytes(self.out / "preview.png", buffer.getvalue())
+            atomic_write_png(self.out / "preview.png",
+                             preview(self.tracked["teacher"], self.data.val, self.data, self.device, args))
             atomic_write_text(self.out / "results.json", json.dumps(results, indent=2))
             self.print(f"results in {self.out}: teacher mIoU {results['miou']:.2f}, student "
                        f"{results['student_miou']:.2f}, {results['seconds_per_iter']:.3f} s/it")

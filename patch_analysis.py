@@ -22,12 +22,8 @@ Run:   python patch_analysis.py                                   demo data, abo
 Out:   --out (runs/patch_analysis_<dataset>): figure1.png, figure1_image.png, figure1_patch_dist_<P>.png,
        figure2_ratio_histogram.png, results.json (median_ratio, ...)
 """
-import argparse
-import dataclasses
-import io
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,23 +251,11 @@ def histogram_png(ratios, median, title, bins=50, width=640, height=340):
     return image
 
 
-def png_bytes(image):
-    buffer = io.BytesIO()
-    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 # ---------------------------------------------------------------------------------------------------
 # Command line and main
 # ---------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    sys.excepthook = common._excepthook
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Args):
-        parser.add_argument("--" + f.name.replace("_", "-"), type={"int": int, "str": str}.get(f.type, f.type),
-                            default=f.default, choices=f.metadata.get("choices"), help=f.metadata["help"])
-    args = Args(**vars(parser.parse_args(argv)))
+    args = common.parse_dataclass(Args, argv)
     try:
         args.patch_sizes = [int(v) for v in args.patch_sizes.split(",")]
     except ValueError:
@@ -349,7 +333,7 @@ def main(args):
                    seconds_per_image_anchor=search_seconds / (len(images) * len(anchors)),
                    seconds=time.perf_counter() - started, device=str(device))
     for name, content in files.items():
-        common.atomic_write_bytes(out / name, png_bytes(content))
+        common.atomic_write_png(out / name, content)
     common.atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     print(f"figure 2: {len(ratios)} anchors from {len(images)} images, patch {args.patch_size}: median "
           f"|N-A|/|P-A| = {median:.3f} (search {search_seconds:.1f} s, "

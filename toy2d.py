@@ -24,13 +24,9 @@ Out:   --out (runs/toy2d): a_gap_isotropic.png, b_no_gap_isotropic.png, c_distan
        d_no_gap_constrained.png, figure3.png (all four), results.json (teacher error %, mean of the seeds),
        log.txt
 """
-import argparse
-import dataclasses
-import io
 import json
 import multiprocessing
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -344,27 +340,11 @@ def combine(panels, captions):
     return sheet
 
 
-def png_bytes(image):
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 # ---------------------------------------------------------------------------------------------------
 # Command line and main
 # ---------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    sys.excepthook = common._excepthook
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Args):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, type={"int": int, "float": float, "str": str}.get(f.type, f.type),
-                                default=f.default, help=f.metadata["help"])
-    args = Args(**vars(parser.parse_args(argv)))
+    args = common.parse_dataclass(Args, argv)
     for name in ("steps", "seeds", "grid"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -446,8 +426,8 @@ def main(args):
                 "(c) signed distance to the boundary, contours every 16 px",
                 f"(d) no gap, along contours: {mean['d_no_gap_constrained']:.1f}% error"]
     for name, panel in panels.items():
-        common.atomic_write_bytes(out / f"{name}.png", png_bytes(panel))
-    common.atomic_write_bytes(out / "figure3.png", png_bytes(combine(list(panels.values()), captions)))
+        common.atomic_write_png(out / f"{name}.png", panel)
+    common.atomic_write_png(out / "figure3.png", combine(list(panels.values()), captions))
     for name, value in mean.items():
         log(f"{name:22s} error {value:6.2f}%  (mean of {args.seeds} seeds: "
             f"{' '.join(f'{errors[name][s]:.2f}' for s in sorted(errors[name]))})")
