@@ -383,7 +383,7 @@ def sync_batchnorm(net, device):
     (frozen ones stay in eval mode and never communicate)."""
     if str(device).startswith("cuda"):
         return nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    for name, m in list(net.named_modules()):
+    for m in list(net.modules()):
         for child_name, child in list(m.named_children()):
             if type(child) is nn.BatchNorm2d:
                 sync = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
@@ -1097,14 +1097,11 @@ def stream(split, indices, args, stream_id, start, with_label=True, dataset=None
 
     `dataset` replaces the default TrainSet (a method with its own views, e.g. std-aug's pairs); it is
     indexed by (sample index, augmentation seed) like TrainSet."""
-    dataset = dataset or TrainSet(split, args.crop_size, args.aug, with_label)
+    batches = train_loader(dataset or TrainSet(split, args.crop_size, args.aug, with_label), indices, args,
+                           stream_id, start)
     if args.benchmark:  # two batches, cycled: the benchmark times the training step, not the loader
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=StreamSampler(indices, args.batch_size,
-                                                                                  args.seed, stream_id, start))
-        batches = [[t.pin_memory() if torch.cuda.is_available() else t for t in b]
-                   for b in itertools.islice(loader, 2)]
-        return cycle_counted(batches)
-    return train_loader(dataset, indices, args, stream_id, start)
+        return cycle_counted(list(itertools.islice(batches, 2)))
+    return batches
 
 
 BENCHMARK_IMAGES = [0]  # --benchmark: images handed out by all streams
@@ -1464,16 +1461,13 @@ def build_net(args, num_classes):
     """The student network for args.arch, with ImageNet weights unless --no-pretrained."""
     if args.arch == "deeplabv2":
         net = DeepLabV2(num_classes, aspp_all_branches=args.aspp_all_branches)
-        if not (args.no_pretrained or args.benchmark):  # the benchmark times random weights
-            net.load_imagenet()
-    elif args.arch == "unet_small":
-        net = UNetSmall(num_classes)
-    elif args.arch in ("deeplabv3plus", "denseunet161", "pspnet101"):
-        net = dict(deeplabv3plus=DeepLabV3Plus, denseunet161=DenseUNet161, pspnet101=PSPNet101)[args.arch](num_classes)
-        if not (args.no_pretrained or args.benchmark):  # the benchmark times random weights
-            net.load_imagenet()
+    elif args.arch in ("unet_small", "deeplabv3plus", "denseunet161", "pspnet101"):
+        net = dict(unet_small=UNetSmall, deeplabv3plus=DeepLabV3Plus, denseunet161=DenseUNet161,
+                   pspnet101=PSPNet101)[args.arch](num_classes)
     else:
         raise UserError(f"--arch {args.arch}: unknown architecture; choose one of {', '.join(ARCHS)}")
+    if hasattr(net, "load_imagenet") and not (args.no_pretrained or args.benchmark):  # benchmark: random weights
+        net.load_imagenet()
     return sync_batchnorm(net, args.device) if process_group()[1] > 1 else net
 
 
@@ -1807,19 +1801,20 @@ class Run:
                 set_train_mode(self.tracked[nets], self.args)
 
     def evaluate(self, done):
-        data, device, args = self.data, self.device, self.args
         """The teacher (the evaluated network) at every evaluation, the student at the last one only:
         a pass over Cityscapes' validation set costs as much as ~200 training iterations."""
+        data, device, args = self.data, self.device, self.args
         miou, per_class, _ = evaluate(self.tracked["teacher"], self.val_loader, data, device, args)
         self.last_eval = dict(miou=miou, per_class_iou=per_class)
-        student = ""
+        line = f"eval it {done} | teacher mIoU {miou:.2f}"
         if done == args.iters:
-            self.last_eval["student_miou"] = evaluate(self.tracked["student"], self.val_loader, data, device, args)[0]
-            student = f" | student mIoU {self.last_eval['student_miou']:.2f}"
+            student_miou, _, _ = evaluate(self.tracked["student"], self.val_loader, data, device, args)
+            self.last_eval["student_miou"] = student_miou
+            line += f" | student mIoU {student_miou:.2f}"
         if "lesion" in data.class_names:  # ISIC: the paper reports the lesion IoU, pooled over the set (§7)
             self.last_eval["lesion_iou"] = per_class[data.class_names.index("lesion")]
-            student += f" | teacher lesion IoU {self.last_eval['lesion_iou']:.2f}"
-        self.print(f"eval it {done} | teacher mIoU {miou:.2f}{student}")
+            line += f" | teacher lesion IoU {self.last_eval['lesion_iou']:.2f}"
+        self.print(line)
         self.print("-- per class: " + " ".join(f"{n}={v:.1f}" for n, v in zip(data.class_names, per_class)))
         self.metrics(iter=done, **self.last_eval)
         if self.main:

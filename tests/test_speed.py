@@ -1,10 +1,12 @@
 """--benchmark (numbers printed, nothing written, FLOPs counted), --compile, batched teacher passes."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, read_results, run_script
+from conftest import ENV, ROOT, read_results, run_script
 
 import common
 
@@ -128,9 +130,6 @@ def test_compiled_run_trains_like_the_eager_one(tmp_path):
 
 
 def test_costs_command_prints_one_row_per_cell(tmp_path):
-    import subprocess
-    import sys
-    from conftest import ENV
     proc = subprocess.run([sys.executable, str(ROOT / "common.py"), "costs", "--datasets", "demo", "--methods",
                            "baseline", "cutmix", "--iters", "1", "--", "--num-workers", "0"], cwd=tmp_path, env=ENV,
                           capture_output=True, text=True, timeout=600)
