@@ -1892,10 +1892,12 @@ PEAK_TFLOPS = [("H100 PCIe", 756, 378), ("H100 NVL", 835, 418), ("H100", 989, 49
 
 
 def device_name(device):
+    """The GPU's name, or the CPU's architecture and thread count. Not platform.processor(): it forks
+    `uname -p`, and under torchrun a fork beside gloo's threads made processes abort at exit."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     import platform
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def peak_tflops(device, amp):
