@@ -2224,6 +2224,7 @@ def cost_table(argv):
             found = [line for line in proc.stdout.splitlines() if line.startswith("BENCHMARK ")]
             if proc.returncode != 0 or not found:
                 why = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                print("\n".join(proc.stderr.strip().splitlines()[-20:]), file=sys.stderr, flush=True)
                 rows.append(f"| {dataset} | | {method} | failed: {why} |")
                 continue
             r = json.loads(found[0][len("BENCHMARK "):])
