@@ -20,6 +20,7 @@ Images travel from the loaders as uint8 and are normalised on the device (`to_de
 out-of-image pixels become exactly 0 (the mean colour), as in the original's alpha-channel trick.
 """
 import argparse
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -154,7 +155,10 @@ class TrainArgs:
                                          "rate-6 and rate-12 ones, REFERENCE G4)")
     cache_dir: str = arg(None, "folder for prepared data (half-size Cityscapes, 248x248 ISIC, checks) (default: "
                                "beside the data when writable, else ~/.cache/cutmix-seg)")
-    compile: bool = arg(False, "torch.compile student and teacher (pays off on long CUDA runs; compiles for minutes)")
+    compile: bool = arg(False, "torch.compile student and teacher for training (pays off on long CUDA runs; "
+                               "compiles for minutes; evaluation stays eager)")
+    compile_mode: str = arg("default", "torch.compile mode with --compile (reduce-overhead: CUDA graphs)",
+                            choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     benchmark: int = arg(0, "measure instead of training: this many timed iterations on cached batches of the "
                             "protocol's shapes (real data when given, else synthetic); prints speed, memory, FLOP "
                             "utilisation and loading throughput, writes nothing")
@@ -1611,6 +1615,12 @@ def fill_holes(mask):
         outside = grown
 
 
+def eager(args):
+    """Under --compile the nets run uncompiled inside this context: evaluation's image sizes would each
+    cost a compilation (minutes), for passes whose large kernels keep the GPU busy anyway."""
+    return torch.compiler.set_stance("force_eager") if getattr(args, "compile", False) else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def evaluate(net, loader, data, device, args):
     """Per-class IoU (percent) of `net` on whole validation images; returns (mIoU, list, confusion)."""
@@ -1619,7 +1629,7 @@ def evaluate(net, loader, data, device, args):
     channels_last = device.type == "cuda"
     for images, labels in loader:
         x, _ = to_device(images, None, device, data.mean, data.std, channels_last)
-        with autocast(args, device):
+        with autocast(args, device), eager(args):
             pred = net(x).argmax(1)
         if getattr(args, "fill_holes", False):  # ISIC: the predicted lesion is hole-filled before scoring (G19)
             pred = fill_holes(pred == 1).long()
@@ -1758,9 +1768,10 @@ class Run:
             yield it
 
     def compile(self):
-        """--compile: torch.compile each net's forward in place (state dicts keep their names)."""
+        """--compile: torch.compile each net's forward in place (state dicts keep their names), for the
+        training shapes only (static: no dynamic-shape graphs); evaluation runs eager (`eager`)."""
         for nets in ("student", "teacher"):
-            self.tracked[nets].compile()
+            self.tracked[nets].compile(mode=self.args.compile_mode, dynamic=False)
 
     def end_iteration(self, it, **scalars):
         """Accumulate the losses (no host-device sync); print every log interval; evaluate and
@@ -1983,7 +1994,8 @@ class Benchmark:
         eval_s = self.eval_seconds()
         evals = math.ceil(args.iters / args.eval_every) + 1  # the teacher's, and the student's at the end
         record = dict(script=Path(sys.argv[0]).name, method=self.run.method, dataset=args.dataset,
-                      arch=args.arch, device=device_name(device), amp=args.amp, compile=args.compile,
+                      arch=args.arch, device=device_name(device), amp=args.amp,
+                      compile=args.compile and args.compile_mode,
                       world_size=self.run.world, batch_size=args.batch_size, crop_size=list(args.crop_size),
                       data="real" if self.real_data else "synthetic", ms_per_iter=1000 * s, iters_per_s=1 / s,
                       images_per_s=images / s, peak_memory_gib=memory, memory_kind=memory_kind,
@@ -1997,7 +2009,7 @@ class Benchmark:
                            else "peak unknown for this device")
             lines = [f"benchmark: {record['script']} | {args.dataset}, {args.arch}, batch {args.batch_size} at "
                      f"{args.crop_size[0]}x{args.crop_size[1]} ({record['data']} data) | {record['device']}, "
-                     f"amp {args.amp}{', compiled' if args.compile else ''}"
+                     f"amp {args.amp}{f', compiled ({args.compile_mode})' if args.compile else ''}"
                      f"{f', {self.run.world} processes' if self.run.world > 1 else ''}",
                      f"  train step: {1000 * s:.1f} ms/it, {1 / s:.2f} it/s, {images / s:.1f} images/s "
                      f"({images} per iteration), {memory_kind} {memory:.2f} GiB",
@@ -2040,7 +2052,7 @@ def preview(net, split, data, device, args, n=4):
         image, label = split.load(i)
         x, _ = to_device(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None], None, device,
                          data.mean, data.std)
-        with autocast(args, device):
+        with autocast(args, device), eager(args):
             pred = net(x).argmax(1)[0].cpu().numpy()
         rows.append(np.concatenate([image, colours[label], colours[pred]], axis=1))
     width = max(r.shape[1] for r in rows)
@@ -2229,7 +2241,7 @@ def cost_table(argv):
                 continue
             r = json.loads(found[0][len("BENCHMARK "):])
             device = r["device"] + (f" x{r['world_size']}" if r["world_size"] > 1 else "") + f", {r['amp']}" + (
-                ", compiled" if r["compile"] else "")
+                (", compiled" + ("" if r["compile"] in (True, "default") else f" ({r['compile']})") if r["compile"] else ""))
             cells = [dataset, r["arch"], method, "{}, {}x{}".format(r["batch_size"], *r["crop_size"]), device,
                      f"{r['ms_per_iter']:.0f}", f"{r['images_per_s']:.1f}", f"{r['peak_memory_gib']:.1f}",
                      f"{r['tflop_per_iter']:.3g}", f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a",

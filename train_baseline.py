@@ -6,7 +6,8 @@ The teacher g_φ (EMA of the student f_θ, α = 0.99) is what gets evaluated, as
 baselines were its semi-supervised program run with consistency weight 0 (REFERENCE §1.1, G2).
 
 Run:   python train_baseline.py --dataset cityscapes --n-labeled 372
-Diff:  train_cutmix.py adds its blocks marked `# --- CutMix ---` to this loop
+Diff:  train_cutmix.py adds its blocks marked `# --- CutMix ---` to this loop (and predicts the labeled
+       batch in one pass with the mixed images)
 """
 from dataclasses import dataclass
 
@@ -44,16 +45,17 @@ def main(args):
         return common.to_device(images, valid, device, data.mean, data.std, channels_last)
 
     for it in run.iterations():
-        # 1. supervised loss on the labeled batch
+        # 1. the labeled batch, and the student's supervised loss on it
         images, y_l, valid = next(labeled)
         x_l, _ = batch(images, valid)
         y_l = y_l.to(device, non_blocking=True).long()
         with common.autocast(args, device):
-            loss_sup = F.cross_entropy(student(x_l).float(), y_l, ignore_index=common.IGNORE)
-        scaler.scale(loss_sup).backward()
+            logits_l = student(x_l)
+        loss = loss_sup = F.cross_entropy(logits_l.float(), y_l, ignore_index=common.IGNORE)
 
-        # 6. one optimizer step (under torchrun on the gradients averaged over processes), then the
-        #    teacher follows the student by EMA
+        # 6. one backward pass and one optimizer step (under torchrun on the gradients averaged over
+        #    processes), then the teacher follows the student by EMA
+        scaler.scale(loss).backward()
         common.all_reduce_grads(student)
         scaler.step(optimizer)
         scaler.update()

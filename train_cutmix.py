@@ -8,7 +8,8 @@
     averaged over pixels (Sec. D.4.5), over valid pixels only.
 
 Run:   python train_cutmix.py --dataset cityscapes --n-labeled 372
-Diff:  only the blocks marked `# --- CutMix ---` differ from train_baseline.py
+Diff:  train_baseline.py's loop plus the blocks marked `# --- CutMix ---`; the student's supervised
+       pass joins its pass over the mixed images (step 4), and one backward pass takes the sum (step 6)
 """
 from dataclasses import dataclass
 
@@ -99,13 +100,10 @@ def main(args):
         return common.to_device(images, valid, device, data.mean, data.std, channels_last)
 
     for it in run.iterations():
-        # 1. supervised loss on the labeled batch (its own forward pass and backward, as the original)
+        # 1. the labeled batch
         images, y_l, valid = next(labeled)
         x_l, _ = batch(images, valid)
         y_l = y_l.to(device, non_blocking=True).long()
-        with common.autocast(args, device):
-            loss_sup = F.cross_entropy(student(x_l).float(), y_l, ignore_index=common.IGNORE)
-        scaler.scale(loss_sup).backward()
 
         # --- CutMix ---
         # 2. the teacher predicts the two unmixed batches (train mode, as the original, G6)
@@ -119,17 +117,22 @@ def main(args):
         mix_mask = common.local_rows(box_mask(args.batch_size, x_a.shape[2:], args.n_boxes, (0.5, 0.5),
                                               mask_rng))  # (B, 1, H, W), 1 = from x_b
         p_teacher = mix(logits_a.float(), logits_b.float(), mix_mask).softmax(1)
-        # 4. the student predicts the mixed images; pixels from padding carry no loss
+        # 4. the student predicts the labeled batch and the mixed images (one pass over both where no
+        #    BatchNorm uses batch statistics, as DeepLab v2's frozen ones; else one each); pixels from
+        #    padding carry no loss
         x_mix, loss_mask = mix(x_a, x_b, mix_mask), mix(v_a, v_b, mix_mask)
         with common.autocast(args, device):
-            p_student = student(x_mix).float().softmax(1)
-        # 5. confidence-modulated consistency loss, added to the supervised gradient
-        loss_cons, conf_weight = consistency_loss(p_student, p_teacher, loss_mask, args.conf_thresh)
-        scaler.scale(args.cons_weight * loss_cons).backward()
+            logits_l, logits_mix = common.forward_each(student, x_l, x_mix)
+        loss_sup = F.cross_entropy(logits_l.float(), y_l, ignore_index=common.IGNORE)
+        # 5. confidence-modulated consistency loss, added to the supervised one
+        loss_cons, conf_weight = consistency_loss(logits_mix.float().softmax(1), p_teacher, loss_mask,
+                                                  args.conf_thresh)
+        loss = loss_sup + args.cons_weight * loss_cons
         # --- end CutMix ---
 
-        # 6. one optimizer step (under torchrun on the gradients averaged over processes), then the
-        #    teacher follows the student by EMA
+        # 6. one backward pass and one optimizer step (under torchrun on the gradients averaged over
+        #    processes), then the teacher follows the student by EMA
+        scaler.scale(loss).backward()
         common.all_reduce_grads(student)
         scaler.step(optimizer)
         scaler.update()

@@ -19,7 +19,8 @@
     differs is the shape of the seen region: a rectangle, or the complement of one.
 
 Run:   python train_cutout.py --dataset cityscapes --n-labeled 372
-Diff:  only the blocks marked `# --- Cutout ---` differ from train_baseline.py
+Diff:  train_baseline.py's loop plus the blocks marked `# --- Cutout ---`; the student's supervised
+       pass joins its pass over the masked images (step 4), and one backward pass takes the sum (step 6)
 """
 from dataclasses import dataclass
 
@@ -110,13 +111,10 @@ def main(args):
         return common.to_device(images, valid, device, data.mean, data.std, channels_last)
 
     for it in run.iterations():
-        # 1. supervised loss on the labeled batch (its own forward pass and backward, as the original)
+        # 1. the labeled batch
         images, y_l, valid = next(labeled)
         x_l, _ = batch(images, valid)
         y_l = y_l.to(device, non_blocking=True).long()
-        with common.autocast(args, device):
-            loss_sup = F.cross_entropy(student(x_l).float(), y_l, ignore_index=common.IGNORE)
-        scaler.scale(loss_sup).backward()
 
         # --- Cutout ---
         # 2. the teacher predicts the whole, unmasked images (train mode, as the original, G6)
@@ -127,16 +125,21 @@ def main(args):
         #    (for the global batch: the same masks however many torchrun processes)
         cut_mask = common.local_rows(cutout_mask(args.batch_size, x_u.shape[2:], args.erase_box,
                                                  mask_rng))  # (B, 1, H, W), 1 = seen
-        # 4. the student predicts the masked images; blanked pixels become 0, the mean colour
+        # 4. the student predicts the labeled batch and the masked images (one pass over both where no
+        #    BatchNorm uses batch statistics, as DeepLab v2's frozen ones; else one each); blanked pixels
+        #    become 0, the mean colour
         with common.autocast(args, device):
-            p_student = student(x_u * cut_mask).float().softmax(1)
+            logits_l, logits_cut = common.forward_each(student, x_l, x_u * cut_mask)
+        loss_sup = F.cross_entropy(logits_l.float(), y_l, ignore_index=common.IGNORE)
         # 5. confidence-modulated consistency loss, only where the student sees real image content
-        loss_cons, conf_weight = consistency_loss(p_student, p_teacher, cut_mask * v_u, args.conf_thresh)
-        scaler.scale(args.cons_weight * loss_cons).backward()
+        loss_cons, conf_weight = consistency_loss(logits_cut.float().softmax(1), p_teacher, cut_mask * v_u,
+                                                  args.conf_thresh)
+        loss = loss_sup + args.cons_weight * loss_cons
         # --- end Cutout ---
 
-        # 6. one optimizer step (under torchrun on the gradients averaged over processes), then the
-        #    teacher follows the student by EMA
+        # 6. one backward pass and one optimizer step (under torchrun on the gradients averaged over
+        #    processes), then the teacher follows the student by EMA
+        scaler.scale(loss).backward()
         common.all_reduce_grads(student)
         scaler.step(optimizer)
         scaler.update()

@@ -10,7 +10,8 @@
     over classes and averaged over all pixels (Sec. D.4.5), weighted by the mixed valid-pixel mask.
 
 Run:   python train_ict.py --dataset pascal_aug --n-labeled 106
-Diff:  only the blocks marked `# --- ICT ---` differ from train_baseline.py
+Diff:  train_baseline.py's loop plus the blocks marked `# --- ICT ---`; the student's supervised
+       pass joins its pass over the mixed images (step 4), and one backward pass takes the sum (step 6)
 """
 from dataclasses import dataclass
 
@@ -87,13 +88,10 @@ def main(args):
         return common.to_device(images, valid, device, data.mean, data.std, channels_last)
 
     for it in run.iterations():
-        # 1. supervised loss on the labeled batch (its own forward pass and backward, as the original)
+        # 1. the labeled batch
         images, y_l, valid = next(labeled)
         x_l, _ = batch(images, valid)
         y_l = y_l.to(device, non_blocking=True).long()
-        with common.autocast(args, device):
-            loss_sup = F.cross_entropy(student(x_l).float(), y_l, ignore_index=common.IGNORE)
-        scaler.scale(loss_sup).backward()
 
         # --- ICT ---
         # 2. the teacher predicts the two unmixed batches (train mode, as the original, G6)
@@ -108,17 +106,22 @@ def main(args):
         lam = common.host_to_device(lam, device)  # (B, 1, 1, 1), weight of x_1
         p_teacher = ict_mix(p_0, p_1, lam)  # (B, C, H, W)
         conf_teacher = ict_mix(p_0.amax(1, keepdim=True), p_1.amax(1, keepdim=True), lam)  # (B, 1, H, W)
-        # 4. the student predicts the mixed images; the valid mask mixes too (soft at padding)
+        # 4. the student predicts the labeled batch and the mixed images (one pass over both where no
+        #    BatchNorm uses batch statistics, as DeepLab v2's frozen ones; else one each); the valid mask
+        #    mixes too (soft at padding)
         x_mix, loss_mask = ict_mix(x_0, x_1, lam), ict_mix(v_0, v_1, lam)
         with common.autocast(args, device):
-            p_student = student(x_mix).float().softmax(1)
-        # 5. confidence-modulated consistency loss, added to the supervised gradient
-        loss_cons, conf_weight = consistency_loss(p_student, p_teacher, conf_teacher, loss_mask, args.conf_thresh)
-        scaler.scale(args.cons_weight * loss_cons).backward()
+            logits_l, logits_mix = common.forward_each(student, x_l, x_mix)
+        loss_sup = F.cross_entropy(logits_l.float(), y_l, ignore_index=common.IGNORE)
+        # 5. confidence-modulated consistency loss, added to the supervised one
+        loss_cons, conf_weight = consistency_loss(logits_mix.float().softmax(1), p_teacher, conf_teacher,
+                                                  loss_mask, args.conf_thresh)
+        loss = loss_sup + args.cons_weight * loss_cons
         # --- end ICT ---
 
-        # 6. one optimizer step (under torchrun on the gradients averaged over processes), then the
-        #    teacher follows the student by EMA
+        # 6. one backward pass and one optimizer step (under torchrun on the gradients averaged over
+        #    processes), then the teacher follows the student by EMA
+        scaler.scale(loss).backward()
         common.all_reduce_grads(student)
         scaler.step(optimizer)
         scaler.update()

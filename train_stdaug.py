@@ -22,7 +22,8 @@
     and everything else derives from the two matrices with align_corners=True (REFERENCE G13, G14).
 
 Run:   python train_stdaug.py --dataset pascal_aug --n-labeled 106
-Diff:  only the blocks marked `# --- Std-aug ---` differ from train_baseline.py
+Diff:  train_baseline.py's loop plus the blocks marked `# --- Std-aug ---`; the student's supervised
+       pass joins its pass over the student views (step 4), and one backward pass takes the sum (step 6)
 """
 import math
 from dataclasses import dataclass
@@ -210,13 +211,10 @@ def main(args):
         return common.to_device(images, valid, device, data.mean, data.std, channels_last)
 
     for it in run.iterations():
-        # 1. supervised loss on the labeled batch (its own forward pass and backward, as the original)
+        # 1. the labeled batch
         images, y_l, valid = next(labeled)
         x_l, _ = batch(images, valid)
         y_l = y_l.to(device, non_blocking=True).long()
-        with common.autocast(args, device):
-            loss_sup = F.cross_entropy(student(x_l).float(), y_l, ignore_index=common.IGNORE)
-        scaler.scale(loss_sup).backward()
 
         # --- Std-aug ---
         # 2. the teacher predicts its view of each image (train mode, as the original, G6)
@@ -230,16 +228,19 @@ def main(args):
         #    counterpart in the teacher's view get 0 and drop out of the loss
         p_teacher = warp(logits_t.float().softmax(1), theta, x_s.shape[2:])  # (B, K, H, W)
         loss_mask = warp(v_t, theta, x_s.shape[2:]) * v_s  # (B, 1, H, W), valid in both views
-        # 4. the student predicts its own view
+        # 4. the student predicts the labeled batch and its own views (one pass over both where no
+        #    BatchNorm uses batch statistics, as DeepLab v2's frozen ones; else one each)
         with common.autocast(args, device):
-            p_student = student(x_s).float().softmax(1)
-        # 5. confidence-modulated consistency loss, added to the supervised gradient
-        loss_cons, conf_weight = consistency_loss(p_student, p_teacher, loss_mask, args.conf_thresh)
-        scaler.scale(args.cons_weight * loss_cons).backward()
+            logits_l, logits_s = common.forward_each(student, x_l, x_s)
+        loss_sup = F.cross_entropy(logits_l.float(), y_l, ignore_index=common.IGNORE)
+        # 5. confidence-modulated consistency loss, added to the supervised one
+        loss_cons, conf_weight = consistency_loss(logits_s.float().softmax(1), p_teacher, loss_mask, args.conf_thresh)
+        loss = loss_sup + args.cons_weight * loss_cons
         # --- end Std-aug ---
 
-        # 6. one optimizer step (under torchrun on the gradients averaged over processes), then the
-        #    teacher follows the student by EMA
+        # 6. one backward pass and one optimizer step (under torchrun on the gradients averaged over
+        #    processes), then the teacher follows the student by EMA
+        scaler.scale(loss).backward()
         common.all_reduce_grads(student)
         scaler.step(optimizer)
         scaler.update()

@@ -12,7 +12,8 @@
     classes and averaged over all pixels, over valid pixels only.
 
 Run:   python train_vat.py --dataset pascal_aug --n-labeled 106
-Diff:  only the blocks marked `# --- VAT ---` differ from train_baseline.py
+Diff:  train_baseline.py's loop plus the blocks marked `# --- VAT ---`; the student's supervised
+       pass joins its pass over the perturbed images (step 4), and one backward pass takes the sum (step 6)
 """
 import contextlib
 import math
@@ -130,13 +131,10 @@ def main(args):
         return common.to_device(images, valid, device, data.mean, data.std, channels_last)
 
     for it in run.iterations():
-        # 1. supervised loss on the labeled batch (its own forward pass and backward, as the original)
+        # 1. the labeled batch
         images, y_l, valid = next(labeled)
         x_l, _ = batch(images, valid)
         y_l = y_l.to(device, non_blocking=True).long()
-        with common.autocast(args, device):
-            loss_sup = F.cross_entropy(student(x_l).float(), y_l, ignore_index=common.IGNORE)
-        scaler.scale(loss_sup).backward()
 
         # --- VAT ---
         # 2. the teacher predicts the clean images in eval mode: the original switched its direction
@@ -152,16 +150,19 @@ def main(args):
         with exact_fp32(device):
             r_adv = vat_perturbation(teacher, x_u, p_teacher, args.vat_radius, not args.vat_fixed_radius,
                                      noise)  # (B, 3, H, W)
-        # 4. the student predicts the perturbed images
+        # 4. the student predicts the labeled batch and the perturbed images (one pass over both where no
+        #    BatchNorm uses batch statistics, as DeepLab v2's frozen ones; else one each)
         with common.autocast(args, device):
-            logits_student = student(x_u + r_adv).float()
-        # 5. confidence-modulated KL consistency loss, added to the supervised gradient
-        loss_cons, conf_weight = consistency_loss(logits_student, p_teacher, v_u, args.conf_thresh)
-        scaler.scale(args.cons_weight * loss_cons).backward()
+            logits_l, logits_adv = common.forward_each(student, x_l, x_u + r_adv)
+        loss_sup = F.cross_entropy(logits_l.float(), y_l, ignore_index=common.IGNORE)
+        # 5. confidence-modulated KL consistency loss, added to the supervised one
+        loss_cons, conf_weight = consistency_loss(logits_adv.float(), p_teacher, v_u, args.conf_thresh)
+        loss = loss_sup + args.cons_weight * loss_cons
         # --- end VAT ---
 
-        # 6. one optimizer step (under torchrun on the gradients averaged over processes), then the
-        #    teacher follows the student by EMA
+        # 6. one backward pass and one optimizer step (under torchrun on the gradients averaged over
+        #    processes), then the teacher follows the student by EMA
+        scaler.scale(loss).backward()
         common.all_reduce_grads(student)
         scaler.step(optimizer)
         scaler.update()
