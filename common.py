@@ -157,8 +157,9 @@ class TrainArgs:
                                "beside the data when writable, else ~/.cache/cutmix-seg)")
     compile: bool = arg(False, "torch.compile student and teacher for training (pays off on long CUDA runs; "
                                "compiles for minutes; evaluation stays eager)")
-    compile_mode: str = arg("default", "torch.compile mode with --compile (reduce-overhead: CUDA graphs)",
-                            choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+    compile_mode: str = arg("reduce-overhead", "torch.compile mode with --compile: reduce-overhead replays each "
+                                               "pass as a CUDA graph (none on the CPU); default if graphs misbehave",
+                            choices=["reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs"])
     benchmark: int = arg(0, "measure instead of training: this many timed iterations on cached batches of the "
                             "protocol's shapes (real data when given, else synthetic); prints speed, memory, FLOP "
                             "utilisation and loading throughput, writes nothing")

@@ -112,6 +112,51 @@ def test_forward_each_batches_only_where_batchnorm_uses_running_statistics():
         assert torch.allclose(out_a, net(a), atol=1e-5) and torch.allclose(out_b, net(b), atol=1e-5)
 
 
+def test_one_student_pass_over_both_batches_gives_the_gradients_of_two():
+    """Step 4 of the scripts: where no BatchNorm uses batch statistics the labeled and the unlabeled
+    batch share one forward pass and one backward pass of the summed loss; the gradients are those of
+    two passes."""
+    torch.manual_seed(0)
+    x_l, x_u = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    y_l, target = torch.randint(0, 3, (2, 16, 16)), torch.rand(2, 3, 16, 16)
+    for bn_trains in (False, True):
+        net = common.UNetSmall(3).double()
+        net.train()
+        if not bn_trains:
+            for m in net.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.eval()
+
+        def loss_of(logits_l, logits_u):
+            return (torch.nn.functional.cross_entropy(logits_l, y_l)
+                    + 0.5 * (logits_u.softmax(1) - target.double()).pow(2).sum(1).mean())
+
+        separate = torch.autograd.grad(loss_of(net(x_l.double()), net(x_u.double())), list(net.parameters()))
+        joint = torch.autograd.grad(loss_of(*common.forward_each(net, x_l.double(), x_u.double())),
+                                    list(net.parameters()))
+        for g_separate, g_joint in zip(separate, joint):
+            assert torch.allclose(g_separate, g_joint, rtol=1e-9, atol=1e-12)
+
+
+def test_evaluation_stays_eager_under_compile():
+    """--compile compiles the training shapes only: evaluating whole images of other sizes compiles nothing."""
+    from types import SimpleNamespace
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    net = common.UNetSmall(3)
+    net.compile(backend="eager", dynamic=False)
+    net(torch.randn(2, 3, 16, 16))
+    compiled = counters["frames"]["ok"]
+    assert compiled >= 1
+    data = SimpleNamespace(num_classes=3, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    batches = [(torch.randint(0, 256, (1, 3, h, w), dtype=torch.uint8), torch.randint(0, 3, (1, h, w)))
+               for h, w in ((24, 40), (32, 32), (40, 24))]
+    args = SimpleNamespace(compile=True, amp="off")
+    miou, per_class, _ = common.evaluate(net, batches, data, torch.device("cpu"), args)
+    assert counters["frames"]["ok"] == compiled and 0 <= miou <= 100 and len(per_class) == 3
+    torch._dynamo.reset()
+
+
 def test_compiled_run_trains_like_the_eager_one(tmp_path):
     args = ["--iters", "3", "--eval-every", "3", "--batch-size", "2", "--num-workers", "0"]
     run_script("train_baseline.py", *args, "--out", tmp_path / "eager")
