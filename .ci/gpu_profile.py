@@ -43,7 +43,9 @@ def main():
     def device_us(e):
         return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
 
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    host_keys = {e.key for e in events if e.device_type == torch.autograd.DeviceType.CPU}
+    # GPU rows that share a host row's name are annotations (ProfilerStep#, Optimizer.step#...), not kernels
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.key not in host_keys]
     total_ms = sum(device_us(e) for e in kernels) / 1000 / ACTIVE
     launches = sum(e.count for e in kernels) / ACTIVE
     print(f"\nPROFILE {script}: {total_ms:.2f} ms of GPU kernels per iteration, {launches:.0f} kernels per "
