@@ -65,6 +65,22 @@ def test_flop_counts_follow_the_passes_of_each_method(demo_benchmarks):
     assert flops["train_vat.py"] / base == pytest.approx(9 / 3, rel=0.03)
 
 
+def test_joint_student_pass_with_frozen_batchnorm_runs_every_script_and_counts_the_same_flops(tmp_path):
+    """DeepLab v2 (every BatchNorm frozen): the student predicts the labeled and the unlabeled batch in
+    one pass (cat, split); the FLOPs per iteration keep each method's ratio to the baseline."""
+    flops = {}
+    for script in IMAGES:
+        proc = run_script(script, "--arch", "deeplabv2", "--benchmark", "1", "--batch-size", "2", "--crop-size", "32",
+                          "--num-workers", "0", cwd=tmp_path)
+        assert "freeze_bn=True" in proc.stdout
+        line = next(line for line in proc.stdout.splitlines() if line.startswith("BENCHMARK "))
+        flops[script] = json.loads(line[len("BENCHMARK "):])["tflop_per_iter"]
+    base = flops["train_baseline.py"]
+    for script, ratio in {"train_cutmix.py": 8 / 3, "train_ict.py": 8 / 3, "train_cutout.py": 7 / 3,
+                          "train_stdaug.py": 7 / 3, "train_vat.py": 9 / 3}.items():
+        assert flops[script] / base == pytest.approx(ratio, rel=0.01), script
+
+
 def test_flops_of_one_forward_pass_match_the_counted_iteration(demo_benchmarks):
     from torch.utils.flop_counter import FlopCounterMode
     net = common.UNetSmall(5)
