@@ -1996,7 +1996,7 @@ class Benchmark:
         evals = math.ceil(args.iters / args.eval_every) + 1  # the teacher's, and the student's at the end
         record = dict(script=Path(sys.argv[0]).name, method=self.run.method, dataset=args.dataset,
                       arch=args.arch, device=device_name(device), amp=args.amp,
-                      compile=args.compile and args.compile_mode,
+                      compile=args.compile_mode if args.compile else None,
                       world_size=self.run.world, batch_size=args.batch_size, crop_size=list(args.crop_size),
                       data="real" if self.real_data else "synthetic", ms_per_iter=1000 * s, iters_per_s=1 / s,
                       images_per_s=images / s, peak_memory_gib=memory, memory_kind=memory_kind,
@@ -2241,8 +2241,8 @@ def cost_table(argv):
                 rows.append(f"| {dataset} | | {method} | failed: {why} |")
                 continue
             r = json.loads(found[0][len("BENCHMARK "):])
-            device = r["device"] + (f" x{r['world_size']}" if r["world_size"] > 1 else "") + f", {r['amp']}" + (
-                (", compiled" + ("" if r["compile"] in (True, "default") else f" ({r['compile']})") if r["compile"] else ""))
+            device = (r["device"] + (f" x{r['world_size']}" if r["world_size"] > 1 else "") + f", {r['amp']}"
+                      + (f", compiled ({r['compile']})" if r["compile"] else ""))
             cells = [dataset, r["arch"], method, "{}, {}x{}".format(r["batch_size"], *r["crop_size"]), device,
                      f"{r['ms_per_iter']:.0f}", f"{r['images_per_s']:.1f}", f"{r['peak_memory_gib']:.1f}",
                      f"{r['tflop_per_iter']:.3g}", f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a",
