@@ -1,6 +1,6 @@
 """No low-density regions at class boundaries: patch distances in a segmentation data set (French et al.,
 BMVC 2020, Sec. 3.1, Fig. 1, Fig. 2, App. B; the original's patch_dist.py and
-intra_inter_class_patch_dist.py, REFERENCE §9).
+intra_inter_class_patch_dist.py, with their two notebooks).
 
 Figure 1: for one training image, the mean L2 distance between the P×P patch centred on each pixel and
 the four patches centred on its neighbours. Patches one pixel apart differ by a patch of the image
@@ -255,7 +255,7 @@ def histogram_png(ratios, median, title, bins=50, width=640, height=340):
 # Command line and main
 # ---------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    args = common.parse_dataclass(Args, argv)
+    args = Args(**common.command_line(Args, argv))
     try:
         args.patch_sizes = [int(v) for v in args.patch_sizes.split(",")]
     except ValueError:
@@ -273,9 +273,7 @@ def parse_args(argv=None):
 
 def main(args):
     device = common.resolve_device(args.device)
-    kit_args = common.resolve_protocol(common.TrainArgs(dataset=args.dataset, data_root=args.data_root,
-                                                        n_labeled=-1, num_classes=args.num_classes))
-    train = common.load_dataset(kit_args).train
+    train = common.load_dataset(args.dataset, args.data_root, num_classes=args.num_classes).train
     if not 0 <= args.image_index < len(train):
         raise UserError(f"--image-index {args.image_index}: the training set has {len(train)} images")
     out, started, results = Path(args.out or f"runs/patch_analysis_{args.dataset}"), time.perf_counter(), {}
@@ -333,8 +331,8 @@ def main(args):
                    seconds_per_image_anchor=search_seconds / (len(images) * len(anchors)),
                    seconds=time.perf_counter() - started, device=str(device))
     for name, content in files.items():
-        common.atomic_write_png(out / name, content)
-    common.atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+        common.atomic_write(out / name, content)
+    common.atomic_write(out / "results.json", json.dumps(results, indent=2))
     print(f"figure 2: {len(ratios)} anchors from {len(images)} images, patch {args.patch_size}: median "
           f"|N-A|/|P-A| = {median:.3f} (search {search_seconds:.1f} s, "
           f"{1e3 * results['seconds_per_image_anchor']:.2f} ms per image and anchor)")

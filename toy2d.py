@@ -1,5 +1,5 @@
 """2D toy: consistency regularization with and without low-density regions (French et al., BMVC 2020,
-Sec. 3.2, Fig. 3, App. C; the original's toy2d_train.py, REFERENCE §8).
+Sec. 3.2, Fig. 3, App. C; the original's toy2d_train.py and run_toy2d_experiments.sh).
 
 Two classes in [-1, 1]², split by a wavy S-bending curve (class 1 left of it); 10 labeled points, 5 per
 class; a dense cloud of unlabeled points; an MLP trained with a mean teacher g_φ (EMA of the student f_θ):
@@ -43,13 +43,13 @@ import common
 from common import UserError, arg
 
 SIZE = 512  # the original's image: 512×512 pixels spanning [-1, 1]², so 1 px = 2/512
-WIDTH, LR, TEACHER_ALPHA, CONF_THRESH, BATCH = 512, 2e-4, 0.99, 0.97, 512  # REFERENCE §8.2
+WIDTH, LR, TEACHER_ALPHA, CONF_THRESH, BATCH = 512, 2e-4, 0.99, 0.97, 512  # the original toy2d_train.py's
 # gap: erosion radius (px) of each class region; cons_dropout: dropout in the consistency path; sigma (px)
 CLUSTER = dict(gap=35, norm="batch_norm", cons_dropout=True, loss="var", cons_weight=10.0, sigma=6.0,
                contour=0.0)
 CONTINUOUS = dict(gap=0, norm="none", cons_dropout=False, loss="logits_var", cons_weight=1.0, sigma=30.0,
                   contour=0.0)
-EXPERIMENTS = {  # REFERENCE §8.3: the original's run_toy2d_experiments.sh; Fig. 3b = 3d without the contour
+EXPERIMENTS = {  # the original's run_toy2d_experiments.sh; Fig. 3b (no script line) = 3d without the contour
     "a_supervised": dict(CLUSTER, cons_weight=0.0, full_epochs=25),
     "a_gap_isotropic": dict(CLUSTER, full_epochs=100),
     "b_no_gap_isotropic": dict(CONTINUOUS, full_epochs=100),
@@ -170,7 +170,8 @@ def unlabeled_points(toy, gap, share, rng):
 # Network and training
 # ---------------------------------------------------------------------------------------------------
 class MLP(nn.Module):
-    """3 × [Linear(·, 512) → BatchNorm or nothing → ReLU], Dropout(0.5), Linear(512, 2) (REFERENCE §8.2)."""
+    """3 × [Linear(·, 512) → BatchNorm or nothing → ReLU], Dropout(0.5), Linear(512, 2): the original's toy
+    MLP (App. C mentions neither BatchNorm nor dropout)."""
 
     def __init__(self, norm):
         super().__init__()
@@ -344,7 +345,7 @@ def combine(panels, captions):
 # Command line and main
 # ---------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    args = common.parse_dataclass(Args, argv)
+    args = Args(**common.command_line(Args, argv))
     for name in ("steps", "seeds", "grid"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -426,14 +427,14 @@ def main(args):
                 "(c) signed distance to the boundary, contours every 16 px",
                 f"(d) no gap, along contours: {mean['d_no_gap_constrained']:.1f}% error"]
     for name, panel in panels.items():
-        common.atomic_write_png(out / f"{name}.png", panel)
-    common.atomic_write_png(out / "figure3.png", combine(list(panels.values()), captions))
+        common.atomic_write(out / f"{name}.png", panel)
+    common.atomic_write(out / "figure3.png", combine(list(panels.values()), captions))
     for name, value in mean.items():
         log(f"{name:22s} error {value:6.2f}%  (mean of {args.seeds} seeds: "
             f"{' '.join(f'{errors[name][s]:.2f}' for s in sorted(errors[name]))})")
     log(f"total {time.perf_counter() - started:.0f} s on {workers} worker(s); figures and results.json in {out}")
-    common.atomic_write_text(out / "log.txt", "\n".join(lines) + "\n")
-    common.atomic_write_text(out / "results.json", json.dumps(mean, indent=2))
+    common.atomic_write(out / "log.txt", "\n".join(lines) + "\n")
+    common.atomic_write(out / "results.json", json.dumps(mean, indent=2))
     return mean
 
 

@@ -3,7 +3,8 @@
     L = CE(f_θ(x_l), y_l)
 
 The teacher g_φ (EMA of the student f_θ, α = 0.99) is what gets evaluated, as in the original, whose
-baselines were its semi-supervised program run with consistency weight 0 (REFERENCE §1.1, G2).
+baselines were its semi-supervised program run with consistency weight 0 (the last evaluation is
+reported, no early stopping).
 
 Run:   python train_baseline.py --dataset cityscapes --n-labeled 372
 Diff:  train_cutmix.py adds its blocks marked `# --- CutMix ---` to this loop (and predicts the labeled
@@ -12,56 +13,48 @@ Diff:  train_cutmix.py adds its blocks marked `# --- CutMix ---` to this loop (a
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import common
 
 
 @dataclass
 class Args(common.TrainArgs):
-    @staticmethod
-    def method_protocol(dataset):
-        # The original ran its ISIC baselines with its std-aug program, whose SGD had Nesterov on (G8);
-        # it only matters where the dataset selects SGD (ISIC)
-        return dict(nesterov=True)
+    # the original ran its ISIC baselines with its std-aug program, whose SGD has Nesterov momentum on
+    nesterov: bool = common.resolved(True)
 
 
 def main(args):
-    run = common.Run(args, method="baseline")
+    run = common.make_run(args, method="baseline")
     device = common.setup_device(args)
-    data = common.load_dataset(args)
-    student = common.build_net(args, data.num_classes).to(device)
-    channels_last = device.type == "cuda"
-    if channels_last:
-        student = student.to(memory_format=torch.channels_last)
+    data = run.load_data()
+    student = common.build_net(args, data.num_classes, device)
     teacher = common.make_teacher(student)
     optimizer = common.make_optimizer(student, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    start = run.start(data, device, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler)
+    run.start(data, device, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler)
     ema = common.ema_pairs(teacher, student)
-    labeled = common.stream(data.train, data.labeled, args, stream_id=0, start=start)
+    labeled = run.stream(data.train, data.labeled, stream_id=0)
 
-    def batch(images, valid):
-        return common.to_device(images, valid, device, data.mean, data.std, channels_last)
-
+    common.set_train_mode(student, args.freeze_bn)
+    common.set_train_mode(teacher, args.freeze_bn)
     for it in run.iterations():
-        # 1. the labeled batch, and the student's supervised loss on it
-        images, y_l, valid = next(labeled)
-        x_l, _ = batch(images, valid)
-        y_l = y_l.to(device, non_blocking=True).long()
-        with common.autocast(args, device):
-            logits_l = student(x_l)
-        loss = loss_sup = F.cross_entropy(logits_l.float(), y_l, ignore_index=common.IGNORE)
+        common.set_lr(optimizer, args, it)
+        # 1. the labeled batch
+        x_l, y_l, _ = common.to_device(next(labeled), device)
 
-        # 6. one backward pass and one optimizer step (under torchrun on the gradients averaged over
-        #    processes), then the teacher follows the student by EMA
+        # 4. the student predicts the labeled batch
+        with common.autocast(args.amp, device):
+            logits_l = student(x_l)
+        loss = loss_sup = common.supervised_loss(logits_l, y_l)
+
+        # 6. step: one backward pass, gradients averaged over torchrun processes, the teacher follows by EMA
         scaler.scale(loss).backward()
         common.all_reduce_grads(student)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         common.ema_update(ema, args.teacher_alpha)
-        # 7. log; every --eval-every iterations: evaluate the teacher (the student too at the end), checkpoint
+        # 7. log; every --eval-every iterations evaluate (the teacher; the student too at the end), checkpoint
         run.end_iteration(it, sup=loss_sup)
     return run.finish()
 

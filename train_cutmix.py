@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import common
 from common import arg
@@ -23,17 +22,13 @@ from common import arg
 
 @dataclass
 class Args(common.TrainArgs):
-    cons_weight: float = arg(None, "γ, weight of the consistency loss (default: 1, the paper's on every dataset)")
+    cons_weight: float = arg(1.0, "γ, weight of the consistency loss (the original's on every dataset)")
     conf_thresh: float = arg(0.97, "τ, teacher confidence counted as confident (Sec. D.4.4)")
     n_boxes: int = arg(1, "boxes per mask, each of area 1/(2·n), XOR-combined (Sec. D.3: 3 for full crops)")
 
-    @staticmethod
-    def method_protocol(dataset):
-        return dict(cons_weight=1.0)  # REFERENCE §10.1: CutMix weight 1 on Pascal, Cityscapes and ISIC
-
 
 def box_mask(n, size, n_boxes, area, generator):
-    """(n, 1, H, W) float mask, 1 inside the box(es) (REFERENCE §2.1, the original's mask_gen).
+    """(n, 1, H, W) float mask, 1 inside the box(es), as the original's mask_gen.py (BoxMaskGenerator).
 
     Per box: area share p ~ U(area), height share h = p^u with u ~ U(0, 1) (a log-uniform aspect
     ratio), width share p / h, both scaled by sqrt(1 / n_boxes); the box lies fully inside the image.
@@ -76,69 +71,61 @@ def consistency_loss(p_student, p_teacher, loss_mask, conf_thresh):
 
 
 def main(args):
-    run = common.Run(args, method="cutmix")
+    run = common.make_run(args, method="cutmix")
     device = common.setup_device(args)
-    data = common.load_dataset(args)
-    student = common.build_net(args, data.num_classes).to(device)
-    channels_last = device.type == "cuda"
-    if channels_last:
-        student = student.to(memory_format=torch.channels_last)
+    data = run.load_data()
+    student = common.build_net(args, data.num_classes, device)
     teacher = common.make_teacher(student)
     optimizer = common.make_optimizer(student, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     mask_rng = torch.Generator(device).manual_seed(args.seed)  # --- CutMix ---: masks drawn on the device
-    start = run.start(data, device, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler,
-                      mask_rng=mask_rng)
+    run.start(data, device, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler,
+              mask_rng=mask_rng)
     ema = common.ema_pairs(teacher, student)
-    labeled = common.stream(data.train, data.labeled, args, stream_id=0, start=start)
-    # --- CutMix ---: x_a and x_b come from two independent shuffles of the whole training set (G17)
+    labeled = run.stream(data.train, data.labeled, stream_id=0)
+    # --- CutMix ---: x_a and x_b come from two independent shuffles of the whole training set, labeled
+    # images included, as the original's two unlabeled loaders
     everything = np.arange(len(data.train))
-    unlabeled_a = common.stream(data.train, everything, args, stream_id=1, start=start, with_label=False)
-    unlabeled_b = common.stream(data.train, everything, args, stream_id=2, start=start, with_label=False)
+    unlabeled_a = run.stream(data.train, everything, stream_id=1, with_label=False)
+    unlabeled_b = run.stream(data.train, everything, stream_id=2, with_label=False)
 
-    def batch(images, valid):
-        return common.to_device(images, valid, device, data.mean, data.std, channels_last)
-
+    common.set_train_mode(student, args.freeze_bn)
+    common.set_train_mode(teacher, args.freeze_bn)
     for it in run.iterations():
+        common.set_lr(optimizer, args, it)
         # 1. the labeled batch
-        images, y_l, valid = next(labeled)
-        x_l, _ = batch(images, valid)
-        y_l = y_l.to(device, non_blocking=True).long()
+        x_l, y_l, _ = common.to_device(next(labeled), device)
 
         # --- CutMix ---
-        # 2. the teacher predicts the two unmixed batches (train mode, as the original, G6)
-        x_a, v_a = batch(*next(unlabeled_a))  # (B, 3, H, W), (B, 1, H, W)
-        x_b, v_b = batch(*next(unlabeled_b))
-        with torch.no_grad(), common.autocast(args, device):
+        # 2. the teacher predicts the two unmixed batches
+        x_a, v_a = common.to_device(next(unlabeled_a), device)  # (B, 3, H, W), (B, 1, H, W)
+        x_b, v_b = common.to_device(next(unlabeled_b), device)
+        with torch.no_grad(), common.autocast(args.amp, device):
             logits_a, logits_b = common.forward_each(teacher, x_a, x_b)
-        # 3. draw the masks (for the global batch: the same ones however many torchrun processes), mix
-        #    the teacher's predictions with them (mixing logits or probabilities is the same here: M is
-        #    exactly 0 or 1 per pixel)
+        # 3. draw the masks (for the global batch under torchrun), mix the teacher's predictions with them
+        #    (mixing logits or probabilities is the same here: M is exactly 0 or 1 per pixel)
         mix_mask = common.local_rows(box_mask(args.batch_size, x_a.shape[2:], args.n_boxes, (0.5, 0.5),
                                               mask_rng))  # (B, 1, H, W), 1 = from x_b
         p_teacher = mix(logits_a.float(), logits_b.float(), mix_mask).softmax(1)
-        # 4. the student predicts the labeled batch and the mixed images (one pass over both where no
-        #    BatchNorm uses batch statistics, as DeepLab v2's frozen ones; else one each); pixels from
-        #    padding carry no loss
+        # 4. the student predicts the labeled batch and the mixed images; padding carries no loss
         x_mix, loss_mask = mix(x_a, x_b, mix_mask), mix(v_a, v_b, mix_mask)
-        with common.autocast(args, device):
+        with common.autocast(args.amp, device):
             logits_l, logits_mix = common.forward_each(student, x_l, x_mix)
-        loss_sup = F.cross_entropy(logits_l.float(), y_l, ignore_index=common.IGNORE)
+        loss_sup = common.supervised_loss(logits_l, y_l)
         # 5. confidence-modulated consistency loss, added to the supervised one
         loss_cons, conf_weight = consistency_loss(logits_mix.float().softmax(1), p_teacher, loss_mask,
                                                   args.conf_thresh)
         loss = loss_sup + args.cons_weight * loss_cons
         # --- end CutMix ---
 
-        # 6. one backward pass and one optimizer step (under torchrun on the gradients averaged over
-        #    processes), then the teacher follows the student by EMA
+        # 6. step: one backward pass, gradients averaged over torchrun processes, the teacher follows by EMA
         scaler.scale(loss).backward()
         common.all_reduce_grads(student)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         common.ema_update(ema, args.teacher_alpha)
-        # 7. log; every --eval-every iterations: evaluate the teacher (the student too at the end), checkpoint
+        # 7. log; every --eval-every iterations evaluate (the teacher; the student too at the end), checkpoint
         run.end_iteration(it, sup=loss_sup, cons=loss_cons, conf=conf_weight)
     return run.finish()
 

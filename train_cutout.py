@@ -9,7 +9,7 @@
     error is summed over classes and averaged over all pixels (Sec. D.4.5), counting only where M = 1
     and the pixel is real image content. Blanked pixels are 0 after normalisation: the mean colour.
 
-    Two readings of M (REFERENCE §2.3, G9, G23):
+    Two readings of M (the paper's text and the original code disagree):
     - default, the original code: its box generator inverts by default, so M = 1 *inside* the box. The
       student keeps a random rectangle, everything around it is blanked, and the loss counts only inside
       the rectangle. This is what produced the paper's numbers.
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import common
 from common import arg
@@ -34,19 +33,14 @@ from common import arg
 
 @dataclass
 class Args(common.TrainArgs):
-    cons_weight: float = arg(None, "γ, weight of the consistency loss (default: 1, the paper's on every dataset)")
+    cons_weight: float = arg(1.0, "γ, weight of the consistency loss (the original's on every dataset)")
     conf_thresh: float = arg(0.97, "τ, teacher confidence counted as confident (Sec. D.4.4)")
     erase_box: bool = arg(False, "the paper text's Cutout: blank the box, keep the rest (default: the original "
                                  "code's, keep the box and blank the rest)")
 
-    @staticmethod
-    def method_protocol(dataset):
-        # REFERENCE §10.1: Cutout weight 1 on Pascal, Cityscapes and ISIC; the mask program has Nesterov off (G8)
-        return dict(cons_weight=1.0)
-
 
 def box_mask(n, size, area, generator):
-    """(n, 1, H, W) float mask, 1 inside one box (REFERENCE §2.1, the original's mask_gen).
+    """(n, 1, H, W) float mask, 1 inside one box, as the original's mask_gen.py (BoxMaskGenerator).
 
     Area share p ~ U(area), height share h = p^u with u ~ U(0, 1) (a log-uniform aspect ratio), width
     share p / h; both lie in [p, 1], so the box always fits; its position is uniform inside the image.
@@ -88,64 +82,56 @@ def consistency_loss(p_student, p_teacher, loss_mask, conf_thresh):
 
 
 def main(args):
-    run = common.Run(args, method="cutout")
+    run = common.make_run(args, method="cutout")
     device = common.setup_device(args)
-    data = common.load_dataset(args)
-    student = common.build_net(args, data.num_classes).to(device)
-    channels_last = device.type == "cuda"
-    if channels_last:
-        student = student.to(memory_format=torch.channels_last)
+    data = run.load_data()
+    student = common.build_net(args, data.num_classes, device)
     teacher = common.make_teacher(student)
     optimizer = common.make_optimizer(student, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     mask_rng = torch.Generator(device).manual_seed(args.seed)  # --- Cutout ---: masks drawn on the device
-    start = run.start(data, device, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler,
-                      mask_rng=mask_rng)
+    run.start(data, device, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler,
+              mask_rng=mask_rng)
     ema = common.ema_pairs(teacher, student)
-    labeled = common.stream(data.train, data.labeled, args, stream_id=0, start=start)
-    # --- Cutout ---: one unlabeled batch per iteration, from a shuffle of the whole training set (G17)
-    unlabeled = common.stream(data.train, np.arange(len(data.train)), args, stream_id=1, start=start,
-                              with_label=False)
+    labeled = run.stream(data.train, data.labeled, stream_id=0)
+    # --- Cutout ---: one unlabeled batch per iteration, from a shuffle of the whole training set, labeled
+    # images included, as the original
+    unlabeled = run.stream(data.train, np.arange(len(data.train)), stream_id=1, with_label=False)
 
-    def batch(images, valid):
-        return common.to_device(images, valid, device, data.mean, data.std, channels_last)
-
+    common.set_train_mode(student, args.freeze_bn)
+    common.set_train_mode(teacher, args.freeze_bn)
     for it in run.iterations():
+        common.set_lr(optimizer, args, it)
         # 1. the labeled batch
-        images, y_l, valid = next(labeled)
-        x_l, _ = batch(images, valid)
-        y_l = y_l.to(device, non_blocking=True).long()
+        x_l, y_l, _ = common.to_device(next(labeled), device)
 
         # --- Cutout ---
-        # 2. the teacher predicts the whole, unmasked images (train mode, as the original, G6)
-        x_u, v_u = batch(*next(unlabeled))  # (B, 3, H, W), (B, 1, H, W)
-        with torch.no_grad(), common.autocast(args, device):
+        # 2. the teacher predicts the whole, unmasked images
+        x_u, v_u = common.to_device(next(unlabeled), device)  # (B, 3, H, W), (B, 1, H, W)
+        with torch.no_grad(), common.autocast(args.amp, device):
             p_teacher = teacher(x_u).float().softmax(1)
-        # 3. draw M: the pixels the student gets to see
-        #    (for the global batch: the same masks however many torchrun processes)
+        # 3. draw M, the pixels the student gets to see (for the global batch under torchrun)
         cut_mask = common.local_rows(cutout_mask(args.batch_size, x_u.shape[2:], args.erase_box,
                                                  mask_rng))  # (B, 1, H, W), 1 = seen
-        # 4. the student predicts the labeled batch and the masked images (one pass over both where no
-        #    BatchNorm uses batch statistics, as DeepLab v2's frozen ones; else one each); blanked pixels
-        #    become 0, the mean colour
-        with common.autocast(args, device):
+        # 4. the student predicts the labeled batch and the masked images; blanked pixels become 0, the
+        #    mean colour
+        with common.autocast(args.amp, device):
             logits_l, logits_cut = common.forward_each(student, x_l, x_u * cut_mask)
-        loss_sup = F.cross_entropy(logits_l.float(), y_l, ignore_index=common.IGNORE)
+        loss_sup = common.supervised_loss(logits_l, y_l)
         # 5. confidence-modulated consistency loss, only where the student sees real image content
         loss_cons, conf_weight = consistency_loss(logits_cut.float().softmax(1), p_teacher, cut_mask * v_u,
                                                   args.conf_thresh)
         loss = loss_sup + args.cons_weight * loss_cons
         # --- end Cutout ---
 
-        # 6. one backward pass and one optimizer step (under torchrun on the gradients averaged over
-        #    processes), then the teacher follows the student by EMA
+        # 6. step: one backward pass, gradients averaged over torchrun processes, the teacher follows by EMA
         scaler.scale(loss).backward()
         common.all_reduce_grads(student)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         common.ema_update(ema, args.teacher_alpha)
-        # 7. log; every --eval-every iterations: evaluate the teacher (the student too at the end), checkpoint
+        # 7. log; every --eval-every iterations evaluate (the teacher; the student too at the end), checkpoint
         run.end_iteration(it, sup=loss_sup, cons=loss_cons, conf=conf_weight)
     return run.finish()
 

@@ -5,7 +5,7 @@
     mix(a, b, λ) = (1 − λ) · a + λ · b, one λ ~ Beta(α, α) per image pair (α = 0.1: most λ lie near 0
     or 1), applied to every pixel (Verma et al.'s MixUp, pixel-wise); f_θ = student, g_φ = teacher (EMA
     of the student, α_EMA = 0.99); c = share of pixels in the batch whose *mixed teacher confidence*
-    (1 − λ) · max g_φ(x_0) + λ · max g_φ(x_1) reaches τ = 0.97 (REFERENCE §2.5, G11: the original mixes
+    (1 − λ) · max g_φ(x_0) + λ · max g_φ(x_1) reaches τ = 0.97 (as the original's train_seg_semisup_ict.py: it mixes
     the confidences, it does not take the max of the mixed probabilities); the squared error is summed
     over classes and averaged over all pixels (Sec. D.4.5), weighted by the mixed valid-pixel mask.
 
@@ -14,10 +14,10 @@ Diff:  train_baseline.py's loop plus the blocks marked `# --- ICT ---`; the stud
        pass joins its pass over the mixed images (step 4), and one backward pass takes the sum (step 6)
 """
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import common
 from common import arg
@@ -27,18 +27,16 @@ MIX_STREAM = 3  # seeds of the mixing weights: (seed, 3, iteration); streams 0 a
 
 @dataclass
 class Args(common.TrainArgs):
-    cons_weight: float = arg(None, "γ, weight of the consistency loss (default: the paper's per dataset: "
-                                   "0.01, ISIC 0.0003)")
+    cons_weight: float = arg(0.01, "γ, weight of the consistency loss (ISIC: 0.0003, the original's scripts)")
     conf_thresh: float = arg(0.97, "τ, teacher confidence counted as confident (Sec. D.4.4)")
     ict_alpha: float = arg(0.1, "α of the Beta(α, α) distribution of the per-image mixing weight λ")
 
-    @staticmethod
-    def method_protocol(dataset):
-        # REFERENCE §10.1, BMVC scripts (commit 79ece5a; HEAD's 1.0 goes with colour augmentation, G1):
-        # Pascal 0.01, ISIC 0.0003. The original never ran ICT on Cityscapes; the demo and folder
-        # datasets take Pascal's, the natural-image setting it was tuned on. Nesterov: on in the
-        # original's ICT program (G8; used where the dataset selects SGD, i.e. ISIC).
-        return dict(cons_weight={"isic2017": 0.0003}.get(dataset, 0.01), nesterov=True)
+    # --- no options ---
+    nesterov: bool = common.resolved(True)  # the original's ICT program: SGD (ISIC) with Nesterov momentum
+    # the original's BMVC scripts: γ 0.01 on Pascal, 0.0003 on ISIC (its later scripts' 1.0 goes with the
+    # colour augmentation of a later paper). It never ran ICT on Cityscapes; the demo and folder datasets
+    # take Pascal's, the natural-image setting it was tuned on.
+    PER_DATASET: ClassVar[dict] = {"isic2017": dict(cons_weight=0.0003)}
 
 
 def mixing_weights(n, alpha, rng):
@@ -66,68 +64,60 @@ def consistency_loss(p_student, p_teacher, conf_teacher, loss_mask, conf_thresh)
 
 
 def main(args):
-    run = common.Run(args, method="ict")
+    run = common.make_run(args, method="ict")
     device = common.setup_device(args)
-    data = common.load_dataset(args)
-    student = common.build_net(args, data.num_classes).to(device)
-    channels_last = device.type == "cuda"
-    if channels_last:
-        student = student.to(memory_format=torch.channels_last)
+    data = run.load_data()
+    student = common.build_net(args, data.num_classes, device)
     teacher = common.make_teacher(student)
     optimizer = common.make_optimizer(student, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    start = run.start(data, device, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler)
+    run.start(data, device, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler)
     ema = common.ema_pairs(teacher, student)
-    labeled = common.stream(data.train, data.labeled, args, stream_id=0, start=start)
-    # --- ICT ---: x_0 and x_1 are two consecutive batches of one shuffle of the whole training set
-    # (REFERENCE §2.5, G17), so the stream advances two batches per iteration
-    unlabeled = common.stream(data.train, np.arange(len(data.train)), args, stream_id=1, start=2 * start,
-                              with_label=False)
+    labeled = run.stream(data.train, data.labeled, stream_id=0)
+    # --- ICT ---: x_0 and x_1 are two consecutive batches of one shuffle of the whole training set,
+    # labeled images included, as the original's ICT program
+    unlabeled = run.stream(data.train, np.arange(len(data.train)), stream_id=1, with_label=False, per_iteration=2)
 
-    def batch(images, valid):
-        return common.to_device(images, valid, device, data.mean, data.std, channels_last)
-
+    common.set_train_mode(student, args.freeze_bn)
+    common.set_train_mode(teacher, args.freeze_bn)
     for it in run.iterations():
+        common.set_lr(optimizer, args, it)
         # 1. the labeled batch
-        images, y_l, valid = next(labeled)
-        x_l, _ = batch(images, valid)
-        y_l = y_l.to(device, non_blocking=True).long()
+        x_l, y_l, _ = common.to_device(next(labeled), device)
 
         # --- ICT ---
-        # 2. the teacher predicts the two unmixed batches (train mode, as the original, G6)
-        x_0, v_0 = batch(*next(unlabeled))  # (B, 3, H, W), (B, 1, H, W)
-        x_1, v_1 = batch(*next(unlabeled))
-        with torch.no_grad(), common.autocast(args, device):
+        # 2. the teacher predicts the two unmixed batches
+        x_0, v_0 = common.to_device(next(unlabeled), device)  # (B, 3, H, W), (B, 1, H, W)
+        x_1, v_1 = common.to_device(next(unlabeled), device)
+        with torch.no_grad(), common.autocast(args.amp, device):
             p_0, p_1 = (logits.float().softmax(1) for logits in common.forward_each(teacher, x_0, x_1))
         # 3. mix images, teacher probabilities and teacher confidences with the same λ per pair; the
         #    weights depend only on (seed, iteration), so a resumed run draws the same ones
         lam = common.local_rows(mixing_weights(args.batch_size, args.ict_alpha,  # for the global batch
                                                np.random.default_rng([args.seed, MIX_STREAM, it])))
-        lam = common.host_to_device(lam, device)  # (B, 1, 1, 1), weight of x_1
+        # (B, 1, 1, 1), the weight of x_1; pinned and asynchronous: no wait for the GPU's queue
+        lam = (lam.pin_memory() if device.type == "cuda" else lam).to(device, non_blocking=True)
         p_teacher = ict_mix(p_0, p_1, lam)  # (B, C, H, W)
         conf_teacher = ict_mix(p_0.amax(1, keepdim=True), p_1.amax(1, keepdim=True), lam)  # (B, 1, H, W)
-        # 4. the student predicts the labeled batch and the mixed images (one pass over both where no
-        #    BatchNorm uses batch statistics, as DeepLab v2's frozen ones; else one each); the valid mask
-        #    mixes too (soft at padding)
+        # 4. the student predicts the labeled batch and the mixed images; the valid mask mixes too
         x_mix, loss_mask = ict_mix(x_0, x_1, lam), ict_mix(v_0, v_1, lam)
-        with common.autocast(args, device):
+        with common.autocast(args.amp, device):
             logits_l, logits_mix = common.forward_each(student, x_l, x_mix)
-        loss_sup = F.cross_entropy(logits_l.float(), y_l, ignore_index=common.IGNORE)
+        loss_sup = common.supervised_loss(logits_l, y_l)
         # 5. confidence-modulated consistency loss, added to the supervised one
         loss_cons, conf_weight = consistency_loss(logits_mix.float().softmax(1), p_teacher, conf_teacher,
                                                   loss_mask, args.conf_thresh)
         loss = loss_sup + args.cons_weight * loss_cons
         # --- end ICT ---
 
-        # 6. one backward pass and one optimizer step (under torchrun on the gradients averaged over
-        #    processes), then the teacher follows the student by EMA
+        # 6. step: one backward pass, gradients averaged over torchrun processes, the teacher follows by EMA
         scaler.scale(loss).backward()
         common.all_reduce_grads(student)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         common.ema_update(ema, args.teacher_alpha)
-        # 7. log; every --eval-every iterations: evaluate the teacher (the student too at the end), checkpoint
+        # 7. log; every --eval-every iterations evaluate (the teacher; the student too at the end), checkpoint
         run.end_iteration(it, sup=loss_sup, cons=loss_cons, conf=conf_weight)
     return run.finish()
 

@@ -3,7 +3,7 @@
     L = CE(f_θ(x_l), y_l) + γ · c · mean_pixels Σ_classes ( f_θ(a_s(x)) − warp_{t→s}(g_φ(a_t(x))) )²
 
     a_t, a_s = two affine views of one unlabeled image x (crop, scale, flips; on ISIC also rotation),
-    drawn as the original drew its pairs (REFERENCE §2.4); warp_{t→s} = the affine map between them,
+    drawn as the original drew its pairs (seg_transforms_cv.py, transform_pair); warp_{t→s} = the affine map between them,
     which brings the teacher's probabilities (softmax first, then warp) and its valid-pixel mask into
     the student's frame; f_θ = student, g_φ = teacher (EMA of the student, α = 0.99); c = share of
     warped teacher pixels in the batch whose confidence reaches τ = 0.97 (Sec. D.4.4); the squared
@@ -19,7 +19,8 @@
 
     One convention for every geometric step: each view is sampled from the source image through a 3×3
     matrix A (source pixel (x, y) → view pixel, pixel centres at integers, like OpenCV's warpAffine),
-    and everything else derives from the two matrices with align_corners=True (REFERENCE G13, G14).
+    and everything else derives from the two matrices with align_corners=True, as the original's
+    affine.cv_to_torch: mixed conventions would misalign teacher and student.
 
 Run:   python train_stdaug.py --dataset pascal_aug --n-labeled 106
 Diff:  train_baseline.py's loop plus the blocks marked `# --- Std-aug ---`; the student's supervised
@@ -27,6 +28,7 @@ Diff:  train_baseline.py's loop plus the blocks marked `# --- Std-aug ---`; the 
 """
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -38,18 +40,16 @@ from common import arg
 
 @dataclass
 class Args(common.TrainArgs):
-    cons_weight: float = arg(None, "γ, weight of the consistency loss (default: the paper's per dataset: "
-                                   "0.003, ISIC 0.1)")
+    cons_weight: float = arg(0.003, "γ, weight of the consistency loss (ISIC: 0.1, the original's scripts)")
     conf_thresh: float = arg(0.97, "τ, teacher confidence counted as confident (Sec. D.4.4)")
     offset_range: int = arg(16, "largest shift, in pixels per axis, between the teacher's and student's crops")
 
-    @staticmethod
-    def method_protocol(dataset):
-        # REFERENCE §10.1, BMVC scripts (commit 79ece5a; HEAD's 1.0 goes with colour augmentation, G1):
-        # Pascal 0.003, ISIC 0.1. The original never ran std-aug on Cityscapes; the demo and folder
-        # datasets take Pascal's, whose pair scheme they share. Nesterov: on in the original's aug
-        # program (G8; used where the dataset selects SGD, i.e. ISIC).
-        return dict(cons_weight={"isic2017": 0.1}.get(dataset, 0.003), nesterov=True)
+    # --- no options ---
+    nesterov: bool = common.resolved(True)  # the original's aug program: SGD (ISIC) with Nesterov momentum
+    # the original's BMVC scripts: γ 0.003 on Pascal, 0.1 on ISIC (its later scripts' 1.0 goes with the
+    # colour augmentation of a later paper). It never ran std-aug on Cityscapes; the demo and folder
+    # datasets take Pascal's, whose pair scheme they share.
+    PER_DATASET: ClassVar[dict] = {"isic2017": dict(cons_weight=0.1)}
 
 
 # ---- affine matrices: 3×3, acting on pixel coordinates (x, y, 1), pixel centres at integers ---------
@@ -87,7 +87,7 @@ def pixel_theta(m, src_size, dst_size):
 
 
 def pascal_pair(image_size, crop, offset_range, rng):
-    """(A_teacher, A_student), source pixels → view pixels (REFERENCE §2.4, Hung-scale transform_pair)."""
+    """(A_teacher, A_student), source pixels → view pixels, as the original's Hung-scale transform_pair."""
     image_size, crop = np.array(image_size, float), np.array(crop, float)  # (H, W)
     f = 0.5 + rng.integers(0, 11) / 10  # the student's Hung scale; the teacher stays at scale 1
     window = np.round(crop / f)  # the student's source window (H, W)
@@ -106,7 +106,7 @@ def pascal_pair(image_size, crop, offset_range, rng):
 
 
 def rotate_scale_pair(image_size, crop, aug, offset_range, rng):
-    """(A_teacher, A_student) sharing scale and rotation, the student shifted (REFERENCE §2.4, ISIC)."""
+    """(A_teacher, A_student) sharing scale and rotation, the student shifted: the original's ISIC pairs."""
     image_size, crop = np.array(image_size, float), np.array(crop, float)
     log_m = math.log(aug.get("max_scale") or 1.0)
     s = math.exp(rng.uniform(-log_m, log_m))
@@ -189,64 +189,56 @@ def consistency_loss(p_student, p_teacher, loss_mask, conf_thresh):
 
 
 def main(args):
-    run = common.Run(args, method="stdaug")
+    run = common.make_run(args, method="stdaug")
     device = common.setup_device(args)
-    data = common.load_dataset(args)
-    student = common.build_net(args, data.num_classes).to(device)
-    channels_last = device.type == "cuda"
-    if channels_last:
-        student = student.to(memory_format=torch.channels_last)
+    data = run.load_data()
+    student = common.build_net(args, data.num_classes, device)
     teacher = common.make_teacher(student)
     optimizer = common.make_optimizer(student, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    start = run.start(data, device, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler)
+    run.start(data, device, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler)
     ema = common.ema_pairs(teacher, student)
-    labeled = common.stream(data.train, data.labeled, args, stream_id=0, start=start)
+    labeled = run.stream(data.train, data.labeled, stream_id=0)
     # --- Std-aug ---: one batch of view pairs per iteration, from a shuffle of the whole training set
     pairs = PairSet(data.train, args.crop_size, args.aug, args.offset_range)
-    unlabeled = common.stream(data.train, np.arange(len(data.train)), args, stream_id=1, start=start,
-                              dataset=pairs)
+    unlabeled = run.stream(data.train, np.arange(len(data.train)), stream_id=1, dataset=pairs)
 
-    def batch(images, valid):
-        return common.to_device(images, valid, device, data.mean, data.std, channels_last)
-
+    common.set_train_mode(student, args.freeze_bn)
+    common.set_train_mode(teacher, args.freeze_bn)
     for it in run.iterations():
+        common.set_lr(optimizer, args, it)
         # 1. the labeled batch
-        images, y_l, valid = next(labeled)
-        x_l, _ = batch(images, valid)
-        y_l = y_l.to(device, non_blocking=True).long()
+        x_l, y_l, _ = common.to_device(next(labeled), device)
 
         # --- Std-aug ---
-        # 2. the teacher predicts its view of each image (train mode, as the original, G6)
+        # 2. the teacher predicts its view of each image
         images_t, valid_t, images_s, valid_s, theta = next(unlabeled)
-        x_t, v_t = batch(images_t, valid_t)  # teacher views (B, 3, H, W), (B, 1, H, W)
-        x_s, v_s = batch(images_s, valid_s)  # student views
+        x_t, v_t = common.to_device((images_t, valid_t), device)  # teacher views (B, 3, H, W), (B, 1, H, W)
+        x_s, v_s = common.to_device((images_s, valid_s), device)  # student views
         theta = theta.to(device, non_blocking=True)  # (B, 2, 3): student-frame -> teacher-frame coordinates
-        with torch.no_grad(), common.autocast(args, device):
+        with torch.no_grad(), common.autocast(args.amp, device):
             logits_t = teacher(x_t)
         # 3. warp the teacher's probabilities and valid mask into the student's frame; pixels with no
         #    counterpart in the teacher's view get 0 and drop out of the loss
         p_teacher = warp(logits_t.float().softmax(1), theta, x_s.shape[2:])  # (B, K, H, W)
         loss_mask = warp(v_t, theta, x_s.shape[2:]) * v_s  # (B, 1, H, W), valid in both views
-        # 4. the student predicts the labeled batch and its own views (one pass over both where no
-        #    BatchNorm uses batch statistics, as DeepLab v2's frozen ones; else one each)
-        with common.autocast(args, device):
+        # 4. the student predicts the labeled batch and its own views
+        with common.autocast(args.amp, device):
             logits_l, logits_s = common.forward_each(student, x_l, x_s)
-        loss_sup = F.cross_entropy(logits_l.float(), y_l, ignore_index=common.IGNORE)
+        loss_sup = common.supervised_loss(logits_l, y_l)
         # 5. confidence-modulated consistency loss, added to the supervised one
         loss_cons, conf_weight = consistency_loss(logits_s.float().softmax(1), p_teacher, loss_mask, args.conf_thresh)
         loss = loss_sup + args.cons_weight * loss_cons
         # --- end Std-aug ---
 
-        # 6. one backward pass and one optimizer step (under torchrun on the gradients averaged over
-        #    processes), then the teacher follows the student by EMA
+        # 6. step: one backward pass, gradients averaged over torchrun processes, the teacher follows by EMA
         scaler.scale(loss).backward()
         common.all_reduce_grads(student)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         common.ema_update(ema, args.teacher_alpha)
-        # 7. log; every --eval-every iterations: evaluate the teacher (the student too at the end), checkpoint
+        # 7. log; every --eval-every iterations evaluate (the teacher; the student too at the end), checkpoint
         run.end_iteration(it, sup=loss_sup, cons=loss_cons, conf=conf_weight)
     return run.finish()
 

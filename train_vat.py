@@ -7,7 +7,7 @@
     + Σ (x[u+1] − x[u−1])²), the adaptive radius: half the L2 norm of the image's central-difference
     gradient field, on normalised pixels (scale 1 in the paper), or vat_radius · sqrt(C·H·W) with
     --vat-fixed-radius. f_θ = student, g_φ = teacher (EMA of the student, α = 0.99), which also gives
-    the direction, in eval mode, as the original did (REFERENCE §2.6, G6, G21); c = share of teacher
+    the direction, in eval mode, as the original's train_seg_semisup_vat_mt.py did; c = share of teacher
     pixels in the batch whose confidence reaches τ = 0.97 (Sec. D.4.4); the KL divergence is summed over
     classes and averaged over all pixels, over valid pixels only.
 
@@ -18,6 +18,7 @@ Diff:  train_baseline.py's loop plus the blocks marked `# --- VAT ---`; the stud
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -29,20 +30,18 @@ from common import arg
 
 @dataclass
 class Args(common.TrainArgs):
-    cons_weight: float = arg(None, "γ, weight of the consistency loss (default: the paper's per dataset: "
-                                   "0.1, ISIC 0.001)")
+    cons_weight: float = arg(0.1, "γ, weight of the consistency loss (ISIC: 0.001, the original's script)")
     conf_thresh: float = arg(0.97, "τ, teacher confidence counted as confident (Sec. D.4.4)")
     vat_radius: float = arg(1.0, "scale of the adversarial radius ε (Sec. D.1.3: 1 with the adaptive radius)")
     vat_fixed_radius: bool = arg(False, "ε = vat_radius · sqrt(C·H·W) for every image instead of the adaptive, "
                                         "image-gradient radius")
 
-    @staticmethod
-    def method_protocol(dataset):
-        # REFERENCE §10.1, BMVC scripts: Pascal 0.1, ISIC 0.001 (the script's value; the paper's text says
-        # 0.1, G23). The original never ran VAT on Cityscapes; the demo and folder datasets take Pascal's,
-        # the natural-image setting it was tuned on. Nesterov: on in the original's VAT program (G8; used
-        # where the dataset selects SGD, i.e. ISIC).
-        return dict(cons_weight={"isic2017": 0.001}.get(dataset, 0.1), nesterov=True)
+    # --- no options ---
+    nesterov: bool = common.resolved(True)  # the original's VAT program: SGD (ISIC) with Nesterov momentum
+    # the original's BMVC scripts: γ 0.1 on Pascal, 0.001 on ISIC (the script's value; the paper's text
+    # says 0.1). It never ran VAT on Cityscapes; the demo and folder datasets take Pascal's, the
+    # natural-image setting it was tuned on.
+    PER_DATASET: ClassVar[dict] = {"isic2017": dict(cons_weight=0.001)}
 
 
 @contextlib.contextmanager
@@ -71,7 +70,7 @@ def adaptive_radius(x):
 
     Semantic segmentation classifies the patch around each pixel, and the nearest patch to it is the
     one centred on a neighbouring pixel; the image gradient measures that distance, so the radius
-    follows the image's own content (REFERENCE §2.6 step 6).
+    follows the image's own content (the original's --adaptive_vat_radius).
     """
     dy = x[:, :, 2:, :] - x[:, :, :-2, :]
     dx = x[:, :, :, 2:] - x[:, :, :, :-2]
@@ -82,7 +81,7 @@ def vat_perturbation(net, x, p, vat_radius, adaptive, noise):
     """r_adv (B, C, H, W), detached: the direction that most changes `net`'s prediction p (B, K, H, W)
     on x, found by one power iteration from the random probe `noise` (B, C, H, W) scaled to norm ξ,
     then scaled per image to ε."""
-    xi = 1e-6 * x.shape[2] * x.shape[3] / 1000  # the original's probe size (not ξ/sqrt(dim), G21)
+    xi = 1e-6 * x.shape[2] * x.shape[3] / 1000  # the original's probe size, not ξ/sqrt(dim)
     d = unit_per_image(noise) * xi
     d.requires_grad_(True)
     log_q = F.log_softmax(net(x + d), 1)
@@ -108,67 +107,57 @@ def consistency_loss(logits_student, p_teacher, loss_mask, conf_thresh):
 
 
 def main(args):
-    run = common.Run(args, method="vat")
+    run = common.make_run(args, method="vat")
     device = common.setup_device(args)
-    data = common.load_dataset(args)
-    student = common.build_net(args, data.num_classes).to(device)
-    channels_last = device.type == "cuda"
-    if channels_last:
-        student = student.to(memory_format=torch.channels_last)
+    data = run.load_data()
+    student = common.build_net(args, data.num_classes, device)
     teacher = common.make_teacher(student)
     optimizer = common.make_optimizer(student, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     noise_rng = torch.Generator(device).manual_seed(args.seed)  # --- VAT ---: probes drawn on the device
-    start = run.start(data, device, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler,
-                      noise_rng=noise_rng)
+    run.start(data, device, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler,
+              noise_rng=noise_rng)
     ema = common.ema_pairs(teacher, student)
-    labeled = common.stream(data.train, data.labeled, args, stream_id=0, start=start)
-    # --- VAT ---: one unlabeled batch per iteration, from a shuffle of the whole training set (G17)
-    unlabeled = common.stream(data.train, np.arange(len(data.train)), args, stream_id=1, start=start,
-                              with_label=False)
+    labeled = run.stream(data.train, data.labeled, stream_id=0)
+    # --- VAT ---: one unlabeled batch per iteration, from a shuffle of the whole training set, labeled
+    # images included, as the original
+    unlabeled = run.stream(data.train, np.arange(len(data.train)), stream_id=1, with_label=False)
 
-    def batch(images, valid):
-        return common.to_device(images, valid, device, data.mean, data.std, channels_last)
-
+    common.set_train_mode(student, args.freeze_bn)
+    teacher.eval()  # --- VAT ---: as the original's direction net, switched to eval for good (Sec. D.1.3)
     for it in run.iterations():
+        common.set_lr(optimizer, args, it)
         # 1. the labeled batch
-        images, y_l, valid = next(labeled)
-        x_l, _ = batch(images, valid)
-        y_l = y_l.to(device, non_blocking=True).long()
+        x_l, y_l, _ = common.to_device(next(labeled), device)
 
         # --- VAT ---
-        # 2. the teacher predicts the clean images in eval mode: the original switched its direction
-        #    net to eval and left it there until the next evaluation, so every teacher pass ran in eval
-        #    (G6); the evaluation puts it back in train mode, and this line switches it again
-        x_u, v_u = batch(*next(unlabeled))  # (B, 3, H, W), (B, 1, H, W)
-        teacher.eval()
+        # 2. the teacher predicts the clean images, in full fp32
+        x_u, v_u = common.to_device(next(unlabeled), device)  # (B, 3, H, W), (B, 1, H, W)
         with torch.no_grad(), exact_fp32(device):
             p_teacher = teacher(x_u).softmax(1)  # (B, K, H, W)
         # 3. the adversarial perturbation, from the teacher (one power iteration, full fp32), starting
-        #    from a random probe (drawn for the global batch: the same however many torchrun processes)
+        #    from a random probe (drawn for the global batch under torchrun)
         noise = common.local_rows(torch.randn((args.batch_size, *x_u.shape[1:]), generator=noise_rng, device=device))
         with exact_fp32(device):
             r_adv = vat_perturbation(teacher, x_u, p_teacher, args.vat_radius, not args.vat_fixed_radius,
                                      noise)  # (B, 3, H, W)
-        # 4. the student predicts the labeled batch and the perturbed images (one pass over both where no
-        #    BatchNorm uses batch statistics, as DeepLab v2's frozen ones; else one each)
-        with common.autocast(args, device):
+        # 4. the student predicts the labeled batch and the perturbed images
+        with common.autocast(args.amp, device):
             logits_l, logits_adv = common.forward_each(student, x_l, x_u + r_adv)
-        loss_sup = F.cross_entropy(logits_l.float(), y_l, ignore_index=common.IGNORE)
+        loss_sup = common.supervised_loss(logits_l, y_l)
         # 5. confidence-modulated KL consistency loss, added to the supervised one
         loss_cons, conf_weight = consistency_loss(logits_adv.float(), p_teacher, v_u, args.conf_thresh)
         loss = loss_sup + args.cons_weight * loss_cons
         # --- end VAT ---
 
-        # 6. one backward pass and one optimizer step (under torchrun on the gradients averaged over
-        #    processes), then the teacher follows the student by EMA
+        # 6. step: one backward pass, gradients averaged over torchrun processes, the teacher follows by EMA
         scaler.scale(loss).backward()
         common.all_reduce_grads(student)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         common.ema_update(ema, args.teacher_alpha)
-        # 7. log; every --eval-every iterations: evaluate the teacher (the student too at the end), checkpoint
+        # 7. log; every --eval-every iterations evaluate (the teacher; the student too at the end), checkpoint
         run.end_iteration(it, sup=loss_sup, cons=loss_cons, conf=conf_weight)
     return run.finish()
 

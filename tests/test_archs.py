@@ -1,4 +1,5 @@
-"""The paper's other networks (Table 4, REFERENCE §5.2, §5.3, §5.5): built at random init (no download),
+"""The paper's other networks (Table 4: DeepLab v3+, DenseUNet-161, PSPNet, as the original's architectures/):
+built at random init (no download),
 torchvision weights loaded key for key, logits at input size, protocol learning rates, BatchNorm handling.
 Each ResNet-101 / DenseNet-161 is built once per module: they are slow on a CPU."""
 import re
@@ -24,8 +25,8 @@ def net(request):
     torch.manual_seed(0)
     with pytest.MonkeyPatch.context() as mp:  # --no-pretrained must never reach for the weights
         mp.setattr(common, "load_torchvision_weights", offline)
-        args = SimpleNamespace(arch=request.param, no_pretrained=True, aspp_all_branches=False)
-        return common.build_net(args, num_classes=5)
+        args = SimpleNamespace(arch=request.param, pretrained=False, aspp_all_branches=False)
+        return common.build_net(args, num_classes=5, device=torch.device("cpu"))
 
 
 def protocol(arch, dataset="pascal_aug", *extra):
@@ -45,7 +46,7 @@ def test_one_training_step_moves_the_weights_and_freezes_only_the_backbone_bn(ne
     args = protocol(arch)
     assert args.freeze_bn
     optimizer = common.make_optimizer(net, args)
-    common.set_train_mode(net, args)
+    common.set_train_mode(net, args.freeze_bn)
     frozen = {m for top in net.frozen_bn_modules() for m in top.modules() if isinstance(m, BN)}
     assert frozen and all(not m.training for m in frozen)
     head_bn = [m for m in net.modules() if isinstance(m, BN) and m not in frozen]
@@ -56,7 +57,8 @@ def test_one_training_step_moves_the_weights_and_freezes_only_the_backbone_bn(ne
     optimizer.step()
     after = net.state_dict()
     name = {id(m): n for n, m in net.named_modules()}
-    for m in frozen:  # frozen statistics stay, affine parameters (v3+: trainable, G5) may move
+    for m in frozen:  # frozen statistics stay, affine parameters may move (v3+: its backbone BN affine
+        # trains, as the original's)
         assert torch.equal(after[name[id(m)] + ".running_mean"], before[name[id(m)] + ".running_mean"])
     assert not torch.equal(after[name[id(head_bn[0])] + ".running_mean"], before[name[id(head_bn[0])] + ".running_mean"])
     moved = [k for k, v in after.items() if v.is_floating_point() and not torch.equal(v, before[k])]
@@ -78,7 +80,7 @@ def test_parameter_groups_have_table_5_learning_rates(net, arch, head_lr, backbo
     assert {g["repeat"] for g in groups} == {1}
     head = [g for g in groups if g["name"] == "head"][0]
     assert head["lr"] == pytest.approx(head_lr)
-    if backbone_lr is None:  # DeepLab v3+: one group, all at 1e-5 (the original wrapper's quirk, G8)
+    if backbone_lr is None:  # DeepLab v3+: one group, all at 1e-5 (the original's wrapper had no pretraining tag)
         assert len(groups) == 1
     else:
         (backbone,) = [g for g in groups if g["name"] != "head"]
@@ -95,7 +97,7 @@ def test_isic_defaults_to_the_dense_unet_with_sgd_and_no_frozen_bn():
 
 def test_a_net_without_frozen_bn_modules_freezes_every_bn():  # DeepLab v2's behaviour, unchanged
     unet = common.UNetSmall(num_classes=3)
-    common.set_train_mode(unet, SimpleNamespace(freeze_bn=True))
+    common.set_train_mode(unet, freeze_bn=True)
     assert all(not m.training for m in unet.modules() if isinstance(m, BN))
 
 

@@ -1,6 +1,5 @@
 """Bad input stops before training: non-zero exit, one clear last line naming the culprit, no
 traceback, and no run folder left behind."""
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,20 +95,22 @@ def test_split_file_naming_an_unknown_image(tmp_path):
     assert "img_999" in last and "line 2" in last
 
 
-def test_validation_verdict_is_cached(tmp_path):
+def test_validation_verdict_is_cached(tmp_path, monkeypatch):
     import common
+    from tools import prepare
     root = folder(tmp_path)
-
-    class A:
-        data_root, num_classes, cache_dir = str(root), None, None
+    cache = common.cache_folder(root)
     pairs = {s: [(p, root / s / "masks" / (p.stem + ".png")) for p in sorted((root / s / "images").iterdir())]
              for s in ("train", "val")}
-    verdict = common.validate_pairs(pairs, A, None)
+    splits = common.checked_splits(pairs, cache, None)
     cached = list((root / ".cutmix_seg_cache").glob("verdict_*.json"))
-    assert len(cached) == 1 and verdict["max_label"] == 2
-    # a cached verdict is not re-decoded: corrupt an image without touching its size or time stamp...
-    assert common.validate_pairs(pairs, A, None) == verdict
-    # ...while a changed file (new size / time stamp) is checked again
+    assert len(cached) == 1 and splits["max_label"] == 2 and len(splits["train"]) == len(pairs["train"])
+    # a cached verdict is not checked again...
+    check_pairs = prepare.check_pairs
+    monkeypatch.setattr(prepare, "check_pairs", lambda *a: pytest.fail("checked the same files again"))
+    assert common.checked_splits(pairs, cache, None)["train"].sizes == splits["train"].sizes
+    # ...while a changed file (new size / time stamp) is
+    monkeypatch.setattr(prepare, "check_pairs", check_pairs)
     (root / "train" / "images" / "img_001.png").write_bytes(b"garbage")
     with pytest.raises(common.UserError, match="img_001.png"):
-        common.validate_pairs(pairs, A, None)
+        common.checked_splits(pairs, cache, None)

@@ -6,7 +6,6 @@ import os
 import pickle
 import types
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import torch
 from PIL import Image
 
 import common
+from tools import prepare
 from conftest import ROOT, read_results, run_script
 from official_layouts import make_cityscapes, make_isic, make_pascal
 
@@ -21,6 +21,11 @@ from official_layouts import make_cityscapes, make_isic, make_pascal
 def args_for(dataset, root, **kw):
     return common.parse_args(common.TrainArgs, ["--dataset", dataset, "--data-root", str(root),
                                                 *[f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]])
+
+
+def load(args):
+    """The data a training run loads with these options (Run.load_data), crop default included."""
+    return common.Run.load_data(types.SimpleNamespace(args=args))
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +64,17 @@ def test_cityscapes_halving_and_label_mapping_on_known_pixels(tmp_path):
                     [34, 34, 22, 22, 19, 17]], np.uint8)  # tie 33/34 -> 33; tie 3/22 -> 3 (void); 17/19 -> 17
     Image.fromarray(image).save(tmp_path / "x_leftImg8bit.png")
     Image.fromarray(ids).save(tmp_path / "x_gtFine_labelIds.png")
-    half, train_ids = common.halve_cityscapes(tmp_path / "x_leftImg8bit.png", tmp_path / "x_gtFine_labelIds.png")
+    half, train_ids = prepare.halve_cityscapes(tmp_path / "x_leftImg8bit.png", tmp_path / "x_gtFine_labelIds.png")
     assert half[0, 0].tolist() == [1, 2, 254]  # truncated, not rounded
     assert train_ids.tolist() == [[0, 1, 255], [18, 255, 5]]
-    assert (common.CITYSCAPES_TRAIN_ID[[0, 1, 2, 3, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30, 34]] == 255).all()
-    assert common.CITYSCAPES_TRAIN_ID[[7, 26, 33]].tolist() == [0, 13, 18] and len(common.CITYSCAPES_CLASSES) == 19
+    assert (prepare.CITYSCAPES_TRAIN_ID[[0, 1, 2, 3, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30, 34]] == 255).all()
+    assert prepare.CITYSCAPES_TRAIN_ID[[7, 26, 33]].tolist() == [0, 13, 18] and len(common.CITYSCAPES_CLASSES) == 19
 
 
 def test_cityscapes_official_layout(layouts):
     root = layouts["cityscapes"]
     args = args_for("cityscapes", root, n_labeled=3)
-    data = common.load_dataset(args)
+    data = load(args)
     assert (len(data.train), len(data.val), data.num_classes) == (6, 2, 19)
     # sorted by city then name; the test split and the _color/_instanceIds/_polygons files are ignored
     assert data.train.names == sorted(data.train.names) and data.train.names[0] == "aachen_000000_000000"
@@ -89,43 +94,40 @@ def test_cityscapes_official_layout(layouts):
 
 def test_cityscapes_cache_is_reused_and_survives_an_interrupted_preparation(tmp_path, monkeypatch):
     root = make_cityscapes(tmp_path / "cs", n_train=5, n_val=2)
-    reference = common.load_dataset(args_for("cityscapes", root, n_labeled=2, cache_dir=tmp_path / "ref"))
-    real, calls = common.halve_cityscapes, []
+    reference = load(args_for("cityscapes", root, n_labeled=2, cache_dir=tmp_path / "ref"))
+    real, calls = prepare.halve_cityscapes, []
 
     def failing(*paths):  # the machine "dies" while preparing the 4th training image
         calls.append(paths)
         if len(calls) == 4:
             raise RuntimeError("power cut")
         return real(*paths)
-    monkeypatch.setattr(common, "halve_cityscapes", failing)
+    monkeypatch.setattr(prepare, "halve_cityscapes", failing)
     with pytest.raises(RuntimeError, match="power cut"):
-        common.load_dataset(args_for("cityscapes", root, n_labeled=2))
+        load(args_for("cityscapes", root, n_labeled=2))
     cache = root / ".cutmix_seg_cache"
     folders = [p for p in cache.iterdir() if p.is_dir()]
     assert [p.name.endswith(".partial") for p in folders] == [True]  # nothing looks complete
     assert (folders[0] / "done.txt").read_text() == "3"
     calls.clear()
-    monkeypatch.setattr(common, "halve_cityscapes", lambda *p: calls.append(p) or real(*p))
-    data = common.load_dataset(args_for("cityscapes", root, n_labeled=2))
+    monkeypatch.setattr(prepare, "halve_cityscapes", lambda *p: calls.append(p) or real(*p))
+    data = load(args_for("cityscapes", root, n_labeled=2))
     assert len(calls) == 2 + 2  # resumed: the two training images left, then the validation images
     assert sorted(p.name.split("_")[1] for p in cache.iterdir() if p.is_dir()) == ["train", "val"]
     for i in range(5):
         assert all(np.array_equal(a, b) for a, b in zip(data.train.load(i), reference.train.load(i)))
     # a second run decodes nothing
     monkeypatch.setattr(common, "read_image", lambda path: pytest.fail(f"decoded {path} again"))
-    again = common.load_dataset(args_for("cityscapes", root, n_labeled=2))
+    again = load(args_for("cityscapes", root, n_labeled=2))
     assert np.array_equal(again.val.load(1)[1], reference.val.load(1)[1])
 
 
 def test_cityscapes_known_seeds_on_the_real_split_sizes():
     names = [f"img_{i:04d}" for i in range(2975)]
-    args = types.SimpleNamespace(n_labeled=5, split_seed=12345, split_file=None)
-    # RandomState(12345).permutation(2975)[:5], the legacy stream, fixed across numpy versions (G16)
-    assert common.choose_labeled(names, args).tolist() == [1687, 2342, 392, 1338, 76]
-    args.split_seed = 23456
-    assert common.choose_labeled(names, args).tolist() == [1490, 930, 2124, 2684, 182]
-    isic = types.SimpleNamespace(n_labeled=5, split_seed=12345, split_file=None)
-    assert common.choose_labeled(names[:2000], isic).tolist() == [1818, 1727, 914, 171, 390]
+    # RandomState(12345).permutation(2975)[:5], the legacy stream, fixed across numpy versions
+    assert common.choose_labeled(names, 5, split_seed=12345).tolist() == [1687, 2342, 392, 1338, 76]
+    assert common.choose_labeled(names, 5, split_seed=23456).tolist() == [1490, 930, 2124, 2684, 182]
+    assert common.choose_labeled(names[:2000], 5, split_seed=12345).tolist() == [1818, 1727, 914, 171, 390]
 
 
 # ---- Pascal VOC aug ---------------------------------------------------------------------------------
@@ -134,7 +136,7 @@ def test_pascal_names_order_and_root_variants(layouts):
     train_aug, val = layouts["pascal_names"]
     for variant in (root, root / "VOCdevkit", root / "VOCdevkit" / "VOC2012"):
         args = args_for("pascal_aug", variant, n_labeled=3)
-        data = common.load_dataset(args)
+        data = load(args)
         assert data.train.names == train_aug and data.val.names == val  # file order, never the test images
         assert data.num_classes == 21 and args.crop_size == (321, 321) and args.aug["hung_scale"]
     image, label = data.val.load(0)
@@ -144,7 +146,7 @@ def test_pascal_names_order_and_root_variants(layouts):
 
 def test_pascal_without_train_aug_txt_uses_every_label_outside_val(tmp_path):
     root, train, val = make_pascal(tmp_path / "p", train_aug_txt=False)
-    data = common.load_dataset(args_for("pascal_aug", root, n_labeled=2))
+    data = load(args_for("pascal_aug", root, n_labeled=2))
     assert data.train.names == train == sorted(train) and len(train) == 8 and data.val.names == val
 
 
@@ -153,15 +155,15 @@ def test_pascal_split_files(layouts, tmp_path):
     train_aug, _ = layouts["pascal_names"]
     labeled = tmp_path / "labeled.txt"  # the format of other semi-supervised segmentation code
     labeled.write_text("".join(f"JPEGImages/{n}.jpg SegmentationClassAug/{n}.png\n" for n in train_aug[5:1:-1]))
-    data = common.load_dataset(args_for("pascal_aug", root, n_labeled=3, split_file=labeled))
+    data = load(args_for("pascal_aug", root, n_labeled=3, split_file=labeled))
     assert [data.train.names[i] for i in data.labeled] == train_aug[5:2:-1]
     # the original's split_0.pkl: a pickled numpy permutation over the train_aug.txt order
     perm = np.random.RandomState(0).permutation(8)
     split = tmp_path / "split_0.pkl"
     split.write_bytes(pickle.dumps(perm))
-    data = common.load_dataset(args_for("pascal_aug", root, n_labeled=3, split_file=split))
+    data = load(args_for("pascal_aug", root, n_labeled=3, split_file=split))
     assert data.labeled.tolist() == perm[:3].tolist()
-    assert common.load_dataset(args_for("pascal_aug", root, n_labeled=-1, split_file=split)).labeled.tolist() == \
+    assert load(args_for("pascal_aug", root, n_labeled=-1, split_file=split)).labeled.tolist() == \
         perm.tolist()
     # numpy 1.x pickles name numpy.core.multiarray (as the real file does)
     split.write_bytes(pickle.dumps(perm, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
@@ -197,7 +199,7 @@ def test_sbd_to_aug(tmp_path):
     for name, label in expected.items():  # SBD has no void: its own labels for VOC's images differ
         seg = np.where(label == 255, 0, label) if name not in own else np.full_like(label, 3)
         scipy_io.savemat(cls / f"{name}.mat", {"GTcls": {"Segmentation": seg, "CategoriesPresent": [1]}})
-    common.sbd_to_aug(tmp_path / "benchmark_RELEASE", root)
+    prepare.sbd_to_aug(tmp_path / "benchmark_RELEASE", root)
     for name, label in expected.items():
         written = np.asarray(Image.open(voc / "SegmentationClassAug" / f"{name}.png"))
         want = label if name in own else np.where(label == 255, 0, label)  # VOC's own PNG wins
@@ -211,14 +213,14 @@ def test_area_resize_against_a_direct_computation():
 
     def overlap(j, step, i):  # length of [j step, (j + 1) step) ∩ [i, i + 1)
         return max(0.0, min((j + 1) * step, i + 1) - max(j * step, i))
-    out = common.area_resize(a, (5, 4))
+    out = prepare.area_resize(a, (5, 4))
     for y in range(5):
         for x in range(4):
             wy = np.array([overlap(y, 13 / 5, i) for i in range(13)])
             wx = np.array([overlap(x, 11 / 4, i) for i in range(11)])
             want = np.einsum("i,j,ijc->c", wy, wx, a.astype(float)) / (13 / 5 * 11 / 4)
             assert np.abs(out[y, x] - want).max() <= 0.5 + 1e-9
-    block = common.area_resize(a[:12, :10, 0], (6, 5))  # integer factors: the plain block mean
+    block = prepare.area_resize(a[:12, :10, 0], (6, 5))  # integer factors: the plain block mean
     assert np.array_equal(block, np.rint(a[:12, :10, 0].reshape(6, 2, 5, 2).mean((1, 3))).astype(np.uint8))
 
 
@@ -229,7 +231,7 @@ def test_isic_lesion_threshold_after_resizing(tmp_path):
     truth[2:4, 0:2] = 255  # 255 -> lesion
     Image.fromarray(truth).save(tmp_path / "t.png")
     Image.fromarray(np.zeros((496, 496, 3), np.uint8)).save(tmp_path / "i.jpg")
-    image, lesion = common.shrink_isic(tmp_path / "i.jpg", tmp_path / "t.png")
+    image, lesion = prepare.shrink_isic(tmp_path / "i.jpg", tmp_path / "t.png")
     assert image.shape == (248, 248, 3) and lesion.shape == (248, 248)
     assert lesion[:2, :2].tolist() == [[1, 0], [1, 0]] and lesion.sum() == 2
 
@@ -237,16 +239,16 @@ def test_isic_lesion_threshold_after_resizing(tmp_path):
 def test_isic_official_layout(layouts):
     root = layouts["isic2017"]
     args = args_for("isic2017", root, n_labeled=4)
-    data = common.load_dataset(args)
+    data = load(args)
     assert (len(data.train), len(data.val), data.num_classes) == (6, 2, 2)
     assert data.train.names == [f"ISIC_{k:07d}" for k in range(6)] and data.val.names[0] == "ISIC_0000006"
     assert data.labeled.tolist() == np.random.RandomState(12345).permutation(6)[:4].tolist()
-    assert args.optimizer == "sgd" and args.lr_schedule == "poly" and args.fill_holes and args.eval_every == 400
+    assert args.optimizer == "sgd" and args.lr_schedule == "poly" and args.lesion_scoring and args.eval_every == 400
     image, lesion = data.val.load(1)
     truth = np.asarray(Image.open(root / "ISIC-2017_Validation_Part1_GroundTruth" / "ISIC_0000007_segmentation.png"))
     source = np.asarray(Image.open(root / "ISIC-2017_Validation_Data" / "ISIC_0000007.jpg"))
-    assert np.array_equal(lesion, (common.area_resize(truth, (248, 248)) >= 127).astype(np.uint8))
-    assert np.array_equal(image, common.area_resize(source, (248, 248))) and set(np.unique(lesion)) == {0, 1}
+    assert np.array_equal(lesion, (prepare.area_resize(truth, (248, 248)) >= 127).astype(np.uint8))
+    assert np.array_equal(image, prepare.area_resize(source, (248, 248))) and set(np.unique(lesion)) == {0, 1}
 
 
 def test_isic_protocol_per_arch():
@@ -284,12 +286,9 @@ def test_evaluation_fills_holes_only_where_the_protocol_says(tmp_path):
     truth = torch.zeros(1, 8, 8, dtype=torch.uint8)
     truth[0, 1:7, 1:7] = 1
     loader = [(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), truth)]
-    data = types.SimpleNamespace(num_classes=2, mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD)
-    args = types.SimpleNamespace(amp="off", fill_holes=True)
-    _, iou, _ = common.evaluate(Ring(), loader, data, torch.device("cpu"), args)
+    _, iou, _ = common.evaluate(Ring(), loader, torch.device("cpu"), num_classes=2, lesion_scoring=True)
     assert iou == [100.0, 100.0]
-    args.fill_holes = False
-    _, iou, _ = common.evaluate(Ring(), loader, data, torch.device("cpu"), args)
+    _, iou, _ = common.evaluate(Ring(), loader, torch.device("cpu"), num_classes=2, lesion_scoring=False)
     assert iou[1] == pytest.approx(100 * 32 / 36)
 
 
@@ -355,7 +354,7 @@ def test_wrong_layouts_give_one_clear_message(kind, tmp_path):
         tmp_path / "data")
     missing, source = break_layout(kind, root)
     with pytest.raises(common.UserError) as error:
-        common.load_dataset(args_for(dataset, root, n_labeled=2))
+        load(args_for(dataset, root, n_labeled=2))
     message = str(error.value)
     assert "\n" not in message and missing in message and source in message and "expected layout" in message
 

@@ -37,7 +37,8 @@ def test_mix_known_values():
 
 def test_confidence_mixes_the_confidences_not_the_probabilities():
     # two confident teachers that disagree, mixed half and half: the mixed probabilities are flat
-    # (max 0.5), but the mixed confidence is 1, so the pixel counts as confident (REFERENCE §2.5, G11)
+    # (max 0.5), but the mixed confidence is 1, so the pixel counts as confident (the original's ICT program
+    # mixes the confidences)
     p_0 = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)
     p_1 = torch.tensor([0.0, 1.0]).view(1, 2, 1, 1)
     lam = torch.full((1, 1, 1, 1), 0.5)
@@ -57,6 +58,8 @@ def test_soft_valid_mask_weights_the_loss():
 
 def test_defaults_per_dataset_are_the_bmvc_ones():
     for dataset, weight in (("pascal_aug", 0.01), ("isic2017", 0.0003), ("cityscapes", 0.01), ("demo", 0.01)):
-        assert I.Args.method_protocol(dataset) == dict(cons_weight=weight, nesterov=True)
+        args = common.parse_args(I.Args, ["--dataset", dataset])
+        assert (args.cons_weight, args.nesterov) == (weight, True)
+    assert common.parse_args(I.Args, ["--dataset", "isic2017", "--cons-weight", "0.5"]).cons_weight == 0.5
     args = common.parse_args(I.Args, ["--dataset", "pascal_aug", "--ict-alpha", "0.5"])
     assert args.cons_weight == 0.01 and args.ict_alpha == 0.5 and args.optimizer == "adam"

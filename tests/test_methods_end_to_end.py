@@ -14,7 +14,8 @@ from conftest import read_results, run_script
 from test_scripts import check_outputs
 
 METHODS = {"train_cutout.py": "cutout", "train_ict.py": "ict", "train_vat.py": "vat", "train_stdaug.py": "stdaug"}
-# class counts of the official datasets; the BMVC consistency weights (REFERENCE §10.1) where not the default
+# class counts of the official datasets; the BMVC consistency weights (the original's run_*.sh at commit
+# 79ece5a) where not the default
 PROTOCOLS = {"cityscapes": 19, "pascal_aug": 21, "isic2017": 2}
 WEIGHTS = {"cutout": {}, "ict": {"isic2017": 0.0003}, "vat": {"isic2017": 0.001}, "stdaug": {"isic2017": 0.1}}
 DEFAULT_WEIGHT = {"cutout": 1.0, "ict": 0.01, "vat": 0.1, "stdaug": 0.003}
@@ -107,5 +108,5 @@ def test_official_layouts_end_to_end_with_the_method_defaults(script, dataset, o
     args = json.loads((out / "args.json").read_text())
     method = METHODS[script]
     assert args["cons_weight"] == WEIGHTS[method].get(dataset, DEFAULT_WEIGHT[method])
-    assert args["nesterov"] == (method != "cutout")  # on in the original's aug, ICT and VAT programs (G8)
+    assert args["nesterov"] == (method != "cutout")  # on in the original's aug/ICT/VAT programs
     check_training_log(out)

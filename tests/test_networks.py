@@ -1,4 +1,5 @@
-"""DeepLab v2's structure (REFERENCE §5.1, G3, G4) and the small U-Net, without any download."""
+"""DeepLab v2's structure (the original's deeplab2.py: duplicated backbone parameters, only the rate-6 and
+rate-12 ASPP branches summed) and the small U-Net, without any download."""
 import pytest
 import torch
 import torchvision

@@ -81,16 +81,12 @@ def test_folder_images_of_mixed_sizes_are_padded_to_the_default_crop(tmp_path):
 def test_labeled_subset_follows_the_split_seed_and_the_split_file(tmp_path):
     import common
 
-    class A:
-        n_labeled, split_seed, split_file = 3, 12345, None
     names = [f"n{i}" for i in range(10)]
-    assert common.choose_labeled(names, A).tolist() == np.random.RandomState(12345).permutation(10)[:3].tolist()
+    assert common.choose_labeled(names, 3).tolist() == np.random.RandomState(12345).permutation(10)[:3].tolist()
     split = tmp_path / "labeled.txt"
     split.write_text("n7\n\nn2.png\nn5\nn1\n")
-    A.split_file = str(split)
-    assert common.choose_labeled(names, A).tolist() == [7, 2, 5]
-    A.n_labeled = -1
-    assert common.choose_labeled(names, A).tolist() == [7, 2, 5, 1]
+    assert common.choose_labeled(names, 3, split_file=str(split)).tolist() == [7, 2, 5]
+    assert common.choose_labeled(names, -1, split_file=str(split)).tolist() == [7, 2, 5, 1]
 
 
 def test_resume_after_a_kill_ends_with_the_same_miou(tmp_path):
@@ -147,7 +143,8 @@ def test_shared_flags_agree_between_scripts():
         module = importlib.import_module(script[:-3])
         fields = [(f.name, f.default, f.type) for f in dataclasses.fields(module.Args)]
         assert [f[0] for f in fields[:len(shared)]] == shared, script
-        assert fields[:len(shared)] == [(f.name, f.default, f.type) for f in dataclasses.fields(common.TrainArgs)]
+        options = [f for f in dataclasses.fields(common.TrainArgs) if f.metadata["cli"]]  # the command line's
+        assert [(f.name, f.default, f.type) for f in options] == [f for f in fields if f[0] in {o.name for o in options}]
         own = [f[0] for f in fields[len(shared):]]
         if script != "train_baseline.py":
             assert own[:2] == ["cons_weight", "conf_thresh"], script
@@ -163,3 +160,55 @@ def test_shared_flags_agree_between_scripts():
 def test_unknown_dataset_is_refused_by_argparse():
     proc = run_script("train_baseline.py", "--dataset", "mnist", check=False)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+@pytest.mark.parametrize("dataset", ["demo", "cityscapes", "isic2017"])
+def test_args_carry_their_declared_fields_only_each_of_one_type(dataset):
+    """Everything a protocol sets is a declared field, saved in args.json; no field changes its type."""
+    import importlib
+    import common
+    for script in sorted(p.stem for p in ROOT.glob("train_*.py")):
+        Args = importlib.import_module(script).Args
+        args = common.parse_args(Args, ["--dataset", dataset, "--crop-size", "32,48"])
+        assert set(vars(args)) == {f.name for f in dataclasses.fields(Args)}, script
+        assert args.crop_size == (32, 48) and args.device == "cpu" and args.amp == "off"
+        assert isinstance(args.aug, dict) and isinstance(args.freeze_bn, bool) and isinstance(args.num_workers, int)
+        assert args.lesion_scoring == (dataset == "isic2017") and args.pretrained
+    assert common.parse_args(common.TrainArgs, ["--benchmark", "2"]).pretrained is False  # random weights
+
+
+def test_default_run_folder_is_the_one_the_seeds_tool_names(tmp_path):
+    import common
+    run_script("train_baseline.py", *FAST, "--seed", 3, "--split-seed", 7, cwd=tmp_path)
+    folder = tmp_path / common.run_folder("train_baseline.py", "demo", 60, 3, 7)
+    assert folder.name == "train_baseline_demo_60_s3_ss7" and (folder / "results.json").is_file()
+    assert common.run_folder("x.py", "pascal_aug", 106, 1, arch="pspnet101").name == "x_pascal_aug_pspnet101_106_s1"
+    assert common.run_folder("x.py", "pascal_aug", 106, 1, arch="deeplabv2").name == "x_pascal_aug_106_s1"
+
+
+def test_evaluation_leaves_the_modes_as_it_found_them():
+    import common
+    import torch
+    net = common.UNetSmall(3)
+    for freeze_bn in (True, False):
+        common.set_train_mode(net, freeze_bn)
+        before = [m.training for m in net.modules()]
+        assert not all(before) if freeze_bn else all(before)
+        batches = [(torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8), torch.zeros(1, 16, 16, dtype=torch.long))]
+        common.evaluate(net, batches, torch.device("cpu"), num_classes=3)
+        common.preview(net, common.Split(["a"], lambda i: (np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8)),
+                                         [(8, 8)]), torch.device("cpu"))
+        assert [m.training for m in net.modules()] == before
+
+
+def test_the_kit_cites_only_what_ships():
+    """The implementation notes the kit was written from do not ship: no code, test or README cites them."""
+    import re
+    files = [*ROOT.glob("*.py"), *ROOT.glob("tools/*.py"), *ROOT.glob("tests/*.py"), ROOT / "README.md"]
+    this = Path(__file__).resolve()
+    for path in files:
+        if path.resolve() == this:
+            continue
+        text = path.read_text()
+        assert "REFERENCE" not in text and "§" not in text, path
+        assert not re.search(r"\bG\d{1,2}\b", text), (path, re.search(r".{30}\bG\d{1,2}\b.{30}", text))

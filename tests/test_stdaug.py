@@ -27,7 +27,8 @@ def smooth_image(h, w, seed=0):
 
 
 def misalignment(image, crop, aug, seed, shift_x=0.0):
-    """Warp the teacher's *input* into the student's frame with the pair's theta (REFERENCE G14) and
+    """Warp the teacher's *input* into the student's frame with the pair's theta (the check the original's
+    stale tests/test_data_pipeline.py intended) and
     return (largest |difference| to the student's input on pixels valid in both, share of such pixels)."""
     image_t, valid_t, image_s, valid_s, theta = S.make_pair(image, crop, aug, 16, np.random.default_rng(seed))
     theta = theta.clone()
@@ -120,7 +121,7 @@ def test_pascal_pair_teacher_is_unscaled_student_hung_scaled_and_shifted():
     scales = set()
     for seed in range(200):
         a_t, a_s = S.pascal_pair((300, 400), (64, 80), 16, np.random.default_rng(seed))
-        assert np.allclose(a_t[:2, :2], np.eye(2))  # the teacher crop is never rescaled (G15)
+        assert np.allclose(a_t[:2, :2], np.eye(2))  # the teacher crop is never rescaled, as the original's
         scales.add(round(a_s[0, 0], 6))  # x scale = crop width / round(crop width / f)
         # cv2.resize's convention: the view's centre pixel shows the centre of a whole-pixel window
         window = np.array([80, 64]) / np.diag(a_s)[:2]  # (w, h) in source pixels
@@ -174,10 +175,8 @@ def test_pair_dataset_is_fixed_by_its_key_and_batches_through_the_stream():
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert [tuple(t.shape) for t in first] == [(3, 24, 32), (24, 32), (3, 24, 32), (24, 32), (2, 3)]
     assert first[0].dtype == torch.uint8 and set(first[1].unique().tolist()) <= set(range(256))
-
-    class A:
-        batch_size, seed, num_workers, benchmark = 3, 1, 0, 0
-    images_t, valid_t, images_s, valid_s, theta = next(common.stream(data, [0, 1], A, 1, 0, dataset=pairs))
+    batches = common.train_loader(pairs, [0, 1], batch_size=3, seed=1, stream_id=1, start=0, num_workers=0)
+    images_t, valid_t, images_s, valid_s, theta = next(batches)
     assert images_t.shape == (3, 3, 24, 32) and valid_s.shape == (3, 24, 32) and theta.shape == (3, 2, 3)
 
 
@@ -194,7 +193,8 @@ def test_warp_identity_and_loss_mask_of_a_half_shift():
 
 def test_method_defaults_follow_the_paper_per_dataset():
     for dataset, weight in (("pascal_aug", 0.003), ("isic2017", 0.1), ("cityscapes", 0.003), ("demo", 0.003),
-                            ("anything_new", 0.003)):
-        assert S.Args.method_protocol(dataset) == dict(cons_weight=weight, nesterov=True)
+                            ("folder", 0.003)):
+        args = common.parse_args(S.Args, ["--dataset", dataset])
+        assert (args.cons_weight, args.nesterov) == (weight, True)
     args = common.parse_args(S.Args, ["--dataset", "isic2017"])
     assert args.cons_weight == 0.1 and args.nesterov and args.optimizer == "sgd" and args.offset_range == 16

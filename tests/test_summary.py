@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-import common
+from tools import paper
 from conftest import ENV, FAST, ROOT
 
 
@@ -53,32 +53,34 @@ def test_summary_groups_runs_into_cells_beside_the_papers_values(tmp_path):
 def test_every_table_4_cell_has_a_paper_value():
     for arch in ("deeplabv3plus", "denseunet161", "pspnet101"):
         for method in ("baseline", "cutmix"):
-            for n in common.PAPER_COUNTS["pascal_aug"]:
-                assert common.paper_value("pascal_aug", arch, method, n) != "—"
-    assert common.paper_value("pascal_aug", "pspnet101", "cutmix", 10582) == "77.42"
-    assert common.paper_value("isic2017", "denseunet161", "baseline", 2000) == "78.61 ± 0.36"
-    assert common.paper_value("cityscapes", "deeplabv2", "cutmix", 100) == "51.20 ± 2.29"
+            for n in paper.PAPER_COUNTS["pascal_aug"]:
+                assert paper.paper_value("pascal_aug", arch, method, n) != "—"
+    assert paper.paper_value("pascal_aug", "pspnet101", "cutmix", 10582) == "77.42"
+    assert paper.paper_value("isic2017", "denseunet161", "baseline", 2000) == "78.61 ± 0.36"
+    assert paper.paper_value("cityscapes", "deeplabv2", "cutmix", 100) == "51.20 ± 2.29"
 
 
 def test_seeds_command_lines(tmp_path):
     runs = tmp_path / "runs"
-    fake_run(runs / "train_cutmix_cityscapes_deeplabv2_372_s1", "cityscapes", "deeplabv2", "cutmix", 372, 60.0)
-    (runs / "train_cutmix_cityscapes_deeplabv2_372_s2").mkdir()
-    (runs / "train_cutmix_cityscapes_deeplabv2_372_s2" / "checkpoint.pt").write_bytes(b"")
+    # each seed's folder is the one the script itself names (the split seed varies: _ss<seed>)
+    fake_run(runs / "train_cutmix_cityscapes_372_s1_ss1", "cityscapes", "deeplabv2", "cutmix", 372, 60.0)
+    (runs / "train_cutmix_cityscapes_372_s1_ss2").mkdir()
+    (runs / "train_cutmix_cityscapes_372_s1_ss2" / "checkpoint.pt").write_bytes(b"")
     proc = common_py("seeds", "train_cutmix.py", "--seeds", 1, 2, 3, "--runs", runs, "--dry-run", "--",
                      "--dataset", "cityscapes", "--data-root", "CS", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("$ ")]
-    assert f"finished: {runs}/train_cutmix_cityscapes_deeplabv2_372_s1" in proc.stdout
+    assert f"finished: {runs}/train_cutmix_cityscapes_372_s1_ss1" in proc.stdout
     assert len(lines) == 2
     assert lines[0].endswith(f"--dataset cityscapes --data-root CS --split-seed 2 --out "
-                             f"{runs}/train_cutmix_cityscapes_deeplabv2_372_s2 --resume")
-    assert lines[1].endswith(f"--split-seed 3 --out {runs}/train_cutmix_cityscapes_deeplabv2_372_s3")
+                             f"{runs}/train_cutmix_cityscapes_372_s1_ss2 --resume")
+    assert lines[1].endswith(f"--split-seed 3 --out {runs}/train_cutmix_cityscapes_372_s1_ss3")
     assert "| cutmix | 60.00 [1] / 60.34 ± 1.24 |" in proc.stdout  # the finished seed's summary
-    # Pascal: the split file fixes the labeled subset, so the seed varies initialisation and sampling
+    # Pascal: the split file fixes the labeled subset, so the seed varies initialisation and sampling; an
+    # arch other than the dataset's is named in the folder
     proc = common_py("seeds", "train_baseline.py", "--seeds", 7, "--dry-run", "--", "--dataset", "pascal_aug",
                      "--arch", "pspnet101", "--split-file", "split_0.pkl", "--n-labeled", -1, cwd=tmp_path)
-    assert proc.stdout.splitlines()[0].endswith("--seed 7 --out runs/train_baseline_pascal_aug_pspnet101_all_s7")
+    assert proc.stdout.splitlines()[0].endswith("--seed 7 --out runs/train_baseline_pascal_aug_pspnet101_-1_s7")
     proc = common_py("seeds", "train_cutmix.py", "--", "--seed", 3, cwd=tmp_path)
     assert proc.returncode != 0 and "--seed is set per seed" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -88,7 +90,7 @@ def test_seeds_runs_the_demo_twice_then_skips_both(tmp_path):
     proc = common_py(*argv, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for seed in (1, 2):
-        results = json.loads((tmp_path / f"runs/train_cutmix_demo_unet_small_8_s{seed}/results.json").read_text())
+        results = json.loads((tmp_path / f"runs/train_cutmix_demo_8_s1_ss{seed}/results.json").read_text())
         assert results["n_labeled"] == 8 and results["iters"] == 6
     assert "demo, unet_small: mIoU" in proc.stdout and "[2] / —" in proc.stdout
     again = common_py(*argv, cwd=tmp_path)

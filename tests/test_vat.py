@@ -92,6 +92,8 @@ def test_direction_runs_in_full_fp32_under_autocast():
 
 def test_defaults_per_dataset_are_the_bmvc_ones():
     for dataset, weight in (("pascal_aug", 0.1), ("isic2017", 0.001), ("cityscapes", 0.1), ("folder", 0.1)):
-        assert V.Args.method_protocol(dataset) == dict(cons_weight=weight, nesterov=True)
+        args = common.parse_args(V.Args, ["--dataset", dataset])
+        assert (args.cons_weight, args.nesterov) == (weight, True)
+    assert common.parse_args(V.Args, ["--dataset", "isic2017", "--cons-weight", "0.1"]).cons_weight == 0.1
     args = common.parse_args(V.Args, ["--dataset", "isic2017"])
     assert args.cons_weight == 0.001 and args.nesterov and args.vat_radius == 1.0 and not args.vat_fixed_radius

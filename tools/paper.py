@@ -1,0 +1,162 @@
+"""The paper's tables beside ours: the published numbers (PAPER_RESULTS), one labeled count run with several
+seeds (`python common.py seeds`), and a summary of finished runs (`python common.py summary [RUNS]`)."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # noqa: E402
+
+# Labeled counts of each table's columns; "All" is the training set's size, as results.json records it.
+PAPER_COUNTS = {"pascal_aug": (106, 212, 529, 1323, 10582), "cityscapes": (100, 372, 744, 2975), "isic2017": (50, 2000)}
+# (dataset, arch, method) -> one value per PAPER_COUNTS column, a mean or (mean, std over 5 runs), None = not run.
+# Pascal: Tables 2 and 4 (one run each, split 0); Cityscapes: Table 1, Sec. D.3; ISIC: Table 3, lesion IoU.
+PAPER_RESULTS = {
+    ("pascal_aug", "deeplabv2", "baseline"): (33.09, 43.15, 52.05, 60.56, 72.59),
+    ("pascal_aug", "deeplabv2", "stdaug"): (32.40, 42.81, 53.37, 60.66, 72.24),
+    ("pascal_aug", "deeplabv2", "vat"): (38.81, 48.55, 58.50, 62.93, 72.18),
+    ("pascal_aug", "deeplabv2", "ict"): (35.82, 46.28, 53.17, 59.63, 71.50),
+    ("pascal_aug", "deeplabv2", "cutout"): (48.73, 58.26, 64.37, 66.79, 72.03),
+    ("pascal_aug", "deeplabv2", "cutmix"): (53.79, 64.81, 66.48, 67.60, 72.54),
+    ("pascal_aug", "deeplabv3plus", "baseline"): (37.95, 48.35, 59.19, 66.58, 76.70),
+    ("pascal_aug", "deeplabv3plus", "cutmix"): (59.52, 67.05, 69.57, 72.45, 76.73),
+    ("pascal_aug", "denseunet161", "baseline"): (29.22, 39.92, 50.31, 60.65, 72.30),
+    ("pascal_aug", "denseunet161", "cutmix"): (54.19, 63.81, 66.57, 66.78, 72.02),
+    ("pascal_aug", "pspnet101", "baseline"): (36.69, 46.96, 59.02, 66.67, 77.59),
+    ("pascal_aug", "pspnet101", "cutmix"): (67.20, 68.80, 73.33, 74.11, 77.42),
+    ("cityscapes", "deeplabv2", "baseline"): ((44.41, 1.11), (55.25, 0.66), (60.57, 1.13), (67.53, 0.35)),
+    ("cityscapes", "deeplabv2", "cutout"): ((47.21, 1.74), (57.72, 0.83), (61.96, 0.99), (67.47, 0.68)),
+    ("cityscapes", "deeplabv2", "cutmix"): ((51.20, 2.29), (60.34, 1.24), (63.87, 0.71), (67.68, 0.37)),
+    ("cityscapes", "deeplabv2", "cutmix, crop 512x1024"): (None, (58.75, 0.75), None, None),
+    ("cityscapes", "deeplabv2", "cutmix, crop 512x1024, 3 boxes"): (None, (60.41, 1.12), None, None),
+    ("isic2017", "denseunet161", "baseline"): ((67.64, 1.83), (78.61, 0.36)),  # 2000 = "fully supervised"
+    ("isic2017", "denseunet161", "stdaug"): ((71.40, 2.34), None),
+    ("isic2017", "denseunet161", "vat"): ((69.09, 1.38), None),
+    ("isic2017", "denseunet161", "ict"): ((65.45, 3.50), None),
+    ("isic2017", "denseunet161", "cutout"): ((68.76, 4.30), None),
+    ("isic2017", "denseunet161", "cutmix"): ((74.57, 1.03), None),
+}
+METHOD_ORDER = ["baseline", "stdaug", "vat", "ict", "cutout", "cutmix"]
+
+
+def run_label(results, args):
+    """The method, tagged with what sets a run apart from the protocol (a crop, several CutMix boxes)."""
+    tags = [results["method"]]
+    default_crop_size = common.DATASETS.get(results["dataset"], {}).get("crop_size")
+    if args.get("crop_size") and default_crop_size and tuple(args["crop_size"]) != tuple(default_crop_size):
+        tags.append("crop {}x{}".format(*args["crop_size"]))
+    if args.get("n_boxes", 1) != 1:
+        tags.append(f"{args['n_boxes']} boxes")
+    return ", ".join(tags)
+
+
+def collect_results(paths):
+    """{(dataset, arch, label, n_labeled): [score, ...]} from results.json files (ISIC: the lesion IoU);
+    unreadable or incomplete ones are reported on stderr and skipped."""
+    cells = {}
+    for path in paths:
+        try:
+            results = json.loads(Path(path).read_text())
+            args_path = Path(path).parent / "args.json"
+            args = json.loads(args_path.read_text()) if args_path.is_file() else {}
+            score = results["lesion_iou" if results["dataset"] == "isic2017" else "miou"]
+            key = (results["dataset"], results["arch"], run_label(results, args), int(results["n_labeled"]))
+            cells.setdefault(key, []).append(float(score))
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            print(f"skipped {path}: {type(e).__name__} {e}", file=sys.stderr)
+    return cells
+
+
+def paper_value(dataset, arch, label, n):
+    counts, values = PAPER_COUNTS.get(dataset, ()), PAPER_RESULTS.get((dataset, arch, label))
+    value = values[counts.index(n)] if values and n in counts else None
+    if value is None:
+        return "—"
+    return f"{value[0]:.2f} ± {value[1]:.2f}" if isinstance(value, tuple) else f"{value:.2f}"
+
+
+def summary(cells):
+    """Markdown tables, one per (dataset, arch): method x labeled count, ours (mean ± std [runs]) / paper."""
+    lines = []
+    for dataset, arch in sorted({key[:2] for key in cells}):
+        keys = [key for key in cells if key[:2] == (dataset, arch)]
+        order = lambda m: (METHOD_ORDER.index(m.split(",")[0]) if m.split(",")[0] in METHOD_ORDER else 99, m)
+        labels, counts = sorted({k[2] for k in keys}, key=order), sorted({k[3] for k in keys})
+        metric = "lesion IoU" if dataset == "isic2017" else "mIoU"
+        lines += [f"{dataset}, {arch}: {metric} (%), ours mean ± std [runs] / paper", "",
+                  "| method | " + " | ".join(map(str, counts)) + " |", "|---" * (len(counts) + 1) + "|"]
+        for label in labels:
+            row = []
+            for n in counts:
+                v = cells.get((dataset, arch, label, n), [])
+                ours = "—" if not v else f"{np.mean(v):.2f}" + (f" ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else "")
+                row.append(f"{ours} [{len(v)}] / {paper_value(dataset, arch, label, n)}")
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines) if lines else "no finished runs (results.json) found"
+
+
+def run_seeds(argv):
+    """python common.py seeds SCRIPT [--seeds S ...] [--runs RUNS] [--dry-run] -- SCRIPT'S OPTIONS
+
+    Runs SCRIPT once per seed into RUNS/, each in the folder the script itself would name (common.run_folder,
+    e.g. train_cutmix_cityscapes_372_s1_ss23456): finished runs are skipped,
+    unfinished ones resumed. The seed goes to --split-seed (a new labeled subset, as the paper's Cityscapes
+    and ISIC runs) or, when a --split-file fixes the subset (Pascal), to --seed. Then prints the summary."""
+    import shlex
+    import subprocess
+    parser = argparse.ArgumentParser(prog="python common.py seeds", description=" ".join(run_seeds.__doc__.split("\n\n")[1].split()))
+    parser.add_argument("script", help="train_*.py")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[12345, 23456, 34567, 45678, 56789],
+                        help="default: the original's Cityscapes split seeds")
+    parser.add_argument("--runs", default="runs", help="folder of the run folders")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    cut = argv.index("--") if "--" in argv else len(argv)
+    opts, rest = parser.parse_args(argv[:cut]), argv[cut + 1:]
+    for flag in ("--seed", "--split-seed", "--out", "--resume"):
+        if any(a == flag or a.startswith(flag + "=") for a in rest):
+            raise common.UserError(f"seeds: {flag} is set per seed by this tool; leave it out of the script's options")
+    script = Path(opts.script) if Path(opts.script).is_file() else Path(__file__).resolve().parent.parent / opts.script
+    if not script.is_file():
+        raise common.UserError(f"seeds: no script {opts.script}")
+    known = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flag in ("--dataset", "--arch", "--n-labeled", "--split-file"):
+        known.add_argument(flag)
+    given = known.parse_known_args(rest)[0]
+    dataset = given.dataset or common.TrainArgs.dataset
+    protocol = common.DATASETS.get(dataset, {})
+    arch, n = given.arch or protocol.get("arch"), int(given.n_labeled or protocol.get("n_labeled", -1))
+    vary = "seed" if given.split_file else "split-seed"
+    outs, failed = [], []
+    for seed in opts.seeds:
+        out = Path(opts.runs) / common.run_folder(script, dataset, n, *((seed, 12345) if given.split_file else (1, seed)),
+                                                  arch=arch).name
+        outs.append(out)
+        if (out / "results.json").is_file():
+            print(f"finished: {out}")
+            continue
+        command = [sys.executable, str(script), *rest, f"--{vary}", str(seed), "--out", str(out)]
+        if (out / "checkpoint.pt").is_file():
+            command.append("--resume")
+        elif out.is_dir() and not opts.dry_run:  # stopped before its first checkpoint: start it again
+            leftovers = {p.name for p in out.iterdir()}
+            if not leftovers <= {"args.json", "log.txt", "metrics.jsonl"}:
+                raise common.UserError(f"seeds: {out} holds {sorted(leftovers)} but no checkpoint.pt; move it away")
+            for name in leftovers:
+                (out / name).unlink()
+        print("$ " + shlex.join(command), flush=True)
+        if not opts.dry_run and subprocess.call(command) != 0:
+            failed.append(seed)
+    print(summary(collect_results(out / "results.json" for out in outs if (out / "results.json").is_file())))
+    if failed:
+        print(f"failed seeds: {' '.join(map(str, failed))}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(command, argv):
+    if command == "seeds":  # python common.py seeds train_cutmix.py --seeds 1 2 3 -- --dataset cityscapes ...
+        return run_seeds(argv)
+    print(summary(collect_results(sorted(Path(argv[0] if argv else "runs").rglob("results.json")))))

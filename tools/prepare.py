@@ -1,0 +1,170 @@
+"""One-time dataset preparation, imported by common.py on a dataset's first run: the check of every
+(image, mask) pair, Cityscapes halved and ISIC resized into memory-mapped arrays, and the conversion of
+SBD's labels into Pascal's SegmentationClassAug (`python common.py sbd-to-aug SBD_ROOT VOC_ROOT`)."""
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # noqa: E402
+from common import IGNORE, UserError, atomic_write  # noqa: E402
+
+try:
+    import fcntl  # Unix: serialises concurrent preparations of one dataset cache
+except ImportError:  # Windows: one run at a time prepares
+    fcntl = None
+
+
+def check_pairs(pairs_by_split, num_classes=None):
+    """Decode every (image, mask) pair once: sizes agree, masks hold classes below num_classes (or 255).
+    Returns {split: [[H, W], ...], "max_label": the largest class seen}."""
+    verdict, max_label = {}, 0
+    for split, pairs in pairs_by_split.items():
+        sizes = []
+        for image_path, mask_path in tqdm(pairs, desc=f"checking {split} data (once)", leave=False,
+                                          disable=len(pairs) < 200):
+            image, mask = common.read_image(image_path), common.read_mask(mask_path)
+            if image.shape[:2] != mask.shape:
+                raise UserError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
+                                f"{image_path} is {image.shape[1]}x{image.shape[0]}; they must match")
+            values = np.unique(mask)
+            values = values[values != IGNORE]
+            if num_classes and len(values) and values.max() >= num_classes:
+                raise UserError(f"mask {mask_path} holds class {values.max()}, but --num-classes is "
+                                f"{num_classes} (expected 0..{num_classes - 1} or 255 = ignore)")
+            max_label = max(max_label, int(values.max()) if len(values) else 0)
+            sizes.append(list(image.shape[:2]))
+        verdict[split] = sizes
+    verdict["max_label"] = max_label
+    return verdict
+
+
+def fill_arrays(folder, pairs, convert, tag):
+    """`folder`/{images,labels}.npy from convert(image path, label path) of each pair. Filled in
+    <folder>.partial sample by sample, with the count of finished samples in a progress file, and renamed
+    when complete: an interrupted preparation resumes where it stopped and never leaves a half-written
+    cache behind; runs started together (a table's seeds) wait for the one that prepares."""
+    with open(folder.with_name(folder.name + ".lock"), "a") as lock:
+        if fcntl:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if folder.is_dir():  # another run prepared it while this one waited
+            return
+        partial, arrays = folder.with_name(folder.name + ".partial"), None
+        partial.mkdir(exist_ok=True)
+        progress = partial / "done.txt"
+        done = int(progress.read_text()) if progress.is_file() else 0
+        if done:
+            arrays = [np.load(partial / f"{kind}.npy", mmap_mode="r+") for kind in ("images", "labels")]
+        for i in tqdm(range(done, len(pairs)), initial=done, total=len(pairs), desc=f"preparing {tag} (once)",
+                      dynamic_ncols=True):
+            sample = convert(*pairs[i])
+            if arrays is None:  # the first sample sets the arrays' shapes
+                arrays = [np.lib.format.open_memmap(partial / f"{kind}.npy", "w+", np.uint8, (len(pairs), *a.shape))
+                          for kind, a in zip(("images", "labels"), sample)]
+            if sample[0].shape != arrays[0].shape[1:]:
+                raise UserError(f"{pairs[i][0]} is {sample[0].shape[1]}x{sample[0].shape[0]} once prepared, the "
+                                f"images before it {arrays[0].shape[2]}x{arrays[0].shape[1]}: they must share one "
+                                f"size")
+            for array, a in zip(arrays, sample):
+                array[i] = a
+                array.flush()
+            atomic_write(progress, str(i + 1))
+        del arrays  # unmapped before the rename
+        os.replace(partial, folder)
+
+
+# ---- Cityscapes: half size, as the original's conversion script --------------------------------------
+# labelId -> trainId for the 19 evaluated classes; every other id (void 0-6, 9, 10, ..., license plate 34) -> 255
+CITYSCAPES_TRAIN_ID = np.full(256, IGNORE, np.uint8)
+CITYSCAPES_TRAIN_ID[[7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]] = np.arange(19)
+
+
+def halve_cityscapes(image_path, label_path):
+    """Half size as the original's convert_cityscapes.py: the image by 2x2 mean truncated to uint8; the
+    labelIds by 2x2 majority vote, ties to the lower id, then mapped to trainIds."""
+    image, label = common.read_image(image_path), common.read_mask(label_path)
+    h, w = label.shape
+    if image.shape[:2] != (h, w) or h % 2 or w % 2:
+        raise UserError(f"{label_path} ({w}x{h}) and {image_path} ({image.shape[1]}x{image.shape[0]}) must share "
+                        f"one even size (2048x1024 in the official download)")
+    image = image.reshape(h // 2, 2, w // 2, 2, 3).sum((1, 3), dtype=np.uint16) // 4
+    blocks = label.reshape(h // 2, 2, w // 2, 2).transpose(0, 2, 1, 3).reshape(h // 2, w // 2, 4)
+    votes = (blocks[..., :, None] == blocks[..., None, :]).sum(-1)  # (h/2, w/2, 4): votes for each entry's id
+    winner = np.take_along_axis(blocks, (votes * 256 - blocks).argmax(-1)[..., None], -1)[..., 0]
+    return image.astype(np.uint8), CITYSCAPES_TRAIN_ID[winner]
+
+
+# ---- ISIC 2017: 248x248, as the original's conversion script -----------------------------------------
+ISIC_SIZE = (248, 248)
+
+
+def shrink_isic(image_path, truth_path):
+    """248x248 by area interpolation, image and ground truth alike (the original's convert_isic.py used
+    cv2.INTER_AREA), then lesion where the resized ground truth is >= 127."""
+    image, truth = common.read_image(image_path), common.read_mask(truth_path)
+    if image.shape[:2] != truth.shape:
+        raise UserError(f"ground truth {truth_path} is {truth.shape[1]}x{truth.shape[0]} but its image "
+                        f"{image_path} is {image.shape[1]}x{image.shape[0]}; they must match")
+    return area_resize(image, ISIC_SIZE), (area_resize(truth, ISIC_SIZE) >= 127).astype(np.uint8)
+
+
+def area_resize(a, size):
+    """Resize a uint8 (H, W) or (H, W, C) array by area averaging, as OpenCV's INTER_AREA when shrinking:
+    each output pixel is the mean of the input area it covers, pixels partly inside weighted by that part."""
+    out = a
+    for axis, m in enumerate(size):
+        x = np.moveaxis(out, axis, 0)  # resize along the first axis
+        n, rows = len(x), []
+        edges = np.arange(m + 1) * (n / m)
+        for lo, hi in zip(edges[:-1], edges[1:]):  # one output pixel: the input interval [lo, hi)
+            pixels = np.arange(int(lo), min(math.ceil(hi), n))
+            inside = np.minimum(pixels + 1, hi) - np.maximum(pixels, lo)  # the part of each pixel inside
+            rows.append(np.tensordot(inside / (hi - lo), x[pixels[0]:pixels[-1] + 1], 1))
+        out = np.moveaxis(np.stack(rows), 0, axis)
+    return np.rint(out).clip(0, 255).astype(np.uint8)
+
+
+# ---- Pascal: SegmentationClassAug from SBD -----------------------------------------------------------
+def sbd_to_aug(sbd, voc):
+    """Build VOC2012/SegmentationClassAug/NAME.png (class indices, 255 = void) from SBD's dataset/cls/NAME.mat,
+    VOC's own SegmentationClass labels winning where both exist, as in the usual SegmentationClassAug.
+
+    Needs scipy, for this step only. Each PNG is written atomically and existing ones are kept: re-run it
+    after an interruption."""
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise UserError("sbd-to-aug reads SBD's .mat files with scipy, needed for this step only: pip install scipy")
+    sbd, voc = Path(sbd), common.voc2012_folder(Path(voc))
+    cls = next((d for d in (sbd / "dataset" / "cls", sbd / "benchmark_RELEASE" / "dataset" / "cls", sbd / "cls")
+                if d.is_dir()), None)
+    if cls is None:
+        raise UserError(f"{sbd}: no dataset/cls/ folder of .mat labels; expected SBD's benchmark.tgz unpacked "
+                        f"(http://home.bharathh.info/pubs/codes/SBD/download.html)")
+    if voc is None or not (voc / "SegmentationClass").is_dir():
+        raise UserError(f"no VOC2012 folder with JPEGImages/ and SegmentationClass/ there; expected "
+                        f"{common.LAYOUTS['pascal_aug']}")
+    sources = {p.stem: p for p in cls.glob("*.mat")}
+    sources.update({p.stem: p for p in (voc / "SegmentationClass").glob("*.png")})  # VOC's own labels win
+    for name, source in tqdm(sorted(sources.items()), desc="writing SegmentationClassAug"):
+        target = voc / "SegmentationClassAug" / f"{name}.png"
+        if target.is_file():
+            continue
+        if source.suffix == ".png":
+            label = common.read_mask(source)  # palette indices, 255 = boundary
+        else:
+            label = loadmat(source, squeeze_me=True, struct_as_record=False)["GTcls"].Segmentation.astype(np.uint8)
+        atomic_write(target, label)
+    print(f"{len(sources)} labels in {voc / 'SegmentationClassAug'}")
+
+
+def main(command, argv):
+    """python common.py sbd-to-aug SBD_ROOT VOC_ROOT"""
+    if len(argv) != 2:
+        sys.exit("usage: python common.py sbd-to-aug SBD_ROOT VOC_ROOT  (builds VOC2012/SegmentationClassAug from "
+                 "SBD's dataset/cls/*.mat; README 'Datasets')")
+    sbd_to_aug(*argv)
