@@ -121,7 +121,8 @@ class TrainArgs:
     device: str = arg("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
     out: str = arg(None, "run folder (default: runs/<script>_<dataset>_<n_labeled>_s<seed>)")
     resume: bool = arg(False, "continue the run in --out from its last checkpoint")
-    amp: str = arg(None, "autocast precision (default: bf16 on CUDA, off on CPU)", choices=["off", "bf16", "fp16"])
+    amp: str = arg(None, "bf16/fp16 autocast (default on CUDA: bf16), or off: the paper's plain fp32, TF32 off",
+                   choices=["off", "bf16", "fp16"])
     deterministic: bool = arg(False, "deterministic kernels (with --num-workers 0: bit-exact resume)")
     num_workers: int = arg(None, "DataLoader worker processes (default: the dataset's, else min(8, CPUs))")
     num_classes: int = arg(None, "class count for --dataset folder (default: from the masks)")
@@ -255,8 +256,8 @@ def setup_device(args):
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":  # --amp off: the paper's plain fp32, with TF32 off too
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.amp != "off"
     seed_everything(args.seed, args.deterministic)
     return device
 
@@ -267,8 +268,7 @@ def autocast(amp, device):
 
 # ---- 3. Data flow: dataset -> labeled subset -> augmented crops -> infinite streams -> the device ---
 class Split(torch.utils.data.Dataset):
-    """A list of samples: load(i) -> (image uint8 (H, W, 3), label uint8 (H, W)); sizes: (H, W) each.
-    As a Dataset (validation), it yields whole images as tensors: (3, H, W) uint8, (H, W) uint8."""
+    """Samples: load(i) -> (image uint8 (H, W, 3), label uint8 (H, W)), sizes (H, W); as a Dataset, tensors."""
 
     def __init__(self, names, load, sizes):
         self.names, self.load, self.sizes = list(names), load, list(sizes)
@@ -380,11 +380,10 @@ class TrainSet(torch.utils.data.Dataset):
         return (img, lab, valid) if lab is not None else (img, valid)
 
 class StreamSampler(torch.utils.data.Sampler):
-    """Infinite stream of batches: passes over `indices`, each freshly shuffled, batches cut from the
-    continuous stream (a batch may straddle two passes, as the original's repeating sampler). Pass k's
-    order and every sample's augmentation seed derive from (seed, stream, k), so the stream's only state is
-    its position: starting at iteration `start` resumes it exactly. Under torchrun every process cuts the
-    same global batch and keeps its own rows."""
+    """Infinite stream of batches cut from passes over `indices`, each freshly shuffled (a batch may straddle
+    two, as the original's repeating sampler). Pass k's order and every sample's augmentation seed derive
+    from (seed, stream, k): starting at iteration `start` resumes the stream exactly. Under torchrun every
+    process cuts the same global batch and keeps its own rows."""
 
     def __init__(self, indices, batch_size, seed, stream, start=0):
         self.indices, self.batch_size = np.asarray(indices), batch_size
@@ -438,12 +437,14 @@ def normalise(images, device, valid=None):
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 def to_device(batch, device):
-    """A loader batch on the device: (images, valid) -> (x, v), (images, labels, valid) -> (x, y, v).
-    x: normalised float (B, 3, H, W), 0 outside the image; y: long (B, H, W), 255 = ignore;
-    v: float (B, 1, H, W), 1 = image content, 0 = padding (fractions where a crop was resized)."""
+    """A loader batch on the device: (images, valid) -> (x, v), (images, labels, valid) -> (x, y, v). x:
+    normalised (B, 3, H, W), 0 where padded: where v is 0, or a 4th (alpha) channel of the images is (ISIC's
+    mirrored borders are no padding); y: long, 255 = ignore; v: (B, 1, H, W), the loss mask, 1 = in the image."""
     *images_labels, valid = batch
     v = valid.to(device, non_blocking=True).float().div_(255).unsqueeze(1)
-    x = normalise(images_labels[0], device, v)
+    images = images_labels[0]
+    alpha = v if images.shape[1] == 3 else images[:, 3:].to(device, non_blocking=True).float().div_(255)
+    x = normalise(images[:, :3], device, alpha)
     return (x, v) if len(images_labels) == 1 else (x, images_labels[1].to(device, non_blocking=True).long(), v)
 
 # ---- 4. Mean teacher and optimizer ----------------------------------------------------------------
@@ -530,8 +531,9 @@ def forward_each(net, *batches):
     return net(torch.cat(batches)).split([len(b) for b in batches])
 
 def supervised_loss(logits, labels):
-    """Cross-entropy over the labeled pixels (255 = ignore), in fp32."""
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
+    """Cross-entropy in fp32, the mean over labeled pixels (255 = ignore); 0 (no gradient) for a batch without."""
+    labeled = (labels != IGNORE).any()  # on the device, no sync; a mean over no pixel would be 0/0 = NaN
+    return F.cross_entropy(logits.float(), torch.where(labeled, labels, 0), ignore_index=IGNORE) * labeled
 
 # ---- 5. Metrics and evaluation --------------------------------------------------------------------
 def confusion_matrix(pred, target, num_classes):
@@ -548,9 +550,8 @@ def iou_from_confusion(conf):
 
 @contextlib.contextmanager
 def inference(net):
-    """Eval mode, no gradients, and the net uncompiled (force_eager: evaluation's image sizes would each
-    cost a compilation, for passes whose large kernels keep the GPU busy anyway); afterwards every
-    module's mode is what it was, frozen BatchNorm included."""
+    """Eval mode, no gradients, the net uncompiled (each image size would cost a compilation, for passes that
+    keep the GPU busy anyway); afterwards every module's mode is what it was, frozen BatchNorm included."""
     modes = [(m, m.training) for m in net.modules()]
     net.eval()
     try:
@@ -624,8 +625,7 @@ def run_folder(script, dataset, n_labeled, seed, split_seed=12345, arch=None):
     return Path("runs") / f"{Path(script).stem}_{dataset}{tag}_{n_labeled}_s{seed}{split}"
 
 def make_run(args, method):
-    """The Run a script's loop reports to; under --benchmark N the timer with the same methods
-    (tools/bench.py), which runs the loop on cached batches and writes nothing."""
+    """The Run a script's loop reports to; under --benchmark the timer with its methods (tools/bench.py)."""
     if args.benchmark:
         from tools.bench import Benchmark
         return Benchmark(args, method)
@@ -636,7 +636,6 @@ class Run:
     preview.png), its methods called in this order by a script. Under torchrun process 0 alone writes."""
 
     def __init__(self, args, method):
-        """Checks --out and --resume before anything is loaded or written."""
         self.args, self.method, (self.rank, self.world) = args, method, process_group()
         self.main, self.log_every = self.rank == 0, max(1, min(100, args.eval_every // 5))
         self.log_file = self.metrics_file = None
@@ -928,9 +927,8 @@ def split_pairs(root, dataset, image_dir, label_dir, list_images, label_of):
     return pairs
 
 def checked_splits(pairs_by_split, cache, num_classes=None):
-    """{split: Split decoding its pairs on the fly}, "max_label": int}, once every (image, mask) pair was
-    decoded and checked (sizes agree, classes in range) by tools/prepare.py; the verdict is cached, keyed by
-    the files' names, sizes and times."""
+    """{split: Split decoding its pairs on the fly, "max_label": int}, once tools/prepare.py checked every pair
+    (sizes agree, classes in range); its verdict is cached, keyed by the files' names, sizes and times."""
     files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for pairs in pairs_by_split.values()
              for pair in pairs for p in pair]
     path = cache / f"verdict_{hashlib.sha1(json.dumps([files, num_classes]).encode()).hexdigest()[:16]}.json"
@@ -1147,9 +1145,9 @@ def isic2017_dataset(root, cache):
 
 def rotate_scale_crop(img, lab, valid, rng, crop, rot, max_scale):
     """A crop turned by θ ~ U(-rot, rot) degrees and scaled by s = exp(U(-ln m, ln m)): the original's
-    cv2.warpAffine with T(crop/2)·R(θ)·S(s)·T(-centre), here as its inverse map for grid_sample. Beyond
-    the border the image is mirrored (reflect-101), labels are 255 and valid 0. The image is sampled
-    nearest when labeled (to stay aligned with its labels), else nearest or bilinear at random."""
+    cv2.warpAffine with T(crop/2)·R(θ)·S(s)·T(-centre), as its inverse map for grid_sample. Beyond the border
+    as the original's: the image mirrored (BORDER_REFLECT_101; alpha 255, no padding), labels 255 and valid 0
+    (a constant border). The image is sampled nearest when labeled, else nearest or bilinear at random."""
     scale = math.exp(rng.uniform(-math.log(max_scale), math.log(max_scale)))
     theta = math.radians(rng.uniform(-rot, rot))
     size, window = np.array(img.shape[1:], float), np.array(crop) / scale  # (H, W), the crop's extent in the image
@@ -1164,6 +1162,7 @@ def rotate_scale_crop(img, lab, valid, rng, crop, rot, max_scale):
         return F.grid_sample(t[None].float(), grid, mode=mode, padding_mode=border, align_corners=True)[0]
     mode = "nearest" if lab is not None or rng.uniform() < 0.5 else "bilinear"
     img = warp(img, mode, "reflection").round().clamp(0, 255).to(torch.uint8)
+    img = torch.cat([img, torch.full_like(img[:1], 255)])  # (4, h, w): alpha 255, nothing is padding
     valid = warp(valid[None], mode, "zeros")[0].round().to(torch.uint8)
     if lab is not None:  # shifted by one so that 0 marks "outside the image"
         lab = warp(lab[None].long() + 1, "nearest", "zeros")[0].long()
@@ -1353,6 +1352,13 @@ class DeepLabV3Plus(nn.Module):
     def load_imagenet(self):
         return load_resnet101(self.backbone)
 
+def pad_centred(x, multiple):
+    """(B, C, H, W) padded with zeros (the mean colour) to sizes divisible by `multiple`, centred as the
+    original's collate (top ⌊pad/2⌋, bottom the rest; left, right alike), and the index cropping it back."""
+    (h, w), (ph, pw) = x.shape[2:], (-x.shape[2] % multiple, -x.shape[3] % multiple)
+    top, left = ph // 2, pw // 2
+    return F.pad(x, (left, pw - left, top, ph - top)), (..., slice(top, top + h), slice(left, left + w))
+
 class DenseUNet161(nn.Module):
     """U-Net on torchvision's DenseNet-161 features, as the original (after Li et al.):
     each decoder block upsamples x2 (nearest), *adds* the skip, then conv 3x3 + BN + ReLU."""
@@ -1374,9 +1380,7 @@ class DenseUNet161(nn.Module):
                                    nn.Conv2d(64, num_classes, 1))
 
     def forward(self, x):
-        h, w = x.shape[2:]
-        # padded to a multiple of 32 with zeros, the mean colour after normalisation; cropped off the logits
-        x = F.pad(x, (0, -w % 32, 0, -h % 32))
+        x, crop = pad_centred(x, 32)
         skips = []
         for name, layer in self.features.named_children():
             if name in self.TAPS:
@@ -1386,15 +1390,14 @@ class DenseUNet161(nn.Module):
         skips[-1] = self.line0(skips[-1])
         for block, skip in zip(self.decoder, reversed(skips)):
             x = block(F.interpolate(x, scale_factor=2, mode="nearest") + skip)
-        return self.final(x)[:, :, :h, :w]
+        return self.final(x)[crop]
 
     def backbone_modules(self):
         return [self.features]
     frozen_bn_modules = backbone_modules  # --freeze_bn: the pretrained encoder's BatchNorm
 
     def load_imagenet(self):
-        """torchvision's ImageNet DenseNet-161 (IMAGENET1K_V1); its file keeps the old layer names
-        (denselayer1.norm.1), renamed here as torchvision does (norm1)."""
+        """torchvision's ImageNet DenseNet-161 (IMAGENET1K_V1); old layer names (norm.1) renamed (norm1)."""
         import re
         from torchvision.models import DenseNet161_Weights
         state = load_torchvision_weights(DenseNet161_Weights.IMAGENET1K_V1)
@@ -1404,9 +1407,8 @@ class DenseUNet161(nn.Module):
         return state
 
 class PSPNet101(nn.Module):
-    """PSPNet on a dilated ResNet-101 (the original used MIT CSAIL's `resnet101dilated` + `ppm`): pyramid
-    pooling 1/2/3/6, no auxiliary (deep-supervision) loss. The original's encoder was MIT's deep-stem
-    ResNet-101 with MIT's ImageNet weights; torchvision has only the standard stem (README, deviations)."""
+    """PSPNet on a dilated ResNet-101: pyramid pooling 1/2/3/6, no auxiliary loss. The original used MIT
+    CSAIL's deep-stem `resnet101dilated` and weights; torchvision has only the standard stem (README)."""
 
     def __init__(self, num_classes, scales=(1, 2, 3, 6)):
         super().__init__()
@@ -1434,9 +1436,8 @@ class PSPNet101(nn.Module):
         return load_resnet101(self.backbone)
 
 class GlobalBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics are those of the global batch across torchrun processes, on
-    any device (torch's SyncBatchNorm, used on CUDA, needs a GPU). The all-reduce is differentiable, so the
-    gradient also flows through the other processes' share of the statistics."""
+    """BatchNorm2d with the global batch's statistics across torchrun processes on any device (SyncBatchNorm,
+    used on CUDA, needs a GPU); the gradient flows through the other processes' share of them too."""
 
     def forward(self, x):
         if not (self.training and process_group()[1] > 1):

@@ -10,6 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import common
@@ -303,16 +304,50 @@ def test_rotate_scale_crop_geometry():
     # output (y, x) samples input row n - x, column y (centre n/2, as cv2.warpAffine with T(crop/2))
     for y in range(n):
         for x in range(1, n):
-            assert lab[y, x] == label[n - x, y] and img[:, y, x].tolist() == image[n - x, y].tolist()
+            assert lab[y, x] == label[n - x, y] and img[:3, y, x].tolist() == image[n - x, y].tolist()
     assert (lab[:, 0] == 255).all() and (valid[:, 0] == 0).all() and (valid[:, 1:] == 255).all()
-    assert all(img[:, y, 0].tolist() == image[n - 2, y].tolist() for y in range(n))  # reflect-101 border
+    assert all(img[:3, y, 0].tolist() == image[n - 2, y].tolist() for y in range(n))  # reflect-101 border
+    assert (img[3] == 255).all()  # alpha: no pixel of a rotated crop is padding
     # random draws: a crop of the right size whose labels all come from the image, or are 255 outside it
     rng = np.random.default_rng(1)
     for _ in range(5):
         aug = dict(common.DATASETS["isic2017"]["aug"], transpose=False)  # a non-square crop: x and y apart
         img, lab, valid = common.augment(image, label, rng, (4, 5), aug)
-        assert img.shape == (3, 4, 5) and lab.shape == valid.shape == (4, 5)
+        assert img.shape == (4, 4, 5) and lab.shape == valid.shape == (4, 5)
         assert torch.equal(lab == 255, valid == 0) and set(lab[lab != 255].tolist()) <= set(range(n * n))
+
+
+def test_the_net_sees_the_mirrored_image_beyond_a_rotated_crop_and_zero_beyond_a_padded_one():
+    """ISIC: as the original, the image is mirrored (reflect-101) where a rotated crop leaves the image,
+    with label 255 and valid 0 there; the network gets those mirrored pixels. Pascal's padding becomes 0."""
+    class Fixed:  # θ = 90°, scale 1, the crop centred at the image's far end: column 0 lies outside
+        def uniform(self, low=0.0, high=1.0, size=None):
+            return np.full(size, high) if size else high
+    image = np.arange(6 * 6 * 3, dtype=np.uint8).reshape(6, 6, 3) * 2
+    img, lab, valid = common.augment(image, np.zeros((6, 6), np.uint8), Fixed(), (6, 6), dict(rot=90.0, max_scale=1.0))
+    x, y, v = common.to_device((img[None], lab[None], valid[None]), torch.device("cpu"))
+    mean, std = (torch.tensor(t).view(3, 1) for t in (common.IMAGENET_MEAN, common.IMAGENET_STD))
+    for row in range(6):  # output column 0 maps to input column -1 of row 6 - 0: reflect-101 gives row 4
+        want = (torch.tensor(image[4, row], dtype=torch.float32).view(3, 1) / 255 - mean) / std
+        assert torch.allclose(x[0, :, row, :1], want) and y[0, row, 0] == 255 and v[0, 0, row, 0] == 0
+    assert x[0, :, :, 0].abs().mean() > 0.3  # the mirrored content is there, not the mean colour
+    # a crop larger than the image (Pascal, Cityscapes): centred padding, 0 after normalisation, valid 0
+    img, lab, valid = common.augment(image, np.zeros((6, 6), np.uint8), np.random.default_rng(0), (8, 10), {})
+    x, y, v = common.to_device((img[None], lab[None], valid[None]), torch.device("cpu"))
+    assert img.shape == (3, 8, 10) and (x[0, :, 0] == 0).all() and (x[0, :, :, :2] == 0).all()
+    assert (v[0, 0, 1:7, 2:8] == 1).all() and v.sum() == 36 and (y[0, 0] == 255).all()
+
+
+def test_padding_for_the_dense_unet_is_centred_and_cropped_back():
+    x = torch.arange(5 * 7, dtype=torch.float32).view(1, 1, 5, 7) + 1
+    padded, crop = common.pad_centred(x, 4)  # 5 -> 8: 1 above, 2 below; 7 -> 8: 0 left, 1 right
+    assert padded.shape == (1, 1, 8, 8) and torch.equal(padded[..., 1:6, 0:7], x)
+    assert padded.sum() == x.sum() and torch.equal(padded[crop], x)
+    assert common.pad_centred(torch.ones(1, 3, 248, 248), 32)[1][-2:] == (slice(4, 252), slice(4, 252))
+    net = common.DenseUNet161(num_classes=2).eval()  # 40 -> 64, centred: the same as padding by 12 all round
+    image = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        assert torch.allclose(net(image), net(F.pad(image, (12, 12, 12, 12)))[..., 12:52, 12:52], atol=1e-5)
 
 
 # ---- bad layouts: one clear line naming what is missing, the layout and where to get it -----------------

@@ -149,3 +149,20 @@ def test_repeat_adam_equals_pytorch_adam_with_duplicated_parameters():
     ours = run(lambda a, b: common.RepeatAdam([{"params": [a], "repeat": 3, "lr": 0.1},
                                                {"params": [b], "repeat": 1, "lr": 0.1}]))
     assert torch.allclose(ref[0], ours[0], atol=1e-6) and torch.allclose(ref[1], ours[1], atol=1e-6)
+
+
+def test_supervised_loss_is_todays_mean_and_zero_on_a_batch_without_labels():
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 8, 8))
+    labels[0, :4] = 255
+    loss = common.supervised_loss(logits, labels)
+    want = F.cross_entropy(logits, labels, ignore_index=255)
+    assert torch.equal(loss, want)  # bit for bit: runs with labeled pixels do not move
+    grad, = torch.autograd.grad(loss, logits)
+    assert torch.equal(grad, torch.autograd.grad(want, logits)[0])
+    none = torch.full_like(labels, 255)
+    loss = common.supervised_loss(logits, none)
+    grad, = torch.autograd.grad(loss, logits)
+    assert loss.item() == 0 and torch.equal(grad, torch.zeros_like(grad))

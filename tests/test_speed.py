@@ -16,7 +16,7 @@ IMAGES = {"train_baseline.py": 8, "train_cutmix.py": 24, "train_cutout.py": 16, 
 KEYS = {"script", "method", "dataset", "arch", "device", "amp", "compile", "world_size", "batch_size", "crop_size",
         "data", "ms_per_iter", "iters_per_s", "images_per_s", "peak_memory_gib", "memory_kind", "tflop_per_iter",
         "tflops", "peak_tflops", "mfu", "eval_seconds", "iters", "train_minutes", "run_minutes",
-        "loader_images_per_s"}
+        "loader_images_per_s", "peak_reserved_gib", "warmup_seconds"}
 
 
 def benchmark(script, *args, cwd):

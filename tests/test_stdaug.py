@@ -28,8 +28,8 @@ def smooth_image(h, w, seed=0):
 
 def misalignment(image, crop, aug, seed, shift_x=0.0):
     """Warp the teacher's *input* into the student's frame with the pair's theta (the check the original's
-    stale tests/test_data_pipeline.py intended) and
-    return (largest |difference| to the student's input on pixels valid in both, share of such pixels)."""
+    stale tests/test_data_pipeline.py intended) and return (largest |difference| to the student's input on
+    pixels valid in both, share of such pixels)."""
     image_t, valid_t, image_s, valid_s, theta = S.make_pair(image, crop, aug, 16, np.random.default_rng(seed))
     theta = theta.clone()
     theta[0, 2] += shift_x * 2 / (crop[1] - 1)  # a deliberate error, in teacher pixels
@@ -166,6 +166,20 @@ def test_flips_are_drawn_independently_for_teacher_and_student():
                                                     0, np.random.default_rng(seed))
         differ += not torch.allclose(theta[:, :2], torch.eye(2))
     assert 20 < differ < 40  # P(same h and v flips) = 1/4
+
+
+def test_isic_views_show_the_mirrored_image_beyond_the_border_as_the_original():
+    image = smooth_image(30, 30) // 2 + 100  # no pixel near the mean colour
+    for seed in range(8):
+        image_t, valid_t, image_s, valid_s, _ = S.make_pair(image, (40, 40), ISIC, 16, np.random.default_rng(seed))
+        assert image_t.shape == image_s.shape == (4, 40, 40) and (image_t[3] == 255).all() and (image_s[3] == 255).all()
+        for views in ((image_t, valid_t), (image_s, valid_s)):  # 40 > 30: part of each view lies outside
+            x, v = common.to_device(tuple(t[None] for t in views), torch.device("cpu"))
+            outside = v[0, 0] == 0  # no loss there, but the mirrored image, not the mean colour
+            assert outside.any() and torch.equal(x, common.normalise(views[0][None, :3], torch.device("cpu")))
+            assert x[0][:, outside].abs().mean() > 0.3
+    _, _, image_s, _, _ = S.make_pair(image, (40, 40), PASCAL, 16, np.random.default_rng(0))
+    assert image_s.shape == (3, 40, 40)  # Pascal: zero padding, made the mean colour by the valid mask
 
 
 def test_pair_dataset_is_fixed_by_its_key_and_batches_through_the_stream():

@@ -102,9 +102,10 @@ class Benchmark(common.Run):
         self.flops = counter.get_total_flops() * self.world  # all processes
         if args.compile:
             self.compile()
-        warmup = (3 if self.device.type == "cuda" else 1) + (3 if args.compile else 0)
+        warmup, started = (3 if self.device.type == "cuda" else 1) + (3 if args.compile else 0), time.perf_counter()
         yield from range(1, 1 + warmup)  # allocation, cudnn autotuning, compilation: not timed
         self.sync()
+        self.warmup_seconds = time.perf_counter() - started
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         started, images = time.perf_counter(), self.images
@@ -149,7 +150,8 @@ class Benchmark(common.Run):
         """Prints the numbers and one `BENCHMARK {json}` line; returns the record."""
         args, device, s = self.args, self.device, self.seconds_per_iter
         images = self.images_per_iter
-        if device.type == "cuda":
+        reserved = torch.cuda.max_memory_reserved(device) / 2 ** 30 if device.type == "cuda" else None
+        if device.type == "cuda":  # reserved: the allocator's peak, CUDA graphs' private pools included
             memory, memory_kind = torch.cuda.max_memory_allocated(device) / 2 ** 30, "peak GPU memory"
         else:
             import resource
@@ -164,6 +166,7 @@ class Benchmark(common.Run):
                       world_size=self.world, batch_size=args.batch_size, crop_size=list(args.crop_size),
                       data="real" if self.real_data else "synthetic", ms_per_iter=1000 * s, iters_per_s=1 / s,
                       images_per_s=images / s, peak_memory_gib=memory, memory_kind=memory_kind,
+                      peak_reserved_gib=reserved, warmup_seconds=self.warmup_seconds,
                       tflop_per_iter=self.flops / 1e12, tflops=achieved, peak_tflops=peak,
                       mfu=achieved / peak if peak else None, eval_seconds=eval_s, iters=args.iters,
                       train_minutes=args.iters * s / 60, run_minutes=(args.iters * s + evals * eval_s) / 60,
@@ -177,7 +180,9 @@ class Benchmark(common.Run):
                      f"amp {args.amp}{f', compiled ({args.compile_mode})' if args.compile else ''}"
                      f"{f', {self.world} processes' if self.world > 1 else ''}",
                      f"  train step: {1000 * s:.1f} ms/it, {1 / s:.2f} it/s, {images / s:.1f} images/s "
-                     f"({images} per iteration), {memory_kind} {memory:.2f} GiB",
+                     f"({images} per iteration), {memory_kind} {memory:.2f} GiB"
+                     + (f" (reserved {reserved:.2f} GiB)" if reserved is not None else "")
+                     + (f"; warm-up with compilation {self.warmup_seconds:.0f} s" if args.compile else ""),
                      f"  FLOPs: {record['tflop_per_iter']:.3f} TFLOP/it -> {achieved:.2f} TFLOP/s, {utilisation}",
                      f"  evaluation: {eval_s:.1f} s per pass over the {len(self.data.val)} validation images",
                      f"  {args.iters} iterations: {record['train_minutes']:.1f} min of training, "
