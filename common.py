@@ -29,7 +29,6 @@ import io
 import json
 import math
 import os
-import pickle
 import random
 import sys
 import tempfile
@@ -130,6 +129,7 @@ class TrainArgs:
     dedupe_params: bool = arg(False, "deeplabv2: step each backbone weight once per iteration, not 3-4 times")
     aspp_all_branches: bool = arg(False, "deeplabv2: sum all four ASPP branches, not only the original's first two")
     cache_dir: str = arg(None, "prepared data and checks (default: beside the data, else ~/.cache/cutmix-seg)")
+    unlabeled_dir: str = arg(None, "a folder of images without masks (nested, any format) for the unlabeled stream")
     compile: bool = arg(False, "torch.compile student and teacher for training (pays off on long CUDA runs)")
     compile_mode: str = arg("reduce-overhead", "torch.compile mode (reduce-overhead: CUDA graphs)", choices=[
         "reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs"])
@@ -280,14 +280,19 @@ class Split(torch.utils.data.Dataset):
         image, label = self.load(i)
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), torch.from_numpy(label)
 
-# what load_dataset returns: two Splits, the class count and names, the labeled indices into train
-Data = collections.namedtuple("Data", "train val num_classes class_names labeled")
+# what load_dataset returns: Splits, the class count and names, the labeled indices into train
+Data = collections.namedtuple("Data", "train val num_classes class_names labeled unlabeled")
 
 def load_dataset(name, root=None, n_labeled=-1, split_seed=12345, split_file=None, num_classes=None,
-                 cache_dir=None):
-    """The dataset `name` (section 8 reads each) and its labeled subset; one clear error if it is not there."""
+                 cache_dir=None, unlabeled_dir=None, with_unlabeled=True):
+    """The dataset `name` (section 8 reads each), its labeled subset and its unlabeled images: the training
+    set, then the images without masks of ROOT/unlabeled/ (folder) and unlabeled_dir (unlabeled_split)."""
+    if unlabeled_dir and not Path(unlabeled_dir).expanduser().is_dir():
+        raise UserError(f"--unlabeled-dir {unlabeled_dir}: no such folder")
+    folders = [Path(unlabeled_dir).expanduser()] if unlabeled_dir and with_unlabeled else []
     if name == "demo":
         train, val, num_classes, class_names = demo_dataset()
+        cache = cache_folder(folders[0], cache_dir) if folders else None
     else:
         root = require_root(root, name)
         cache = cache_folder(root, cache_dir)
@@ -295,7 +300,13 @@ def load_dataset(name, root=None, n_labeled=-1, split_seed=12345, split_file=Non
                     pascal_aug=functools.partial(pascal_aug_dataset, split_file=split_file),
                     isic2017=isic2017_dataset)[name]
         train, val, num_classes, class_names = read(root, cache)
-    return Data(train, val, num_classes, class_names, choose_labeled(train.names, n_labeled, split_seed, split_file))
+        folders = [root / "unlabeled"] * (name == "folder" and with_unlabeled and (root / "unlabeled").is_dir()) + folders
+    extra = unlabeled_split(name, folders, cache, unlabeled_dir) if folders else None
+    unlabeled = train if extra is None else Split(  # the training images first: the paper's stream, unchanged
+        train.names + extra.names, lambda i: train.load(i) if i < len(train) else extra.load(i - len(train)),
+        train.sizes + extra.sizes)
+    labeled = choose_labeled(train.names, n_labeled, split_seed, split_file)
+    return Data(train, val, num_classes, class_names, labeled, unlabeled if with_unlabeled else None)
 
 def default_crop(sizes):
     """The training images' own size when they all share one up to 512x512, else 321x321 (Pascal's)."""
@@ -305,12 +316,13 @@ def default_crop(sizes):
 
 def choose_labeled(names, n_labeled, split_seed=12345, split_file=None):
     """Indices of the labeled images: the first n_labeled (-1: all) of RandomState(split_seed).permutation
-    over the (sorted) names, or of the list in split_file (read_split_file)."""
+    over the (sorted) names, or of the list in split_file (tools/prepare.py: read_split_file)."""
     n = len(names)
     if n_labeled > n:
         raise UserError(f"--n-labeled {n_labeled} is larger than the training set ({n} images)")
     if split_file:
-        order = read_split_file(split_file, names)
+        from tools import prepare  # a list of names, or the original's pickled permutation
+        order = prepare.read_split_file(split_file, names)
         if n_labeled > len(order):
             raise UserError(f"--n-labeled {n_labeled} is larger than the {len(order)} names in --split-file "
                             f"{split_file}")
@@ -624,19 +636,20 @@ def run_folder(script, dataset, n_labeled, seed, split_seed=12345, arch=None):
     split = "" if split_seed == 12345 else f"_ss{split_seed}"
     return Path("runs") / f"{Path(script).stem}_{dataset}{tag}_{n_labeled}_s{seed}{split}"
 
-def make_run(args, method):
-    """The Run a script's loop reports to; under --benchmark the timer with its methods (tools/bench.py)."""
+def make_run(args, method, unlabeled=True):
+    """The Run a script's loop reports to (`unlabeled`: its method streams unlabeled images); under
+    --benchmark the timer with the same methods (tools/bench.py)."""
     if args.benchmark:
         from tools.bench import Benchmark
-        return Benchmark(args, method)
-    return Run(args, method)
+        return Benchmark(args, method, unlabeled)
+    return Run(args, method, unlabeled)
 
 class Run:
     """One training run and its folder (args.json, log.txt, metrics.jsonl, checkpoint.pt, results.json,
     preview.png), its methods called in this order by a script. Under torchrun process 0 alone writes."""
 
-    def __init__(self, args, method):
-        self.args, self.method, (self.rank, self.world) = args, method, process_group()
+    def __init__(self, args, method, unlabeled=True):
+        self.args, self.method, self.unlabeled, (self.rank, self.world) = args, method, unlabeled, process_group()
         self.main, self.log_every = self.rank == 0, max(1, min(100, args.eval_every // 5))
         self.log_file = self.metrics_file = None
         script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else f"train_{method}"
@@ -656,10 +669,13 @@ class Run:
             sys.exit(0)
 
     def load_data(self):
-        """The dataset and its labeled subset; a crop left to the data becomes the images' own size."""
+        """The dataset, its labeled subset and (unless the method uses none) its unlabeled images; a crop left
+        to the data becomes the images' own size."""
         a = self.args
+        if a.unlabeled_dir and not self.unlabeled:
+            print(f"--unlabeled-dir {a.unlabeled_dir}: ignored, {self.method} trains on labeled images only")
         data = load_dataset(a.dataset, a.data_root, a.n_labeled, a.split_seed, a.split_file, a.num_classes,
-                            a.cache_dir)
+                            a.cache_dir, a.unlabeled_dir, self.unlabeled)
         a.crop_size = a.crop_size or default_crop(data.train.sizes)
         return data
 
@@ -688,8 +704,10 @@ class Run:
             if self.main:
                 atomic_write(self.out / "args.json", json.dumps(record, indent=2, default=str))
             self.print("settings: " + " ".join(f"{k}={v}" for k, v in sorted(record.items())))
-            self.print(f"data: {len(data.train)} train ({len(data.labeled)} labeled), {len(data.val)} val, "
-                       f"{data.num_classes} classes; labeled: {data.labeled.tolist()[:20]}"
+            unlabeled = (f"{len(data.unlabeled)} unlabeled ({len(data.unlabeled) - len(data.train)} without masks)"
+                         if data.unlabeled else "no unlabeled stream")
+            self.print(f"data: {len(data.train)} train ({len(data.labeled)} labeled), {unlabeled}, {len(data.val)} "
+                       f"val, {data.num_classes} classes; labeled: {data.labeled.tolist()[:20]}"
                        f"{' ...' if len(data.labeled) > 20 else ''}")
         if self.world > 1:
             for name in ("student", "teacher"):  # one set of weights on every process, from process 0
@@ -927,8 +945,9 @@ def split_pairs(root, dataset, image_dir, label_dir, list_images, label_of):
     return pairs
 
 def checked_splits(pairs_by_split, cache, num_classes=None):
-    """{split: Split decoding its pairs on the fly, "max_label": int}, once tools/prepare.py checked every pair
-    (sizes agree, classes in range); its verdict is cached, keyed by the files' names, sizes and times."""
+    """{split: Split decoding its (image, mask) pairs, or (image,) alone, on the fly, "max_label": int}, once
+    tools/prepare.py checked every pair (sizes agree, classes in range); its verdict is cached, keyed by the
+    files' names, sizes and times."""
     files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for pairs in pairs_by_split.values()
              for pair in pairs for p in pair]
     path = cache / f"verdict_{hashlib.sha1(json.dumps([files, num_classes]).encode()).hexdigest()[:16]}.json"
@@ -936,68 +955,46 @@ def checked_splits(pairs_by_split, cache, num_classes=None):
         from tools import prepare  # the first run on these files
         atomic_write(path, json.dumps(prepare.check_pairs(pairs_by_split, num_classes)))
     verdict = json.loads(path.read_text())
-    load = lambda pairs: lambda i: (read_image(pairs[i][0]), read_mask(pairs[i][1]))  # noqa: E731
-    return {split: Split([p.stem for p, _ in pairs], load(pairs), verdict[split])
+    def load(pairs):
+        return lambda i: (read_image(pairs[i][0]), read_mask(pairs[i][1]) if len(pairs[i]) > 1 else None)
+    return {split: Split([pair[0].stem for pair in pairs], load(pairs), verdict[split])
             for split, pairs in pairs_by_split.items()} | {"max_label": verdict["max_label"]}
 
 def prepared_split(root, cache, tag, names, pairs, convert):
-    """A Split over uint8 arrays that tools/prepare.py fills once with its function `convert`(image,
-    label): images (N, H, W, 3) and labels (N, H, W), .npy files in the cache read by memory mapping, so
-    that a training sample costs no decoding. The folder's name hashes the source files' names, sizes and
-    times: changed data is prepared anew."""
-    files = [(p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for pair in pairs for p in pair]
+    """A Split over uint8 arrays that tools/prepare.py fills once with its function `convert`(image[, label]):
+    images (N, H, W, 3) and labels (N, H, W), .npy files in the cache read by memory mapping, so that a
+    training sample costs no decoding. The folder's name hashes the source files' names (below `root`),
+    sizes and times: changed data is prepared anew."""
+    files = [((p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p.resolve())), p.stat().st_size,
+              p.stat().st_mtime_ns) for pair in pairs for p in pair]
     folder = cache / f"{tag}_{hashlib.sha1(json.dumps(files).encode()).hexdigest()[:16]}"
     if not folder.is_dir():
         from tools import prepare  # the first run on these files
         prepare.fill_arrays(folder, pairs, getattr(prepare, convert), tag)
-    images, labels = (np.load(folder / f"{kind}.npy", mmap_mode="r") for kind in ("images", "labels"))
-    return Split(names, lambda i: (np.array(images[i]), np.array(labels[i])), [images.shape[1:3]] * len(names))
+    images, labels = (np.load(f, mmap_mode="r") if f.is_file() else None for f in (folder / "images.npy",
+                                                                                   folder / "labels.npy"))
+    return Split(names, lambda i: (np.array(images[i]), None if labels is None else np.array(labels[i])),
+                 [images.shape[1:3]] * len(names))
 
-def read_split_file(path, names):
-    """Indices into `names` of a --split-file: a .pkl index permutation of the training order (the
-    original's data/splits/pascal_aug/split_0.pkl), else text, one name per line (or labeled.txt's
-    "JPEGImages/x.jpg SegmentationClassAug/x.png" lines), matched by name or stem."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--split-file {path}: no such file")
-    if path.suffix == ".pkl":
-        return read_permutation(path, len(names))
-    index = {**{name: i for i, name in enumerate(names)}, **{Path(name).stem: i for i, name in enumerate(names)}}
-    chosen = []
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        name = line.split()[0]
-        key = name if name in index else Path(name).stem
-        if key not in index:
-            raise UserError(f"--split-file {path}, line {line_no}: {name!r} is not a training image of this dataset")
-        chosen.append(index[key])
-    return np.array(chosen, dtype=np.int64)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles a numpy array and nothing else: a pickle naming any other global (os.system, ...) is
-    refused before it can run, so a downloaded split file cannot execute code."""
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.numeric", "_frombuffer"),
-               ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}  # encode: protocol 2's bytes
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"it names {module}.{name}, which a split file has no need of")
-        return super().find_class(module, name)
-
-def read_permutation(path, n):
-    """The int array pickled in `path` (no arbitrary code runs); it must be a permutation of 0..n-1."""
-    try:
-        with open(path, "rb") as f:
-            perm = _ArrayUnpickler(f, encoding="latin1").load()  # latin1: pickles written by Python 2 too
-    except Exception as e:
-        raise UserError(f"--split-file {path}: not a pickled numpy index array ({e})")
-    if not (isinstance(perm, np.ndarray) and perm.ndim == 1 and perm.dtype.kind in "iu"
-            and np.array_equal(np.sort(perm), np.arange(n))):
-        raise UserError(f"--split-file {path}: expected a permutation of the {n} training images' indices "
-                        f"(numpy int array of shape ({n},)), got {getattr(perm, 'shape', type(perm).__name__)}")
-    return perm.astype(np.int64)
+def unlabeled_split(dataset, folders, cache, unlabeled_dir=None):
+    """The images without masks in `folders` (nested; IMAGE_SUFFIXES in any case; hidden files such as
+    ._x.png skipped) as a Split of (image, None), prepared as the dataset's training images: Cityscapes
+    halved, ISIC at 248x248 (cached), others decoded on the fly, once checked; None when there are none."""
+    paths = sorted(p for d in folders for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
+                   and not any(part.startswith(".") for part in p.relative_to(d).parts))
+    if not paths and unlabeled_dir:
+        raise UserError(f"--unlabeled-dir {unlabeled_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
+    if not paths:
+        return None
+    names = [p.relative_to(next(d for d in folders if p.is_relative_to(d))).as_posix() for p in paths]
+    if dataset in ("cityscapes", "isic2017"):
+        convert = dict(cityscapes="halve_cityscapes", isic2017="shrink_isic")[dataset]
+        return prepared_split(folders[0], cache, f"{dataset}_unlabeled", names, [(p,) for p in paths], convert)
+    split = checked_splits({"unlabeled": [(p,) for p in paths]}, cache)["unlabeled"]
+    split.names = names
+    return split
 
 # ---- demo: built-in, deterministic, classes told apart by shape alone ------------------------------
 DEMO_CLASSES = ["background", "disc", "square", "triangle", "cross"]

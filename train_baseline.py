@@ -24,7 +24,7 @@ class Args(common.TrainArgs):
 
 
 def main(args):
-    run = common.make_run(args, method="baseline")
+    run = common.make_run(args, method="baseline", unlabeled=False)
     device = common.setup_device(args)
     data = run.load_data()
     student = common.build_net(args, data.num_classes, device)

@@ -83,11 +83,11 @@ def main(args):
               mask_rng=mask_rng)
     ema = common.ema_pairs(teacher, student)
     labeled = run.stream(data.train, data.labeled, stream_id=0)
-    # --- CutMix ---: x_a and x_b come from two independent shuffles of the whole training set, labeled
-    # images included, as the original's two unlabeled loaders
-    everything = np.arange(len(data.train))
-    unlabeled_a = run.stream(data.train, everything, stream_id=1, with_label=False)
-    unlabeled_b = run.stream(data.train, everything, stream_id=2, with_label=False)
+    # --- CutMix ---: x_a and x_b come from two independent shuffles of the unlabeled images (the whole
+    # training set, labeled images included, as the original's two unlabeled loaders, and any without masks)
+    everything = np.arange(len(data.unlabeled))
+    unlabeled_a = run.stream(data.unlabeled, everything, stream_id=1, with_label=False)
+    unlabeled_b = run.stream(data.unlabeled, everything, stream_id=2, with_label=False)
 
     common.set_train_mode(student, args.freeze_bn)
     common.set_train_mode(teacher, args.freeze_bn)

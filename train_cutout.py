@@ -94,9 +94,9 @@ def main(args):
               mask_rng=mask_rng)
     ema = common.ema_pairs(teacher, student)
     labeled = run.stream(data.train, data.labeled, stream_id=0)
-    # --- Cutout ---: one unlabeled batch per iteration, from a shuffle of the whole training set, labeled
-    # images included, as the original
-    unlabeled = run.stream(data.train, np.arange(len(data.train)), stream_id=1, with_label=False)
+    # --- Cutout ---: one unlabeled batch per iteration, from a shuffle of the unlabeled images (the whole
+    # training set, labeled images included, as the original, and any without masks)
+    unlabeled = run.stream(data.unlabeled, np.arange(len(data.unlabeled)), stream_id=1, with_label=False)
 
     common.set_train_mode(student, args.freeze_bn)
     common.set_train_mode(teacher, args.freeze_bn)

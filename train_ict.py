@@ -74,9 +74,10 @@ def main(args):
     run.start(data, device, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler)
     ema = common.ema_pairs(teacher, student)
     labeled = run.stream(data.train, data.labeled, stream_id=0)
-    # --- ICT ---: x_0 and x_1 are two consecutive batches of one shuffle of the whole training set,
-    # labeled images included, as the original's ICT program
-    unlabeled = run.stream(data.train, np.arange(len(data.train)), stream_id=1, with_label=False, per_iteration=2)
+    # --- ICT ---: x_0 and x_1 are two consecutive batches of one shuffle of the unlabeled images (the whole
+    # training set, labeled images included, as the original's ICT program, and any without masks)
+    unlabeled = run.stream(data.unlabeled, np.arange(len(data.unlabeled)), stream_id=1, with_label=False,
+                           per_iteration=2)
 
     common.set_train_mode(student, args.freeze_bn)
     common.set_train_mode(teacher, args.freeze_bn)

@@ -200,9 +200,9 @@ def main(args):
     run.start(data, device, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler)
     ema = common.ema_pairs(teacher, student)
     labeled = run.stream(data.train, data.labeled, stream_id=0)
-    # --- Std-aug ---: one batch of view pairs per iteration, from a shuffle of the whole training set
-    pairs = PairSet(data.train, args.crop_size, args.aug, args.offset_range)
-    unlabeled = run.stream(data.train, np.arange(len(data.train)), stream_id=1, dataset=pairs)
+    # --- Std-aug ---: one batch of view pairs per iteration, from a shuffle of the unlabeled images
+    pairs = PairSet(data.unlabeled, args.crop_size, args.aug, args.offset_range)
+    unlabeled = run.stream(data.unlabeled, np.arange(len(data.unlabeled)), stream_id=1, dataset=pairs)
 
     common.set_train_mode(student, args.freeze_bn)
     common.set_train_mode(teacher, args.freeze_bn)

@@ -26,7 +26,7 @@ def args_for(dataset, root, **kw):
 
 def load(args):
     """The data a training run loads with these options (Run.load_data), crop default included."""
-    return common.Run.load_data(types.SimpleNamespace(args=args))
+    return common.Run.load_data(types.SimpleNamespace(args=args, unlabeled=True))
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ def test_pascal_split_files(layouts, tmp_path):
         perm.tolist()
     # numpy 1.x pickles name numpy.core.multiarray (as the real file does)
     split.write_bytes(pickle.dumps(perm, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
-    assert common.read_permutation(split, 8).tolist() == perm.tolist()
+    assert prepare.read_permutation(split, 8).tolist() == perm.tolist()
 
 
 def test_a_malicious_pickle_is_refused_without_running(tmp_path):
@@ -180,11 +180,11 @@ def test_a_malicious_pickle_is_refused_without_running(tmp_path):
     split = tmp_path / "split_0.pkl"
     split.write_bytes(pickle.dumps(Evil()))
     with pytest.raises(common.UserError, match="posix.system|os.system"):
-        common.read_permutation(split, 8)
+        prepare.read_permutation(split, 8)
     assert not victim.exists()
     split.write_bytes(pickle.dumps(np.arange(5)))  # not a permutation of the 8 training images
     with pytest.raises(common.UserError, match="permutation of the 8"):
-        common.read_permutation(split, 8)
+        prepare.read_permutation(split, 8)
 
 
 def test_sbd_to_aug(tmp_path):
@@ -439,3 +439,28 @@ def test_every_script_end_to_end(script, dataset, layouts, tmp_path, capsys):
         assert results["lesion_iou"] == results["per_class_iou"][1] and "lesion IoU" in proc.stdout
     args = json.loads((out / "args.json").read_text())
     assert args["cache_dir"] is None and args["split_seed"] == 12345
+
+
+@pytest.mark.parametrize("dataset", ["cityscapes", "pascal_aug", "isic2017"])
+def test_unlabeled_dir_joins_each_official_dataset_prepared_as_its_training_images(dataset, layouts, tmp_path, capsys):
+    """--unlabeled-dir: Cityscapes' extra images halved and cached like its training images, ISIC's resized
+    to 248x248 and cached, Pascal's decoded on the fly; the paper's stream (the training set) comes first."""
+    extra, rng = tmp_path / "extra", np.random.default_rng(0)
+    shapes = {"cityscapes": [(32, 64)] * 3, "pascal_aug": [(20, 30), (40, 28)], "isic2017": [(300, 400), (90, 120)]}
+    for i, (h, w) in enumerate(shapes[dataset]):
+        (extra / f"city_{i}").mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(extra / f"city_{i}" / f"x{i}.png")
+    data = load(args_for(dataset, layouts[dataset], n_labeled=3, unlabeled_dir=extra))
+    n = len(data.train)
+    assert len(data.unlabeled) == n + len(shapes[dataset]) and data.unlabeled.names[:n] == data.train.names
+    image, label = data.unlabeled.load(n + 1)
+    want = {"cityscapes": (16, 32, 3), "pascal_aug": (40, 28, 3), "isic2017": (248, 248, 3)}[dataset]
+    assert image.shape == want and label is None
+    if dataset == "cityscapes":  # the 2x2 mean, truncated, as the training images
+        source = np.array(Image.open(extra / "city_1" / "x1.png")).astype(np.uint16)
+        assert np.array_equal(image, (source.reshape(16, 2, 32, 2, 3).sum((1, 3)) // 4).astype(np.uint8))
+    out = tmp_path / "run"
+    proc = run("train_cutmix.py", "--dataset", dataset, "--data-root", layouts[dataset], "--n-labeled", 3,
+               "--unlabeled-dir", extra, "--arch", "unet_small", "--no-pretrained", "--iters", 2, "--eval-every", 2,
+               "--batch-size", 2, "--num-workers", 0, "--crop-size", CROPS[dataset], "--out", out, capsys=capsys)
+    assert f"{n + len(shapes[dataset])} unlabeled ({len(shapes[dataset])} without masks)" in proc.stdout

@@ -229,3 +229,62 @@ def test_masks_that_are_99_percent_ignore_never_stop_a_run(script, tmp_path):
            if "sup" in line]
     assert proc.stdout.rstrip().splitlines()[-1].startswith("FINAL mIoU=") and all(np.isfinite(sup))
     assert 0.0 in sup and max(sup) > 0  # batches without a labeled pixel count exactly 0, the others do
+
+
+def make_unlabeled(folder, sizes=None):
+    """Images without masks: nested, of mixed formats (suffixes in any case) and sizes, some smaller than
+    the crop; beside them a macOS resource fork, a .DS_Store and a text file, which are no images."""
+    rng = np.random.default_rng(5)
+    sizes = sizes or {"a.PNG": (24, 32), "b.jpg": (30, 40), "sub/c.bmp": (10, 12), "sub/d.tif": (24, 32),
+                      "sub/deeper/e.webp": (50, 20), "sub/f.TIFF": (24, 32)}
+    for name, (h, w) in sizes.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "._a.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    (folder / ".DS_Store").write_bytes(b"junk")
+    (folder / "notes.txt").write_text("not an image")
+    return sorted(sizes)
+
+
+def test_folder_unlabeled_images_are_read_nested_in_every_format(tmp_path):
+    import common
+    root = make_folder_dataset(tmp_path / "data")
+    names = make_unlabeled(root / "unlabeled")
+    data = common.load_dataset("folder", root, n_labeled=-1)
+    assert len(data.train) == 12 and len(data.unlabeled) == 12 + len(names)
+    assert data.unlabeled.names[:12] == data.train.names and data.unlabeled.names[12:] == names
+    image, label = data.unlabeled.load(12 + names.index("sub/deeper/e.webp"))
+    assert image.shape == (50, 20, 3) and label is None and data.unlabeled.sizes[12 + names.index("sub/c.bmp")] == [10, 12]
+    assert common.load_dataset("folder", root, n_labeled=-1, with_unlabeled=False).unlabeled is None
+
+
+@pytest.mark.parametrize("script", ["train_cutmix.py", "train_cutout.py", "train_vat.py", "train_ict.py",
+                                    "train_stdaug.py"])
+def test_every_semi_supervised_script_trains_on_folder_images_without_masks(script, tmp_path):
+    root = make_folder_dataset(tmp_path / "data", n_train=4)
+    names = make_unlabeled(root / "unlabeled")
+    proc = run_script(script, *FAST, "--dataset", "folder", "--data-root", root, "--arch", "unet_small",
+                      "--out", tmp_path / "run")
+    assert f"data: 4 train (4 labeled), {4 + len(names)} unlabeled ({len(names)} without masks), 4 val" in proc.stdout
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("FINAL mIoU=")
+
+
+def test_unlabeled_dir_is_ignored_by_the_baseline_with_one_line(tmp_path):
+    make_unlabeled(tmp_path / "extra")
+    proc = run_script("train_baseline.py", *FAST, "--unlabeled-dir", tmp_path / "extra", "--out", tmp_path / "run")
+    assert f"--unlabeled-dir {tmp_path / 'extra'}: ignored, baseline trains on labeled images only" in proc.stdout
+    assert "no unlabeled stream" in proc.stdout
+
+
+@pytest.mark.parametrize("problem", ["corrupt", "empty", "missing"])
+def test_a_bad_unlabeled_dir_stops_the_run_before_anything_is_written(problem, tmp_path):
+    extra = tmp_path / "extra"
+    if problem != "missing":
+        extra.mkdir()
+    if problem == "corrupt":
+        make_unlabeled(extra / "ok")
+        (extra / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    proc = run_script("train_cutmix.py", *FAST, "--unlabeled-dir", extra, "--out", tmp_path / "run", check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+    assert {"corrupt": "broken.jpg", "empty": "no images", "missing": "no such folder"}[problem] in last

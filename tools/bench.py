@@ -60,14 +60,14 @@ def synthetic_data(args):
     split = lambda n: common.Split([f"synthetic_{i}" for i in range(n)], load, [size] * n)  # noqa: E731
     train = split(n_train)
     return common.Data(train, split(n_val), num_classes, [f"class_{c}" for c in range(num_classes)],
-                       common.choose_labeled(train.names, args.n_labeled, args.split_seed))
+                       common.choose_labeled(train.names, args.n_labeled, args.split_seed), train)
 
 
 class Benchmark(common.Run):
     """A Run that times the loop instead of training: same methods, no folder, no files."""
 
-    def __init__(self, args, method):
-        self.args, self.method = args, method
+    def __init__(self, args, method, unlabeled=True):
+        self.args, self.method, self.unlabeled = args, method, unlabeled
         self.rank, self.world = common.process_group()
         self.main, self.images, self.log_file, self.metrics_file = self.rank == 0, 0, None, None
         self.real_data = args.dataset == "demo" or args.data_root is not None

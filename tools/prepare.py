@@ -1,8 +1,10 @@
 """One-time dataset preparation, imported by common.py on a dataset's first run: the check of every
-(image, mask) pair, Cityscapes halved and ISIC resized into memory-mapped arrays, and the conversion of
-SBD's labels into Pascal's SegmentationClassAug (`python common.py sbd-to-aug SBD_ROOT VOC_ROOT`)."""
+(image, mask) pair and image without a mask, Cityscapes halved and ISIC resized into memory-mapped arrays,
+--split-file lists and pickles, and the conversion of SBD's labels into Pascal's SegmentationClassAug
+(`python common.py sbd-to-aug SBD_ROOT VOC_ROOT`)."""
 import math
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -20,14 +22,19 @@ except ImportError:  # Windows: one run at a time prepares
 
 
 def check_pairs(pairs_by_split, num_classes=None):
-    """Decode every (image, mask) pair once: sizes agree, masks hold classes below num_classes (or 255).
-    Returns {split: [[H, W], ...], "max_label": the largest class seen}."""
+    """Decode every (image, mask) pair, or (image,) alone, once: images readable as RGB, sizes agree, masks
+    hold classes below num_classes (or 255). Returns {split: [[H, W], ...], "max_label": the largest class}."""
     verdict, max_label = {}, 0
     for split, pairs in pairs_by_split.items():
         sizes = []
-        for image_path, mask_path in tqdm(pairs, desc=f"checking {split} data (once)", leave=False,
-                                          disable=len(pairs) < 200):
-            image, mask = common.read_image(image_path), common.read_mask(mask_path)
+        for image_path, *mask_path in tqdm(pairs, desc=f"checking {split} data (once)", leave=False,
+                                           disable=len(pairs) < 200):
+            image = common.read_image(image_path)
+            sizes.append(list(image.shape[:2]))
+            if not mask_path:
+                continue
+            mask_path, = mask_path
+            mask = common.read_mask(mask_path)
             if image.shape[:2] != mask.shape:
                 raise UserError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
                                 f"{image_path} is {image.shape[1]}x{image.shape[0]}; they must match")
@@ -37,7 +44,6 @@ def check_pairs(pairs_by_split, num_classes=None):
                 raise UserError(f"mask {mask_path} holds class {values.max()}, but --num-classes is "
                                 f"{num_classes} (expected 0..{num_classes - 1} or 255 = ignore)")
             max_label = max(max_label, int(values.max()) if len(values) else 0)
-            sizes.append(list(image.shape[:2]))
         verdict[split] = sizes
     verdict["max_label"] = max_label
     return verdict
@@ -58,7 +64,8 @@ def fill_arrays(folder, pairs, convert, tag):
         progress = partial / "done.txt"
         done = int(progress.read_text()) if progress.is_file() else 0
         if done:
-            arrays = [np.load(partial / f"{kind}.npy", mmap_mode="r+") for kind in ("images", "labels")]
+            arrays = [np.load(partial / f"{kind}.npy", mmap_mode="r+") for kind in ("images", "labels")
+                      if (partial / f"{kind}.npy").is_file()]
         for i in tqdm(range(done, len(pairs)), initial=done, total=len(pairs), desc=f"preparing {tag} (once)",
                       dynamic_ncols=True):
             sample = convert(*pairs[i])
@@ -77,35 +84,91 @@ def fill_arrays(folder, pairs, convert, tag):
         os.replace(partial, folder)
 
 
+# ---- --split-file: the labeled subset named by a list, or the original's pickled permutation ----------
+def read_split_file(path, names):
+    """Indices into `names` of a --split-file: a .pkl index permutation of the training order (the
+    original's data/splits/pascal_aug/split_0.pkl), else text, one name per line (or labeled.txt's
+    "JPEGImages/x.jpg SegmentationClassAug/x.png" lines), matched by name or stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--split-file {path}: no such file")
+    if path.suffix == ".pkl":
+        return read_permutation(path, len(names))
+    index = {**{name: i for i, name in enumerate(names)}, **{Path(name).stem: i for i, name in enumerate(names)}}
+    chosen = []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        name = line.split()[0]
+        key = name if name in index else Path(name).stem
+        if key not in index:
+            raise UserError(f"--split-file {path}, line {line_no}: {name!r} is not a training image of this dataset")
+        chosen.append(index[key])
+    return np.array(chosen, dtype=np.int64)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles a numpy array and nothing else: a pickle naming any other global (os.system, ...) is
+    refused before it can run, so a downloaded split file cannot execute code."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.numeric", "_frombuffer"),
+               ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}  # encode: protocol 2's bytes
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a split file has no need of")
+        return super().find_class(module, name)
+
+
+def read_permutation(path, n):
+    """The int array pickled in `path` (no arbitrary code runs); it must be a permutation of 0..n-1."""
+    try:
+        with open(path, "rb") as f:
+            perm = _ArrayUnpickler(f, encoding="latin1").load()  # latin1: pickles written by Python 2 too
+    except Exception as e:
+        raise UserError(f"--split-file {path}: not a pickled numpy index array ({e})")
+    if not (isinstance(perm, np.ndarray) and perm.ndim == 1 and perm.dtype.kind in "iu"
+            and np.array_equal(np.sort(perm), np.arange(n))):
+        raise UserError(f"--split-file {path}: expected a permutation of the {n} training images' indices "
+                        f"(numpy int array of shape ({n},)), got {getattr(perm, 'shape', type(perm).__name__)}")
+    return perm.astype(np.int64)
+
+
 # ---- Cityscapes: half size, as the original's conversion script --------------------------------------
 # labelId -> trainId for the 19 evaluated classes; every other id (void 0-6, 9, 10, ..., license plate 34) -> 255
 CITYSCAPES_TRAIN_ID = np.full(256, IGNORE, np.uint8)
 CITYSCAPES_TRAIN_ID[[7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]] = np.arange(19)
 
 
-def halve_cityscapes(image_path, label_path):
+def halve_cityscapes(image_path, label_path=None):
     """Half size as the original's convert_cityscapes.py: the image by 2x2 mean truncated to uint8; the
-    labelIds by 2x2 majority vote, ties to the lower id, then mapped to trainIds."""
-    image, label = common.read_image(image_path), common.read_mask(label_path)
-    h, w = label.shape
-    if image.shape[:2] != (h, w) or h % 2 or w % 2:
-        raise UserError(f"{label_path} ({w}x{h}) and {image_path} ({image.shape[1]}x{image.shape[0]}) must share "
-                        f"one even size (2048x1024 in the official download)")
-    image = image.reshape(h // 2, 2, w // 2, 2, 3).sum((1, 3), dtype=np.uint16) // 4
+    labelIds by 2x2 majority vote, ties to the lower id, then mapped to trainIds. (image,) without a label."""
+    image = common.read_image(image_path)
+    label = common.read_mask(label_path) if label_path else None
+    h, w = image.shape[:2]
+    if (label is not None and label.shape != (h, w)) or h % 2 or w % 2:
+        raise UserError(f"{label_path or image_path} and {image_path} ({w}x{h}) must share one even size (2048x1024 "
+                        f"in the official download)")
+    image = (image.reshape(h // 2, 2, w // 2, 2, 3).sum((1, 3), dtype=np.uint16) // 4).astype(np.uint8)
+    if label is None:
+        return (image,)
     blocks = label.reshape(h // 2, 2, w // 2, 2).transpose(0, 2, 1, 3).reshape(h // 2, w // 2, 4)
     votes = (blocks[..., :, None] == blocks[..., None, :]).sum(-1)  # (h/2, w/2, 4): votes for each entry's id
     winner = np.take_along_axis(blocks, (votes * 256 - blocks).argmax(-1)[..., None], -1)[..., 0]
-    return image.astype(np.uint8), CITYSCAPES_TRAIN_ID[winner]
+    return image, CITYSCAPES_TRAIN_ID[winner]
 
 
 # ---- ISIC 2017: 248x248, as the original's conversion script -----------------------------------------
 ISIC_SIZE = (248, 248)
 
 
-def shrink_isic(image_path, truth_path):
+def shrink_isic(image_path, truth_path=None):
     """248x248 by area interpolation, image and ground truth alike (the original's convert_isic.py used
-    cv2.INTER_AREA), then lesion where the resized ground truth is >= 127."""
-    image, truth = common.read_image(image_path), common.read_mask(truth_path)
+    cv2.INTER_AREA), then lesion where the resized ground truth is >= 127. (image,) without a ground truth."""
+    image = common.read_image(image_path)
+    if truth_path is None:
+        return (area_resize(image, ISIC_SIZE),)
+    truth = common.read_mask(truth_path)
     if image.shape[:2] != truth.shape:
         raise UserError(f"ground truth {truth_path} is {truth.shape[1]}x{truth.shape[0]} but its image "
                         f"{image_path} is {image.shape[1]}x{image.shape[0]}; they must match")
