@@ -210,9 +210,7 @@ def parse_args(args_class, argv=None):
 
 # ---- 2. Reproducibility and device ----------------------------------------------------------------
 def seed_everything(seed, deterministic=False):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    random.seed(seed), np.random.seed(seed % 2**32), torch.manual_seed(seed)
     torch.backends.cudnn.benchmark = not deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -300,7 +298,8 @@ def load_dataset(name, root=None, n_labeled=-1, split_seed=12345, split_file=Non
                     pascal_aug=functools.partial(pascal_aug_dataset, split_file=split_file),
                     isic2017=isic2017_dataset)[name]
         train, val, num_classes, class_names = read(root, cache)
-        folders = [root / "unlabeled"] * (name == "folder" and with_unlabeled and (root / "unlabeled").is_dir()) + folders
+        own = root / "unlabeled"  # folder's images without masks
+        folders = [own] * (name == "folder" and with_unlabeled and own.is_dir()) + folders
     extra = unlabeled_split(name, folders, cache, unlabeled_dir) if folders else None
     unlabeled = train if extra is None else Split(  # the training images first: the paper's stream, unchanged
         train.names + extra.names, lambda i: train.load(i) if i < len(train) else extra.load(i - len(train)),
@@ -636,9 +635,13 @@ def run_folder(script, dataset, n_labeled, seed, split_seed=12345, arch=None):
     split = "" if split_seed == 12345 else f"_ss{split_seed}"
     return Path("runs") / f"{Path(script).stem}_{dataset}{tag}_{n_labeled}_s{seed}{split}"
 
+def load_model(run_dir, net="teacher", device="cpu"):
+    """(a run's network in eval mode, what feeding it takes: classes, normalisation, preprocessing)."""
+    from tools.predict import load_model  # applying a run is no training step: tools/predict.py
+    return load_model(run_dir, net, device)
+
 def make_run(args, method, unlabeled=True):
-    """The Run a script's loop reports to (`unlabeled`: its method streams unlabeled images); under
-    --benchmark the timer with the same methods (tools/bench.py)."""
+    """The Run a script reports to (`unlabeled`: does it stream them); under --benchmark, tools/bench.py's."""
     if args.benchmark:
         from tools.bench import Benchmark
         return Benchmark(args, method, unlabeled)
@@ -796,8 +799,9 @@ class Run:
         if self.main:
             state = {name: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
                      for name, obj in self.tracked.items()}
-            state.update(iter=done, timed_iters=self.timed_iters, timed_seconds=self.timed_seconds,
-                         wall_seconds=self.wall_seconds + time.perf_counter() - self.clock_start, rng=rng_state())
+            state.update(iter=done, class_names=data.class_names, timed_iters=self.timed_iters,
+                         timed_seconds=self.timed_seconds, rng=rng_state(),
+                         wall_seconds=self.wall_seconds + time.perf_counter() - self.clock_start)
             atomic_write(self.checkpoint_path, state)
 
     def sync(self):
@@ -993,8 +997,7 @@ def unlabeled_split(dataset, folders, cache, unlabeled_dir=None):
         convert = dict(cityscapes="halve_cityscapes", isic2017="shrink_isic")[dataset]
         return prepared_split(folders[0], cache, f"{dataset}_unlabeled", names, [(p,) for p in paths], convert)
     split = checked_splits({"unlabeled": [(p,) for p in paths]}, cache)["unlabeled"]
-    split.names = names
-    return split
+    return Split(names, split.load, split.sizes)
 
 # ---- demo: built-in, deterministic, classes told apart by shape alone ------------------------------
 DEMO_CLASSES = ["background", "disc", "square", "triangle", "cross"]
@@ -1069,9 +1072,8 @@ CITYSCAPES_CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "
                       "bicycle"]
 
 def cityscapes_dataset(root, cache):
-    """Cityscapes: 2975 train / 500 val street scenes of 2048x1024, 19 classes, used at half size (1024x512).
-    The rest of the download (test split, _color, _instanceIds, _polygons.json) is ignored. Halved once into
-    the cache (about 7 GB; any even image size works)."""
+    """Cityscapes: 2975 train / 500 val street scenes of 2048x1024, 19 classes, used at half size (1024x512),
+    halved once into the cache (about 7 GB; any even size works); test, _color, _instanceIds etc. ignored."""
     splits = []
     for split in ("train", "val"):
         label_dir = root / "gtFine" / split
@@ -1485,7 +1487,7 @@ def build_net(args, num_classes, device):
     return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
 
 # ---- `python common.py TOOL ...`: the tools in tools/ that no training step runs ------------------
-TOOLS = {"seeds": "paper", "summary": "paper", "costs": "bench", "sbd-to-aug": "prepare"}
+TOOLS = {"seeds": "paper", "summary": "paper", "costs": "bench", "sbd-to-aug": "prepare", "predict": "predict"}
 
 if __name__ == "__main__":
     import importlib

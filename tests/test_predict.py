@@ -1,0 +1,133 @@
+"""`python common.py predict`: a finished run applied to new images (palette PNGs at the images' own sizes,
+folder structure kept, --tile, --overlay, --masks scoring as training's evaluation), load_model, bad input."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+from conftest import ENV, FAST, ROOT, make_folder_dataset, read_results, run_script
+from tools import predict as P
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished folder run (unet_small) and its data."""
+    base = tmp_path_factory.mktemp("predict")
+    root = make_folder_dataset(base / "data", n_train=8, n_val=5, size=(24, 32))
+    run_script("train_cutmix.py", *FAST, "--dataset", "folder", "--data-root", root, "--arch", "unet_small",
+               "--out", base / "run")
+    return base / "run", root
+
+
+def common_py(*argv, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "common.py"), *map(str, argv)], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_predicting_the_validation_images_reproduces_the_runs_miou(trained, tmp_path):
+    run, root = trained
+    proc = common_py("predict", run, root / "val" / "images", "--out", tmp_path / "pred", "--masks",
+                     root / "val" / "masks", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "pred" / "results.json").read_text())
+    assert results["n_images"] == 5 and len(results["per_class_iou"]) == 3
+    assert results["miou"] == pytest.approx(read_results(run)["miou"], abs=1e-9)
+    assert proc.stdout.rstrip().splitlines()[-1] == f"FINAL mIoU={read_results(run)['miou']:.2f}"
+    for image in (root / "val" / "images").iterdir():
+        out = Image.open(tmp_path / "pred" / (image.stem + ".png"))
+        assert out.mode == "P" and out.size == Image.open(image).size and np.asarray(out).max() < 3
+        assert out.getpalette()[:9] == common.palette()[:3].flatten().tolist()
+
+
+def test_folders_keep_their_structure_images_keep_their_size_and_overlays_are_written(trained, tmp_path):
+    run, _ = trained
+    rng = np.random.default_rng(0)
+    (tmp_path / "photos" / "sub").mkdir(parents=True)
+    sizes = {"photos/a.jpg": (30, 50), "photos/sub/b.PNG": (17, 23), "single.webp": (40, 28)}
+    for name, (h, w) in sizes.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
+    proc = common_py("predict", run, tmp_path / "photos", tmp_path / "single.webp", "--out", tmp_path / "out",
+                     "--overlay", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for name, target in (("photos/a.jpg", "a"), ("photos/sub/b.PNG", "sub/b"), ("single.webp", "single")):
+        mask = Image.open(tmp_path / "out" / f"{target}.png")
+        assert mask.size == Image.open(tmp_path / name).size and mask.mode == "P"
+        assert Image.open(tmp_path / "out" / f"{target}_overlay.jpg").size == mask.size
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_tiles_agree_with_whole_images_up_to_their_borders(trained):
+    run, root = trained
+    net, info = common.load_model(run)
+    image = np.asarray(Image.open(next((root / "val" / "images").iterdir())).convert("RGB"))
+    image = np.concatenate([image, image[::-1]], 0)  # 48x32
+    whole, = P.predict(net, info, [image], torch.device("cpu"))
+    same, = P.predict(net, info, [image], torch.device("cpu"), tile=(64, 64))  # one tile holds it all
+    tiled, = P.predict(net, info, [image], torch.device("cpu"), tile=(24, 24))
+    assert torch.equal(whole, same) and whole.shape == (48, 32) and tiled.shape == (48, 32)
+    assert (whole == tiled).float().mean() > 0.6
+
+
+def test_load_model_gives_the_runs_teacher(trained):
+    run, _ = trained
+    net, info = common.load_model(run)
+    assert info["class_names"] == ["0", "1", "2"] and info["preprocess"] is None and not net.training
+    teacher = common.UNetSmall(3)
+    teacher.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=True)["teacher"])
+    x = torch.randn(2, 3, 24, 32)
+    with torch.no_grad():
+        assert torch.equal(net(x), teacher.eval()(x))
+    student, _ = common.load_model(run, net="student")
+    with torch.no_grad():
+        assert not torch.equal(student(x), net(x))
+
+
+def test_preprocessing_follows_the_dataset():
+    image = np.random.default_rng(0).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    halved = P.preprocessed(image, "halve")
+    assert halved.shape == (3, 3, 4)
+    assert np.array_equal(halved.permute(1, 2, 0).numpy(), image.reshape(3, 2, 4, 2, 3).sum((1, 3)) // 4)
+    assert P.preprocessed(image, "resize 248x248").shape == (3, 248, 248)
+    assert torch.equal(P.preprocessed(image, None).permute(1, 2, 0), torch.from_numpy(image))
+
+
+@pytest.mark.parametrize("case", ["no run", "no checkpoint", "unreadable image", "missing mask", "mask size",
+                                  "one output twice", "no images"])
+def test_bad_input_gets_one_line(case, trained, tmp_path):
+    run, root = trained
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(images / "x.png")
+    Image.fromarray(np.zeros((24, 32), np.uint8), mode="L").save(masks / "x.png")
+    argv, words = [run, images, "--out", tmp_path / "out"], ""
+    if case == "no run":
+        argv[0], words = tmp_path / "nowhere", "no run there"
+    elif case == "no checkpoint":
+        (tmp_path / "unfinished").mkdir()
+        (tmp_path / "unfinished" / "args.json").write_text((run / "args.json").read_text())
+        argv[0], words = tmp_path / "unfinished", "no checkpoint.pt"
+    elif case == "unreadable image":
+        (images / "y.jpg").write_bytes(b"not a jpeg")
+        words = "y.jpg"
+    elif case == "missing mask":
+        Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(images / "z.png")
+        argv += ["--masks", masks]
+        words = "no mask for"
+    elif case == "mask size":
+        Image.fromarray(np.zeros((10, 10), np.uint8), mode="L").save(masks / "x.png")
+        argv += ["--masks", masks]
+        words = "must match"
+    elif case == "one output twice":
+        Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(images / "x.jpg")
+        words = "would both be written"
+    else:
+        (images / "x.png").unlink()
+        words = "no images"
+    proc = common_py("predict", *argv, cwd=tmp_path)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and words in last, proc.stderr

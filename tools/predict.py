@@ -1,0 +1,212 @@
+"""Apply a trained run to new images: `python common.py predict RUN_DIR INPUT... --out OUT_DIR`.
+
+    python common.py predict runs/train_cutmix_folder_-1_s1 photos/ extra.jpg --out masks/ --overlay
+    python common.py predict RUN_DIR ROOT/val/images --out pred/ --masks ROOT/val/masks     # + mIoU
+
+INPUT: image files and folders (searched recursively; an image in a folder keeps its path below it).
+Writes OUT_DIR/<name>.png per image: a palette PNG of class indices, the image's own size (viewable as
+colours, readable as indices); with --overlay also <name>_overlay.jpg. With --masks, the same
+confusion-matrix mIoU as training's evaluation, printed and written to OUT_DIR/results.json; the last
+line is then `FINAL mIoU=<miou>`. In Python: `net, info = common.load_model(RUN_DIR)`.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # noqa: E402
+from common import UserError  # noqa: E402
+
+
+def load_model(run_dir, net="teacher", device="cpu"):
+    """(network in eval mode on `device`, info) from a run folder's args.json and checkpoint.pt. info:
+    class_names, num_classes, mean and std (of normalisation), preprocess ("halve" for Cityscapes, which
+    trains at half size; "resize 248x248" for ISIC; None), dataset, arch, iteration, lesion_scoring."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "args.json").is_file():
+        raise UserError(f"{run_dir}: no run there (expected a run folder with args.json and checkpoint.pt)")
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise UserError(f"{run_dir} holds no checkpoint.pt: the run stopped before its first evaluation")
+    if net not in ("teacher", "student"):
+        raise UserError(f"--net expects teacher or student, got {net!r}")
+    saved = json.loads((run_dir / "args.json").read_text())
+    try:
+        state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+        names = list(state.get("class_names") or class_names_from(run_dir, state))
+        args = SimpleNamespace(arch=saved["arch"], aspp_all_branches=saved.get("aspp_all_branches", False),
+                               pretrained=False)
+        model = common.build_net(args, len(names), torch.device(device))
+        model.load_state_dict(state[net])
+    except UserError:
+        raise
+    except Exception as e:  # a truncated or foreign file, a state that does not fit the arch
+        raise UserError(f"{run_dir / 'checkpoint.pt'}: cannot load the {net} from it ({type(e).__name__}: {e})")
+    preprocess = {"cityscapes": "halve", "isic2017": "resize 248x248"}.get(saved["dataset"])
+    return model.eval(), dict(class_names=names, num_classes=len(names), mean=common.IMAGENET_MEAN,
+                              std=common.IMAGENET_STD, preprocess=preprocess, dataset=saved["dataset"],
+                              arch=saved["arch"], iteration=state["iter"],
+                              lesion_scoring=saved.get("lesion_scoring", False))
+
+
+def class_names_from(run_dir, state):
+    """Checkpoints written before class names were saved: the count from results.json or args.json."""
+    results = run_dir / "results.json"
+    count = (len(json.loads(results.read_text())["per_class_iou"]) if results.is_file() else
+             json.loads((run_dir / "args.json").read_text()).get("num_classes"))
+    if not count:
+        raise UserError(f"{run_dir}: its checkpoint names no classes; finish the run (results.json) first")
+    return [str(c) for c in range(count)]
+
+
+def preprocessed(image, preprocess):
+    """The image as the network saw its dataset's images: Cityscapes halved (2x2 mean, truncated), ISIC at
+    248x248 (area), others as they are; (3, h, w) uint8 tensor."""
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if preprocess == "halve":
+        return F.avg_pool2d(t[None].float(), 2, ceil_mode=True)[0].floor().to(torch.uint8)
+    if preprocess == "resize 248x248":
+        from tools.prepare import ISIC_SIZE, area_resize
+        return torch.from_numpy(area_resize(image, ISIC_SIZE)).permute(2, 0, 1)
+    return t
+
+
+def logits_of(net, x, tile):
+    """net(x), or with tile = (h, w) the mean of overlapping windows' logits (stride half a window)."""
+    H, W = x.shape[2:]
+    if tile is None or (tile[0] >= H and tile[1] >= W):
+        return net(x).float()
+    th, tw = min(tile[0], H), min(tile[1], W)
+    starts = [sorted({*range(0, n - t, max(1, t // 2)), n - t}) for n, t in ((H, th), (W, tw))]
+    total, count = None, torch.zeros(1, 1, H, W, device=x.device)
+    for y in starts[0]:
+        for x0 in starts[1]:
+            out = net(x[:, :, y:y + th, x0:x0 + tw]).float()
+            total = torch.zeros(len(x), out.shape[1], H, W, device=x.device) if total is None else total
+            total[:, :, y:y + th, x0:x0 + tw] += out
+            count[:, :, y:y + th, x0:x0 + tw] += 1
+    return total / count
+
+
+def predict(net, info, images, device, amp="off", tile=None, batch_size=4):
+    """Class indices (H, W) int64 per image (H, W, 3) uint8, at each image's own size; images of equal size
+    after preprocessing share a batch."""
+    inputs = [preprocessed(image, info["preprocess"]) for image in images]
+    preds = [None] * len(images)
+    order = sorted(range(len(images)), key=lambda i: tuple(inputs[i].shape))
+    batches = [[]]
+    for i in order:
+        if batches[-1] and (inputs[i].shape != inputs[batches[-1][0]].shape or len(batches[-1]) == batch_size):
+            batches.append([])
+        batches[-1].append(i)
+    with common.inference(net):
+        for batch in batches:
+            with common.autocast(amp, device):
+                logits = logits_of(net, common.normalise(torch.stack([inputs[i] for i in batch]), device), tile)
+            for i, logit in zip(batch, logits):
+                size = images[i].shape[:2]
+                if logit.shape[1:] != size:  # back to the image's own size
+                    logit = F.interpolate(logit[None], size=size, mode="bilinear", align_corners=False)[0]
+                pred = logit.argmax(0)
+                preds[i] = (common.fill_holes(pred[None] == 1)[0].long() if info["lesion_scoring"] else pred).cpu()
+    return preds
+
+
+def inputs_and_outputs(inputs, out):
+    """[(image path, output path without suffix)], from files (named by their stem) and folders (searched
+    recursively, each image keeping its path below the folder); two that would share an output are refused."""
+    pairs = []
+    for given in map(Path, inputs):
+        if given.is_dir():
+            found = sorted(p for p in given.rglob("*") if p.suffix.lower() in common.IMAGE_SUFFIXES and not p.is_dir()
+                           and not any(part.startswith(".") for part in p.relative_to(given).parts))
+            pairs += [(p, out / p.relative_to(given).with_suffix("")) for p in found]
+        elif given.is_file():
+            pairs.append((given, out / given.stem))
+        else:
+            raise UserError(f"{given}: no such image or folder")
+    if not pairs:
+        raise UserError(f"no images ({', '.join(common.IMAGE_SUFFIXES)}) in {' '.join(inputs)}")
+    seen = {}
+    for image, target in pairs:
+        if target in seen:
+            raise UserError(f"{seen[target]} and {image} would both be written to {target}.png; give them apart")
+        seen[target] = image
+    return pairs
+
+
+def main(command, argv):
+    parser = argparse.ArgumentParser(prog="python common.py predict", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", help="a run folder (args.json, checkpoint.pt)")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and folders")
+    parser.add_argument("--out", required=True, help="folder for the predicted masks")
+    parser.add_argument("--masks", help="folder of true masks (class indices, 255 = ignore), matched by name: score")
+    parser.add_argument("--net", default="teacher", choices=["teacher", "student"], help="the evaluated one: teacher")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], help="autocast (default: bf16 on CUDA, off on CPU)")
+    parser.add_argument("--tile", type=lambda t: common.parse_size(t, "--tile"), help="H,W: overlapping windows")
+    parser.add_argument("--overlay", action="store_true", help="also <name>_overlay.jpg: the image under the colours")
+    parser.add_argument("--batch-size", type=int, default=4, help="images of equal size predicted together")
+    opts = parser.parse_args(argv)
+    device = common.resolve_device(opts.device)
+    amp = opts.amp or ("bf16" if device.type == "cuda" else "off")
+    net, info = load_model(opts.run_dir, opts.net, device)
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: a file, not a folder")
+    pairs = inputs_and_outputs(opts.inputs, out)
+    masks = [mask_for(image, target, out, Path(opts.masks)) for image, target in pairs] if opts.masks else None
+    colours = common.palette()
+    conf = torch.zeros(info["num_classes"], info["num_classes"], dtype=torch.long)
+    with tqdm(total=len(pairs), desc="predicting", unit="image") as bar:  # closed before any error's line
+        for start in range(0, len(pairs), opts.batch_size * 8):  # a few batches' images in memory at a time
+            chunk = pairs[start:start + opts.batch_size * 8]
+            images = [common.read_image(image) for image, _ in chunk]
+            for k, (pred, image, (path, target)) in enumerate(zip(predict(net, info, images, device, amp, opts.tile,
+                                                                          opts.batch_size), images, chunk)):
+                indices = pred.numpy().astype(np.uint8)
+                png = Image.fromarray(indices, mode="P")
+                png.putpalette(colours.flatten().tolist())
+                common.atomic_write(target.with_name(target.name + ".png"), png)
+                if opts.overlay:
+                    blend = (0.5 * image + 0.5 * colours[indices]).astype(np.uint8)
+                    write_jpeg(target.with_name(target.name + "_overlay.jpg"), blend)
+                if masks:
+                    truth = common.read_mask(masks[start + k])
+                    if truth.shape != indices.shape:
+                        raise UserError(f"mask {masks[start + k]} is {truth.shape[1]}x{truth.shape[0]} but its image "
+                                        f"{path} is {indices.shape[1]}x{indices.shape[0]}; they must match")
+                    conf += common.confusion_matrix(pred, torch.from_numpy(truth), info["num_classes"])
+            bar.update(len(chunk))
+    print(f"{len(pairs)} predicted masks in {out} ({opts.net} of {opts.run_dir}, iteration {info['iteration']})")
+    if masks:
+        iou = (common.iou_from_confusion(conf) * 100).tolist()
+        results = dict(miou=float(np.mean(iou)), per_class_iou=iou, n_images=len(pairs))
+        if info["lesion_scoring"]:
+            results["lesion_iou"] = iou[1]
+        common.atomic_write(out / "results.json", json.dumps(results, indent=2))
+        print("per class: " + " ".join(f"{n}={v:.1f}" for n, v in zip(info["class_names"], iou)))
+        print(f"FINAL mIoU={results['miou']:.2f}")
+
+
+def mask_for(image, target, out, masks):
+    """The true mask of an image: MASK_DIR/<its path below its folder>.png, else MASK_DIR/<stem>.png."""
+    below = target.relative_to(out)
+    for candidate in (masks / below.with_name(below.name + ".png"), masks / (image.stem + ".png")):
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"--masks {masks}: no mask for {image} (expected {masks / (image.stem + '.png')})")
+
+
+def write_jpeg(path, array):
+    import io
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=90)
+    common.atomic_write(path, buffer.getvalue())
