@@ -586,25 +586,6 @@ def evaluate(net, loader, device, num_classes, amp="off", lesion_scoring=False):
     iou = iou_from_confusion(all_reduce_sum(conf).cpu()) * 100
     return iou.mean().item(), iou.tolist(), conf.cpu()
 
-def palette(num_classes=256):
-    """(256, 3) uint8 colours per class index, Pascal's bit-interleaved palette; 255 (ignore) white."""
-    c = np.arange(256)
-    colours = np.stack([sum(((c >> (3 * k + ch)) & 1) << (7 - k) for k in range(8)) for ch in range(3)], 1)
-    colours[IGNORE] = 255
-    return colours.astype(np.uint8)
-
-def preview(net, split, device, amp="off", n=4):
-    """image | ground truth | prediction, one row per validation image (the first n)."""
-    colours, rows = palette(), []
-    with inference(net):
-        for i in range(min(n, len(split))):
-            image, label = split.load(i)
-            with autocast(amp, device):
-                pred = net(normalise(split[i][0][None], device)).argmax(1)[0].cpu().numpy()
-            rows.append(np.concatenate([image, colours[label], colours[pred]], axis=1))
-    width = max(r.shape[1] for r in rows)
-    return np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows], axis=0)
-
 # ---- 6. Run: the run folder, its log, metrics, checkpoints and results ----------------------------
 def atomic_write(path, content):
     """Write text, bytes, an image (PIL, or a uint8 array: PNG) or a checkpoint (a dict: torch.save) so
@@ -649,7 +630,7 @@ def make_run(args, method, unlabeled=True):
 
 class Run:
     """One training run and its folder (args.json, log.txt, metrics.jsonl, checkpoint.pt, results.json,
-    preview.png), its methods called in this order by a script. Under torchrun process 0 alone writes."""
+    preview.png, curves.png), its methods called in this order by a script. Under torchrun process 0 writes."""
 
     def __init__(self, args, method, unlabeled=True):
         self.args, self.method, self.unlabeled, (self.rank, self.world) = args, method, unlabeled, process_group()
@@ -803,6 +784,8 @@ class Run:
                          timed_seconds=self.timed_seconds, rng=rng_state(),
                          wall_seconds=self.wall_seconds + time.perf_counter() - self.clock_start)
             atomic_write(self.checkpoint_path, state)
+            from tools import pictures  # the teacher's predictions and the curves so far, redrawn
+            pictures.draw_run(self.out, self.tracked["teacher"], data.val, data.class_names, self.device, args.amp)
 
     def sync(self):
         if self.device.type == "cuda":
@@ -831,8 +814,6 @@ class Run:
                        seconds_per_iter=self.timed_seconds / max(self.timed_iters, 1), resumed_from=self.start_iter,
                        **(dict(world_size=self.world) if self.world > 1 else {}))
         if self.main:
-            atomic_write(self.out / "preview.png", preview(self.tracked["teacher"], self.data.val, self.device,
-                                                           self.args.amp))
             atomic_write(self.out / "results.json", json.dumps(results, indent=2))
             self.print(f"results in {self.out}: teacher mIoU {results['miou']:.2f}, student "
                        f"{results['student_miou']:.2f}, {results['seconds_per_iter']:.3f} s/it")

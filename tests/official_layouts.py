@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-import common
+from tools.pictures import palette
 
 CITIES = ("aachen", "bochum", "bremen")
 
@@ -58,7 +58,7 @@ def make_pascal(root, n_trainaug=8, n_voc_train=3, n_val=3, n_test=2, train_aug_
     voc = root / "VOCdevkit" / "VOC2012"
     names = [f"2007_{i:06d}" for i in range(n_trainaug + n_val + n_test)]
     train, val, test = names[:n_trainaug], names[n_trainaug:n_trainaug + n_val], names[n_trainaug + n_val:]
-    colours = common.palette(256).flatten().tolist()
+    colours = palette().flatten().tolist()
     for i, name in enumerate(names):
         h, w = 24 + 4 * (i % 3), 28 + 6 * (i % 4)  # a few sizes
         save(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), voc / "JPEGImages" / f"{name}.jpg", quality=90)

@@ -11,6 +11,7 @@ from PIL import Image
 
 import common
 from conftest import ENV, FAST, ROOT, make_folder_dataset, read_results, run_script
+from tools import pictures
 from tools import predict as P
 
 
@@ -41,7 +42,7 @@ def test_predicting_the_validation_images_reproduces_the_runs_miou(trained, tmp_
     for image in (root / "val" / "images").iterdir():
         out = Image.open(tmp_path / "pred" / (image.stem + ".png"))
         assert out.mode == "P" and out.size == Image.open(image).size and np.asarray(out).max() < 3
-        assert out.getpalette()[:9] == common.palette()[:3].flatten().tolist()
+        assert out.getpalette()[:9] == pictures.palette()[:3].flatten().tolist()
 
 
 def test_folders_keep_their_structure_images_keep_their_size_and_overlays_are_written(trained, tmp_path):

@@ -20,7 +20,8 @@ RESULT_KEYS = {"miou", "student_miou", "per_class_iou", "iters", "train_seconds"
 
 def check_outputs(out, proc, num_classes, iters=6):
     out = Path(out)
-    for name in ("args.json", "log.txt", "metrics.jsonl", "results.json", "preview.png", "checkpoint.pt"):
+    for name in ("args.json", "log.txt", "metrics.jsonl", "results.json", "preview.png", "curves.png",
+                 "checkpoint.pt"):
         assert (out / name).is_file(), name
     results = read_results(out)
     assert RESULT_KEYS <= set(results)
@@ -31,8 +32,10 @@ def check_outputs(out, proc, num_classes, iters=6):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all("iter" in r for r in records) and any("miou" in r for r in records)
     assert json.loads((out / "args.json").read_text())["iters"] == iters
-    with Image.open(out / "preview.png") as im:
-        assert im.width > 0
+    with Image.open(out / "preview.png") as im:  # tiles scaled up to >= 192 px, a legend below
+        assert min(im.size) >= 192 and im.width % 3 == 0
+    with Image.open(out / "curves.png") as im:  # mIoU and one panel per logged loss
+        assert im.height >= 2 * 150
     return results
 
 
@@ -288,3 +291,20 @@ def test_a_bad_unlabeled_dir_stops_the_run_before_anything_is_written(problem, t
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
     assert {"corrupt": "broken.jpg", "empty": "no images", "missing": "no such folder"}[problem] in last
+
+
+def test_pictures_draw_a_legend_and_one_curve_per_series(tmp_path):
+    import torch
+    import common
+    from tools import pictures
+    colours = pictures.palette()
+    assert colours[0].tolist() == [0, 0, 0] and colours[1].tolist() == [128, 0, 0] and colours[255].tolist() == [255] * 3
+    records = [dict(iter=5, lr=1e-3, seconds_per_iter=0.1, sup=1.0, cons=0.2), dict(iter=10, miou=20.0, per_class_iou=[])]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    assert pictures.curves(tmp_path / "metrics.jsonl", panel=100).size == (640, 300)  # mIoU, sup, cons
+    split = common.Split(["a"], lambda i: (np.zeros((12, 16, 3), np.uint8), np.ones((12, 16), np.uint8)), [(12, 16)])
+    picture = pictures.preview(common.UNetSmall(2), split, ["bg", "thing"], torch.device("cpu"))
+    assert picture.width == 3 * 16 * 16 and picture.height > 12 * 16  # 12 px short side -> x16 >= 192
+    legend = np.asarray(picture)[12 * 16 + 4:]
+    assert (legend == colours[1]).all(-1).any()  # the swatch of class 1
+

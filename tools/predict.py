@@ -163,7 +163,8 @@ def main(command, argv):
         raise UserError(f"--out {out}: a file, not a folder")
     pairs = inputs_and_outputs(opts.inputs, out)
     masks = [mask_for(image, target, out, Path(opts.masks)) for image, target in pairs] if opts.masks else None
-    colours = common.palette()
+    from tools.pictures import palette
+    colours = palette()
     conf = torch.zeros(info["num_classes"], info["num_classes"], dtype=torch.long)
     with tqdm(total=len(pairs), desc="predicting", unit="image") as bar:  # closed before any error's line
         for start in range(0, len(pairs), opts.batch_size * 8):  # a few batches' images in memory at a time

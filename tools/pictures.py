@@ -1,0 +1,110 @@
+"""The pictures a run leaves beside its numbers, drawn with Pillow: preview.png (image | truth | teacher's
+prediction, with a legend of the class colours) and curves.png (teacher mIoU and the logged losses against
+the iteration), redrawn at every evaluation. Drawing is no training step: common.Run imports this lazily."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # noqa: E402
+
+TILE = 192  # a small image is scaled up (nearest) until its short side is at least this many pixels
+INK, PAPER = (40, 40, 40), (255, 255, 255)
+
+
+def palette(num_classes=256):
+    """(256, 3) uint8 colours per class index, Pascal's bit-interleaved palette; 255 (ignore) white."""
+    c = np.arange(256)
+    colours = np.stack([sum(((c >> (3 * k + ch)) & 1) << (7 - k) for k in range(8)) for ch in range(3)], 1)
+    colours[common.IGNORE] = 255
+    return colours.astype(np.uint8)
+
+
+def legend(class_names, colours, width):
+    """A strip of colour swatches with the class names, wrapped to `width` pixels."""
+    font, cell = ImageFont.load_default(), 18
+    entries = [(colours[c], name) for c, name in enumerate(class_names)] + [(colours[common.IGNORE], "ignore")]
+    sizes = [16 + 6 + int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(name, font=font)) + 14
+             for _, name in entries]
+    rows, x = [[]], 0
+    for entry, size in zip(entries, sizes):
+        if rows[-1] and x + size > width:
+            rows.append([])
+            x = 0
+        rows[-1].append((entry, x))
+        x += size
+    strip = Image.new("RGB", (width, cell * len(rows) + 6), PAPER)
+    draw = ImageDraw.Draw(strip)
+    for r, row in enumerate(rows):
+        for (colour, name), x in row:
+            y = 4 + r * cell
+            draw.rectangle([x + 4, y, x + 18, y + 13], fill=tuple(int(v) for v in colour), outline=INK)
+            draw.text((x + 24, y), name, fill=INK, font=font)
+    return strip
+
+
+def preview(net, split, class_names, device, amp="off", n=4):
+    """image | ground truth | prediction for the first n validation images, scaled up (nearest) so that a
+    tile is at least TILE pixels on its short side, above a legend of the class colours with their names."""
+    colours, rows = palette(), []
+    with common.inference(net):
+        for i in range(min(n, len(split))):
+            image, label = split.load(i)
+            with common.autocast(amp, device):
+                pred = net(common.normalise(split[i][0][None], device)).argmax(1)[0].cpu().numpy()
+            row = np.concatenate([image, colours[label], colours[pred]], axis=1)
+            k = max(1, math.ceil(TILE / min(image.shape[:2])))
+            rows.append(row.repeat(k, 0).repeat(k, 1))
+    width = max(r.shape[1] for r in rows)
+    grid = np.concatenate([np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows])
+    picture = Image.new("RGB", (width, grid.shape[0]), PAPER)
+    picture.paste(Image.fromarray(grid), (0, 0))
+    key = legend(class_names, colours, width)
+    out = Image.new("RGB", (width, picture.height + key.height), PAPER)
+    out.paste(picture, (0, 0))
+    out.paste(key, (0, picture.height))
+    return out
+
+
+def curves(metrics_path, width=640, panel=150):
+    """One panel per series of metrics.jsonl against the iteration: the teacher's mIoU (at evaluations),
+    then each logged loss (at log intervals), each with its range written beside it."""
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    series = {"teacher mIoU": [(r["iter"], r["miou"]) for r in records if "miou" in r]}
+    for name in dict.fromkeys(k for r in records if "lr" in r for k in r if k not in ("iter", "lr", "seconds_per_iter")):
+        series[name] = [(r["iter"], r[name]) for r in records if name in r and "lr" in r]
+    last = max((r["iter"] for r in records), default=1)
+    font, left, pad = ImageFont.load_default(), 70, 16
+    picture = Image.new("RGB", (width, panel * len(series)), PAPER)
+    draw = ImageDraw.Draw(picture)
+    for p, (name, points) in enumerate(series.items()):
+        top, bottom, right = p * panel + pad, (p + 1) * panel - pad, width - pad
+        draw.rectangle([left, top, right, bottom], outline=INK)
+        draw.text((left + 6, top + 4), name, fill=INK, font=font)
+        draw.text((left, bottom + 2), "0", fill=INK, font=font)
+        draw.text((right - 40, bottom + 2), f"{last} it", fill=INK, font=font)
+        if not points:
+            continue
+        values = [v for _, v in points]
+        lo, hi = min(values), max(values)
+        span = hi - lo or 1.0
+        draw.text((4, top), f"{hi:.4g}", fill=INK, font=font)
+        draw.text((4, bottom - 10), f"{lo:.4g}", fill=INK, font=font)
+        xy = [(left + (right - left) * it / last, bottom - (bottom - top) * (v - lo) / span) for it, v in points]
+        if len(xy) > 1:
+            draw.line(xy, fill=(30, 90, 200), width=2)
+        for x, y in xy[-1:] if name != "teacher mIoU" else xy:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(200, 60, 30))
+    return picture
+
+
+def draw_run(run_dir, net, split, class_names, device, amp):
+    """preview.png and curves.png of a run folder, each written atomically."""
+    with torch.no_grad():
+        common.atomic_write(Path(run_dir) / "preview.png", preview(net, split, class_names, device, amp))
+    common.atomic_write(Path(run_dir) / "curves.png", curves(Path(run_dir) / "metrics.jsonl"))
