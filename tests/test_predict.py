@@ -132,3 +132,36 @@ def test_bad_input_gets_one_line(case, trained, tmp_path):
     proc = common_py("predict", *argv, cwd=tmp_path)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and words in last, proc.stderr
+
+
+def test_the_readme_walk_through_runs_as_written(tmp_path, monkeypatch):
+    """Every command of README's 'From a folder of photos to masks', on generated data (training shortened:
+    the options appended to its line win), then its Python lines."""
+    import re
+    import shlex
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### From a folder of photos to masks"):]
+    commands = [line for line in re.search(r"```bash\n(.*?)```", section, re.S).group(1).splitlines()
+                if line and not line.startswith("#")]
+    root = make_folder_dataset(tmp_path / "ROOT", n_train=6, n_val=3)
+    photos = tmp_path / "new_photos" / "sub"
+    photos.mkdir(parents=True)
+    for i, (h, w) in enumerate([(30, 40), (24, 32)]):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(photos / f"p{i}.jpg")
+    assert len(commands) == 3
+    for line in commands:
+        argv = shlex.split(line.replace("ROOT", str(root)))
+        assert argv[0] == "python"
+        extra = [*FAST, "--arch", "unet_small", "--no-pretrained"] if argv[1].startswith("train_") else []
+        proc = subprocess.run([sys.executable, str(ROOT / argv[1]), *argv[2:], *extra], cwd=tmp_path, env=ENV,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (line, proc.stderr[-2000:])
+    assert (tmp_path / "predicted" / "sub" / "p0.png").is_file()
+    assert (tmp_path / "predicted" / "sub" / "p1_overlay.jpg").is_file()
+    assert json.loads((tmp_path / "scored" / "results.json").read_text())["n_images"] == 3
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    Image.fromarray(np.zeros((20, 28, 3), np.uint8)).save(tmp_path / "photo.jpg")
+    namespace = {}
+    monkeypatch.chdir(tmp_path)
+    exec(code, namespace)
+    assert namespace["classes"].shape == (20, 28) and namespace["info"]["num_classes"] == 3
