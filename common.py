@@ -6,17 +6,19 @@ around the loop, in the order a script uses it. Read the first part; the rest is
   Read first (what a training step runs)
     1. Arguments and protocols   TrainArgs, parse_args: dataset -> arch -> method -> command line
     2. Reproducibility, device   seed_everything, setup_device, autocast
-    3. Data flow                 load_dataset, labeled subset, augmentation, infinite streams, to_device
-    4. Mean teacher, optimizer   make_teacher, ema_update, RepeatAdam, set_lr, set_train_mode, forward_each
-    5. Metrics, evaluation       confusion matrix, IoU, evaluate, preview
-    6. Run                       run folder, log, metrics.jsonl, checkpoints, results (make_run)
-    7. torchrun                  several processes: local_rows, all_reduce_grads, GlobalBatchNorm
+    3. Data flow                 load_dataset (labeled subset, unlabeled images), augmentation, streams, to_device
+    4. Mean teacher, optimizer   make_teacher, ema_update, RepeatAdam, set_lr, set_train_mode, forward_each,
+                                 supervised_loss
+    5. Metrics, evaluation       confusion matrix, IoU, evaluate
+    6. Run                       run folder, log, metrics.jsonl, checkpoints, results (make_run), load_model
+    7. torchrun                  several processes: local_rows, all_reduce_grads (GlobalBatchNorm: section 9)
   Catalogues (read per dataset or per architecture)
     8. Dataset readers           demo, folder, cityscapes, pascal_aug, isic2017
     9. Networks                  deeplabv2, deeplabv3plus, denseunet161, pspnet101, unet_small; build_net
 
 What no training step runs lives in tools/: the benchmark and cost table, the paper's tables, seeds and
-summary, one-time dataset preparation (`python common.py seeds | summary | costs | sbd-to-aug`).
+summary, one-time dataset preparation, applying a run to new images, the pictures (`python common.py
+seeds | summary | costs | sbd-to-aug | predict`).
 """
 import argparse
 import collections
