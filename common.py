@@ -178,10 +178,19 @@ def command_line(args_class, argv=None):
     return vars(parser.parse_args(argv))
 
 # Values out of range stop a run before anything is written: (field, test, what the option expects)
-LIMITS = [*[(name, lambda v: v >= 1, "must be at least 1") for name in ("iters", "batch_size", "eval_every")],
+# (the methods' own options too, where a script declares them; NaN fails every test)
+LIMITS = [*[(name, lambda v: v >= 1, "must be at least 1") for name in ("iters", "batch_size", "eval_every", "n_boxes")],
           ("n_labeled", lambda v: v == -1 or v > 0, "must be a positive count or -1 (all)"),
           ("teacher_alpha", lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
-          ("benchmark", lambda v: v >= 0, "expects a number of iterations")]
+          ("conf_thresh", lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+          ("benchmark", lambda v: v >= 0, "expects a number of iterations"),
+          *[(name, lambda v: 0 <= v < 2**32, "must lie in [0, 2**32)") for name in ("seed", "split_seed")],
+          ("lr", lambda v: 0 < v < math.inf, "must be a positive number"),
+          *[(name, lambda v: 0 <= v < math.inf, "must be 0 or more") for name in ("cons_weight", "vat_radius",
+                                                                                 "num_workers", "offset_range")],
+          ("ict_alpha", lambda v: 0 < v < math.inf, "must be positive (λ ~ Beta(α, α))"),
+          ("num_classes", lambda v: v is None or 2 <= v <= 255, "must lie in [2, 255]: masks hold 8-bit class "
+                                                                "indices, 255 = ignore")]
 
 def parse_args(args_class, argv=None):
     """Command line -> resolved Args: field defaults, then the dataset's protocol, the arch's, the method's
@@ -196,15 +205,19 @@ def parse_args(args_class, argv=None):
     if given.get("no_pretrained"):  # nothing pretrained: one learning rate, BatchNorm learns from the data
         protocol.update(backbone_lr_mult=1.0, freeze_bn=False)
     args = args_class(**{**protocol, **given})
-    for name, ok, expected in LIMITS:
+    if args.num_workers is None:
+        args.num_workers = min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    declared = {f.name for f in dataclasses.fields(args_class)}
+    for name, ok, expected in (limit for limit in LIMITS if limit[0] in declared):
         if not ok(getattr(args, name)):
             raise UserError(f"--{name.replace('_', '-')} {expected}, got {getattr(args, name)}")
     world = process_group()[1]
+    if args.batch_size // world < 2 and args.arch in ("pspnet101", "deeplabv3plus"):
+        raise UserError(f"--batch-size {args.batch_size}: {args.arch}'s pooling branch trains BatchNorm on 1x1 maps, "
+                        f"which needs at least 2 images per batch and process")
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is the global batch of all {world} processes: "
                         f"it must be divisible by {world}")
-    if args.num_workers is None:
-        args.num_workers = min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     args.device = str(resolve_device(args.device, world))
     args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "off")
     args.pretrained = not (args.no_pretrained or args.benchmark)
@@ -290,8 +303,9 @@ def load_dataset(name, root=None, n_labeled=-1, split_seed=12345, split_file=Non
     if unlabeled_dir and not Path(unlabeled_dir).expanduser().is_dir():
         raise UserError(f"--unlabeled-dir {unlabeled_dir}: no such folder")
     folders = [Path(unlabeled_dir).expanduser()] if unlabeled_dir and with_unlabeled else []
-    if name == "demo":
-        train, val, num_classes, class_names = demo_dataset()
+    if name == "demo":  # generated (tools/prepare.py)
+        from tools import prepare
+        train, val, num_classes, class_names = prepare.demo_dataset()
         cache = cache_folder(folders[0], cache_dir) if folders else None
     else:
         root = require_root(root, name)
@@ -898,8 +912,12 @@ def cache_folder(root, explicit=None):
     return path
 
 def read_image(path):
+    """An image file as uint8 RGB (H, W, 3); 16-bit grey scaled to 8 bits (a plain conversion clips it white)."""
     try:
         with Image.open(path) as im:
+            if im.mode.startswith("I"):
+                return np.repeat(np.clip(np.round(np.asarray(im, np.float64) / 257), 0, 255).astype(np.uint8)[..., None],
+                                 3, axis=2)
             return np.array(im.convert("RGB"))
     except Exception as e:  # PIL raises many kinds; the user needs the file name and the reason
         raise UserError(f"cannot read image {path}: {e}")
@@ -911,11 +929,24 @@ def read_mask(path):
             mode, mask = im.mode, np.asarray(im)
     except Exception as e:
         raise UserError(f"cannot read mask {path}: {e}")
-    if mode not in ("L", "P", "I", "I;16"):
+    if mode not in ("L", "P", "I", "I;16", "1"):  # 1: a 1-bit mask, classes 0 and 1
         raise UserError(f"mask {path} must be a single-channel PNG of class indices (mode L or P), got mode {mode}")
     if mask.max(initial=0) > 255:
         raise UserError(f"mask {path} holds values above 255; expected class indices with 255 = ignore")
     return mask.astype(np.uint8)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+def image_files(folder):
+    """The images below `folder` (nested; IMAGE_SUFFIXES in any case; hidden files such as ._x.png skipped),
+    sorted; two with one name but for the suffix (a.png, a.jpg) are refused by name."""
+    found = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    stems = {}
+    for p in found:
+        if stems.setdefault(p.with_suffix(""), p) != p:
+            raise UserError(f"{stems[p.with_suffix('')]} and {p} share one name; keep one of them")
+    return found
 
 def split_pairs(root, dataset, image_dir, label_dir, list_images, label_of):
     """[(image, label), ...] of one split, or one clear error naming the missing folder or file."""
@@ -937,15 +968,15 @@ def checked_splits(pairs_by_split, cache, num_classes=None):
     files' names, sizes and times."""
     files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for pairs in pairs_by_split.values()
              for pair in pairs for p in pair]
-    path = cache / f"verdict_{hashlib.sha1(json.dumps([files, num_classes]).encode()).hexdigest()[:16]}.json"
+    path = cache / f"verdict_{hashlib.sha1(json.dumps([files, num_classes, 2]).encode()).hexdigest()[:16]}.json"
     if not path.is_file():
         from tools import prepare  # the first run on these files
         atomic_write(path, json.dumps(prepare.check_pairs(pairs_by_split, num_classes)))
     verdict = json.loads(path.read_text())
     def load(pairs):
         return lambda i: (read_image(pairs[i][0]), read_mask(pairs[i][1]) if len(pairs[i]) > 1 else None)
-    return {split: Split([pair[0].stem for pair in pairs], load(pairs), verdict[split])
-            for split, pairs in pairs_by_split.items()} | {"max_label": verdict["max_label"]}
+    return {split: Split([pair[0].stem for pair in pairs], load(pairs), verdict[split]) for split, pairs in
+            pairs_by_split.items()} | {key: verdict[key] for key in ("classes", "labeled_pixels")}
 
 def prepared_split(root, cache, tag, names, pairs, convert):
     """A Split over uint8 arrays that tools/prepare.py fills once with its function `convert`(image[, label]):
@@ -963,14 +994,10 @@ def prepared_split(root, cache, tag, names, pairs, convert):
     return Split(names, lambda i: (np.array(images[i]), None if labels is None else np.array(labels[i])),
                  [images.shape[1:3]] * len(names))
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
 def unlabeled_split(dataset, folders, cache, unlabeled_dir=None):
-    """The images without masks in `folders` (nested; IMAGE_SUFFIXES in any case; hidden files such as
-    ._x.png skipped) as a Split of (image, None), prepared as the dataset's training images: Cityscapes
-    halved, ISIC at 248x248 (cached), others decoded on the fly, once checked; None when there are none."""
-    paths = sorted(p for d in folders for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
-                   and not any(part.startswith(".") for part in p.relative_to(d).parts))
+    """The images in `folders` (image_files) as a Split of (image, None), prepared as the dataset's training
+    images: Cityscapes halved, ISIC at 248x248 (cached), others decoded on the fly once checked; or None."""
+    paths = [p for d in folders for p in image_files(d)]
     if not paths and unlabeled_dir:
         raise UserError(f"--unlabeled-dir {unlabeled_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
     if not paths:
@@ -982,71 +1009,28 @@ def unlabeled_split(dataset, folders, cache, unlabeled_dir=None):
     split = checked_splits({"unlabeled": [(p,) for p in paths]}, cache)["unlabeled"]
     return Split(names, split.load, split.sizes)
 
-# ---- demo: built-in, deterministic, classes told apart by shape alone ------------------------------
-DEMO_CLASSES = ["background", "disc", "square", "triangle", "cross"]
-
-def demo_image(rng, size=48):
-    """One demo image and its label map. Objects and background draw their colours from one distribution,
-    so only shape tells the classes apart; smooth background texture, clutter strokes and noise make sure no
-    low-density gap separates object pixels from background pixels (paper Sec. 3.1)."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-
-    def texture(contrast):
-        c1 = rng.uniform(0, 255, 3)
-        c2 = np.clip(c1 + rng.normal(0, contrast, 3), 0, 255)
-        angle, freq = rng.uniform(0, np.pi), rng.uniform(0.05, 0.3)
-        wave = 0.5 + 0.5 * np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 6.3))
-        return c1 + (c2 - c1) * wave[..., None]
-
-    image = texture(contrast=80)
-    for _ in range(rng.integers(2, 5)):  # clutter: strokes in object-like colours
-        x0, y0, x1, y1 = rng.uniform(0, size, 4)
-        t = np.clip(((xx - x0) * (x1 - x0) + (yy - y0) * (y1 - y0)) / ((x1 - x0) ** 2 + (y1 - y0) ** 2 + 1e-6), 0, 1)
-        dist = np.hypot(xx - x0 - t * (x1 - x0), yy - y0 - t * (y1 - y0))
-        image = np.where((dist < rng.uniform(0.7, 1.6))[..., None], texture(contrast=30), image)
-    label = np.zeros((size, size), np.uint8)
-    for _ in range(rng.integers(1, 4)):
-        cls = rng.integers(1, len(DEMO_CLASSES))
-        cx, cy = rng.uniform(0.2 * size, 0.8 * size, 2)
-        r = rng.uniform(0.13, 0.23) * size
-        theta = rng.uniform(0, 2 * np.pi)
-        u = np.cos(theta) * (xx - cx) + np.sin(theta) * (yy - cy)
-        v = -np.sin(theta) * (xx - cx) + np.cos(theta) * (yy - cy)
-        if cls == 1:
-            inside = u ** 2 + v ** 2 < r ** 2
-        elif cls == 2:
-            inside = np.maximum(np.abs(u), np.abs(v)) < r * 0.8
-        elif cls == 3:  # equilateral triangle: three half-planes
-            inside = np.ones_like(u, bool)
-            for k in range(3):
-                a = theta + k * 2 * np.pi / 3
-                inside &= np.cos(a) * (xx - cx) + np.sin(a) * (yy - cy) < r * 0.55
-        else:
-            inside = (np.minimum(np.abs(u), np.abs(v)) < r * 0.3) & (np.maximum(np.abs(u), np.abs(v)) < r)
-        image = np.where(inside[..., None], texture(contrast=30), image)
-        label[inside] = cls
-    image = image + rng.normal(0, 8, image.shape)
-    return np.clip(image, 0, 255).astype(np.uint8), label
-
-def demo_dataset(n_train=600, n_val=100, size=48):
-    rng = np.random.default_rng(20200907)  # fixed: the demo is the same data on every machine
-    images, labels = (np.stack(a) for a in zip(*[demo_image(rng, size) for _ in range(n_train + n_val)]))
-    split = lambda first, n: Split([f"demo_{i:04d}" for i in range(first, first + n)],  # noqa: E731
-                                   lambda i: (images[first + i], labels[first + i]), [(size, size)] * n)
-    return split(0, n_train), split(n_train, n_val), len(DEMO_CLASSES), DEMO_CLASSES
-
 # ---- folder: ROOT/{train,val}/{images,masks} --------------------------------------------------------
 
 def folder_dataset(root, cache, num_classes=None):
-    """Your own data: images (PNG, JPEG) and single-channel PNG masks of class indices (255 = ignore) of
-    the same name; the class count from --num-classes or from the masks."""
-    splits = checked_splits({split: split_pairs(
-        root, "folder", root / split / "images", root / split / "masks",
-        lambda d: sorted(p for p in d.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")),
-        lambda p: p.parent.parent / "masks" / (p.stem + ".png")) for split in ("train", "val")}, cache, num_classes)
-    num_classes = num_classes or splits["max_label"] + 1
+    """Your own data: images (nested, IMAGE_SUFFIXES) and single-channel PNG masks of class indices (255 =
+    ignore) at the same path below masks/; the class count from --num-classes or from the masks."""
+    def mask_of(image, split):  # the mirrored path, .png in either case
+        below = image.relative_to(root / split / "images").with_suffix("")
+        masks = [root / split / "masks" / f"{below}{suffix}" for suffix in (".png", ".PNG")]
+        return next((m for m in masks if m.is_file()), masks[0])
+    splits = checked_splits({split: split_pairs(root, "folder", root / split / "images", root / split / "masks",
+                                                image_files, functools.partial(mask_of, split=split))
+                             for split in ("train", "val")}, cache, num_classes)
+    found, given = splits["classes"], num_classes
+    num_classes = num_classes or max(found, default=0) + 1
     if num_classes < 2:
-        raise UserError(f"--data-root {root}: the masks hold a single class; expected at least 2")
+        raise UserError(f"--data-root {root}: the masks hold class 0 alone besides 255 = ignore; masks stored as "
+                        f"0/255 need 255 -> 1 (e.g. np.where(mask == 255, 1, mask)), or give --num-classes")
+    if not given and found != list(range(num_classes)):
+        raise UserError(f"--data-root {root}: the masks hold classes {found}, so {num_classes} classes with gaps; "
+                        f"give --num-classes {num_classes} if that is right, else fix the stray values")
+    if not splits["labeled_pixels"]["val"]:
+        raise UserError(f"--data-root {root}: the validation masks label no pixel (all 255): nothing to score")
     return splits["train"], splits["val"], num_classes, [str(c) for c in range(num_classes)]
 
 # ---- cityscapes: the official leftImg8bit/ and gtFine/ trees, prepared once at half size ---------------

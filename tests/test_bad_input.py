@@ -104,7 +104,7 @@ def test_validation_verdict_is_cached(tmp_path, monkeypatch):
              for s in ("train", "val")}
     splits = common.checked_splits(pairs, cache, None)
     cached = list((root / ".cutmix_seg_cache").glob("verdict_*.json"))
-    assert len(cached) == 1 and splits["max_label"] == 2 and len(splits["train"]) == len(pairs["train"])
+    assert len(cached) == 1 and splits["classes"] == [0, 1, 2] and len(splits["train"]) == len(pairs["train"])
     # a cached verdict is not checked again...
     check_pairs = prepare.check_pairs
     monkeypatch.setattr(prepare, "check_pairs", lambda *a: pytest.fail("checked the same files again"))
@@ -114,3 +114,98 @@ def test_validation_verdict_is_cached(tmp_path, monkeypatch):
     (root / "train" / "images" / "img_001.png").write_bytes(b"garbage")
     with pytest.raises(common.UserError, match="img_001.png"):
         common.checked_splits(pairs, cache, None)
+
+
+@pytest.mark.parametrize("script, option, value", [
+    ("train_cutmix.py", "--lr", "nan"), ("train_cutmix.py", "--lr", "inf"), ("train_cutmix.py", "--lr", "-1"),
+    ("train_cutmix.py", "--cons-weight", "-1"), ("train_cutmix.py", "--cons-weight", "nan"),
+    ("train_cutmix.py", "--conf-thresh", "1.5"), ("train_cutmix.py", "--n-boxes", "0"),
+    ("train_cutmix.py", "--n-boxes", "-2"), ("train_ict.py", "--ict-alpha", "0"), ("train_vat.py", "--vat-radius", "-1"),
+    ("train_baseline.py", "--num-classes", "0"), ("train_baseline.py", "--num-classes", "300"),
+    ("train_baseline.py", "--num-workers", "-1"), ("train_baseline.py", "--seed", "-3"),
+    ("train_baseline.py", "--seed", str(2 ** 32)), ("train_baseline.py", "--split-seed", "-1"),
+    ("train_stdaug.py", "--offset-range", "-4"), ("train_baseline.py", "--teacher-alpha", "nan")])
+def test_options_out_of_range_are_refused_by_name(script, option, value, tmp_path):
+    last = refused(tmp_path, option, value, script=script)
+    assert last.startswith(f"error: {option} ") and value in last
+
+
+@pytest.mark.parametrize("arch", ["pspnet101", "deeplabv3plus"])
+def test_batch_of_one_is_refused_where_batchnorm_trains_on_1x1_maps(arch, tmp_path):
+    last = refused(tmp_path, "--arch", arch, "--no-pretrained", "--batch-size", 1, script="train_baseline.py")
+    assert "--batch-size 1" in last and "1x1" in last
+
+
+# ---- valid but unusual folder data: read correctly, never skipped or misread ------------------------------
+def load_folder(root, **kw):
+    import common
+    return common.load_dataset("folder", root, n_labeled=-1, **kw)
+
+
+def test_nested_images_every_format_uppercase_masks_and_hidden_files(tmp_path):
+    root = folder(tmp_path, n_train=4, n_val=2)
+    images, masks = root / "train" / "images", root / "train" / "masks"
+    rng = np.random.default_rng(1)
+    for name, fmt in (("sub/deep/n1.bmp", "BMP"), ("sub/n2.tif", "TIFF"), ("n3.webp", "WEBP"), ("n4.PNG", "PNG")):
+        (images / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(images / name, format=fmt)
+        mask = (masks / name).with_suffix(".PNG" if name == "n4.PNG" else ".png")
+        mask.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((24, 32), 2, np.uint8), mode="L").save(mask, format="PNG")
+    (images / "._img_000.png").write_bytes(b"\x00\x05\x16\x07 resource fork")  # macOS copies leave these
+    (images / ".DS_Store").write_bytes(b"junk")
+    (images / "Thumbs.db").write_bytes(b"junk")
+    data = load_folder(root)
+    assert len(data.train) == 8 and {"n1", "n2", "n3", "n4"} <= set(data.train.names)
+    i = data.train.names.index("n1")
+    image, label = data.train.load(i)
+    assert image.shape == (24, 32, 3) and (label == 2).all()
+
+
+def test_sixteen_bit_images_are_scaled_and_one_bit_masks_read_as_classes(tmp_path):
+    root = folder(tmp_path, n_train=3, n_val=2)
+    grey = (np.arange(24 * 32).reshape(24, 32) * 80).astype(np.uint16)  # up to 61,360
+    Image.fromarray(grey).save(root / "train" / "images" / "img_001.png")
+    Image.fromarray(np.eye(24, 32, dtype=bool)).save(root / "train" / "masks" / "img_002.png")
+    data = load_folder(root, num_classes=3)
+    image, _ = data.train.load(data.train.names.index("img_001"))
+    assert np.array_equal(image[..., 0], np.round(grey / 257).astype(np.uint8)) and image.max() > 200
+    _, mask = data.train.load(data.train.names.index("img_002"))
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1}
+
+
+@pytest.mark.parametrize("case, words", [
+    ("one stem twice", "share one name"), ("0/255 masks", "0/255 need 255 -> 1"),
+    ("stray class", "--num-classes 201"), ("unscored validation", "label no pixel"),
+    ("broken symlink", "img_001")])
+def test_unusual_folder_data_is_refused_by_name(case, words, tmp_path):
+    root = folder(tmp_path, n_train=4, n_val=2)
+    images, masks = root / "train" / "images", root / "train" / "masks"
+    if case == "one stem twice":
+        Image.open(images / "img_000.jpg").save(images / "img_000.png")
+    elif case == "0/255 masks":
+        for split in ("train", "val"):
+            for mask in (root / split / "masks").iterdir():
+                label = np.array(Image.open(mask))
+                Image.fromarray(np.where(label > 0, 255, 0).astype(np.uint8), mode="L").save(mask)
+    elif case == "stray class":
+        label = np.array(Image.open(masks / "img_001.png"))
+        label[5, 5] = 200
+        Image.fromarray(label, mode="L").save(masks / "img_001.png")
+    elif case == "unscored validation":
+        for mask in (root / "val" / "masks").iterdir():
+            Image.fromarray(np.full((24, 32), 255, np.uint8), mode="L").save(mask)
+    else:
+        target = next(p for p in images.iterdir() if p.stem == "img_001")
+        target.unlink()
+        target.symlink_to(tmp_path / "gone.png")
+    last = refused(tmp_path, "--dataset", "folder", "--data-root", root, "--arch", "unet_small")
+    assert words in last
+
+
+def test_a_stray_class_is_accepted_when_num_classes_says_so(tmp_path):
+    root = folder(tmp_path, n_train=3, n_val=2)
+    label = np.array(Image.open(root / "train" / "masks" / "img_001.png"))
+    label[5, 5] = 7
+    Image.fromarray(label, mode="L").save(root / "train" / "masks" / "img_001.png")
+    assert load_folder(root, num_classes=8).num_classes == 8

@@ -125,9 +125,7 @@ def inputs_and_outputs(inputs, out):
     pairs = []
     for given in map(Path, inputs):
         if given.is_dir():
-            found = sorted(p for p in given.rglob("*") if p.suffix.lower() in common.IMAGE_SUFFIXES and not p.is_dir()
-                           and not any(part.startswith(".") for part in p.relative_to(given).parts))
-            pairs += [(p, out / p.relative_to(given).with_suffix("")) for p in found]
+            pairs += [(p, out / p.relative_to(given).with_suffix("")) for p in common.image_files(given)]
         elif given.is_file():
             pairs.append((given, out / given.stem))
         else:
