@@ -42,6 +42,11 @@ from typing import ClassVar
 import numpy as np
 import torch
 import torch.nn as nn
+
+try:
+    import fcntl  # Unix: a run folder is locked while a run writes it
+except ImportError:  # Windows: no lock
+    fcntl = None
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
@@ -655,18 +660,47 @@ class Run:
         script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else f"train_{method}"
         args.out = args.out or str(run_folder(script, args.dataset, args.n_labeled, args.seed, args.split_seed,
                                               args.arch))
-        self.out, finished = Path(args.out), (Path(args.out) / "results.json").is_file()
-        self.checkpoint_path = self.out / "checkpoint.pt"
-        if args.resume and not self.checkpoint_path.is_file() and not finished:
-            raise UserError(f"--resume: {self.out} holds no checkpoint.pt to continue from")
-        if self.main and not args.resume and self.out.exists() and any(self.out.iterdir()):
-            what = "a finished run" if finished else "an unfinished run (add --resume to continue it)"
-            raise UserError(f"--out {self.out} already holds {what}; choose another --out or delete it")
-        if args.resume and finished:
-            if self.main:
-                print(f"{self.out} is already finished\nFINAL mIoU="
-                      f"{json.loads((self.out / 'results.json').read_text())['miou']:.2f}")
-            sys.exit(0)
+        self.out, self.checkpoint_path = Path(args.out), Path(args.out) / "checkpoint.pt"
+        if self.main:
+            self.claim_folder()
+        self.resume, self.saved_iter = args.resume and self.checkpoint_path.is_file(), None
+
+    RUN_FILES = {"args.json", "log.txt", "metrics.jsonl", "preview.png", "curves.png"}
+
+    def claim_folder(self):
+        """--out, checked before anything is loaded or written: a file, or a folder that cannot be written,
+        is refused; so is a finished run (with --resume: its FINAL line again), another run writing there now
+        (a lock), or files that are no run's. A run stopped before its first checkpoint holds nothing to lose:
+        it starts afresh there; *.tmp files left by a write killed half-way go."""
+        out, blocker = self.out, next(p for p in (self.out, *self.out.absolute().parents) if p.exists())
+        if not blocker.is_dir() or not os.access(blocker, os.W_OK | os.X_OK):
+            raise UserError(f"--out {out}: {blocker} is " + ("a file, not a folder" if not blocker.is_dir() else
+                                                            "not writable (read-only, or another user's)"))
+        if fcntl:  # released when the process ends, however it ends
+            tag = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]
+            self.lock = open(Path(tempfile.gettempdir()) / f"cutmix-seg-{tag}.lock", "a")
+            try:
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(f"--out {out}: another run is writing there now; choose another --out")
+        if (out / "results.json").is_file():
+            if self.args.resume:
+                print(f"{out} is already finished\nFINAL mIoU="
+                      f"{json.loads((out / 'results.json').read_text())['miou']:.2f}")
+                sys.exit(0)
+            raise UserError(f"--out {out} already holds a finished run; choose another --out or delete it")
+        for tmp in out.glob("*.tmp"):
+            tmp.unlink()
+        found = {p.name for p in out.iterdir()} if out.is_dir() else set()
+        if self.checkpoint_path.is_file() and not self.args.resume:
+            raise UserError(f"--out {out} already holds an unfinished run (add --resume to continue it); choose "
+                            f"another --out or delete it")
+        if not self.checkpoint_path.is_file() and found - self.RUN_FILES:
+            raise UserError(f"--out {out} holds {', '.join(sorted(found - self.RUN_FILES)[:3])}, no run's files")
+        if not self.checkpoint_path.is_file() and found:
+            print(f"{out}: a run stopped there before its first checkpoint; starting afresh")
+            for name in found:
+                (out / name).unlink()
 
     def load_data(self):
         """The dataset, its labeled subset and (unless the method uses none) its unlabeled images; a crop left
@@ -687,7 +721,7 @@ class Run:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.log_file, self.metrics_file = open(self.out / "log.txt", "a"), open(self.out / "metrics.jsonl", "a")
-        if self.args.resume:
+        if self.resume:
             try:
                 state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
             except Exception as e:

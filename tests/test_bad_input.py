@@ -1,6 +1,8 @@
 """Bad input stops before training: non-zero exit, one clear last line naming the culprit, no
 traceback, and no run folder left behind."""
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -209,3 +211,57 @@ def test_a_stray_class_is_accepted_when_num_classes_says_so(tmp_path):
     label[5, 5] = 7
     Image.fromarray(label, mode="L").save(root / "train" / "masks" / "img_001.png")
     assert load_folder(root, num_classes=8).num_classes == 8
+
+
+# ---- run folders ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["a file", "under a file"])
+def test_an_out_that_cannot_be_a_folder_is_refused_before_training(case, tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" if case == "a file" else tmp_path / "file" / "run"
+    proc = run_script("train_cutmix.py", *FAST, "--out", out, check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "is a file, not a folder" in last
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_afresh_with_the_same_command(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "args.json").write_text("{}")
+    (out / "log.txt").write_text("settings: ...\n")
+    (out / "checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint")  # a write killed half-way
+    proc = run_script("train_cutmix.py", *FAST, "--out", out)
+    assert "before its first checkpoint; starting afresh" in proc.stdout
+    assert not list(out.glob("*.tmp")) and (out / "results.json").is_file()
+    assert json.loads((out / "args.json").read_text())["iters"] == 6
+    assert run_script("train_cutmix.py", *FAST, "--out", out, "--resume").stdout.rstrip().splitlines()[-1].startswith(
+        "FINAL mIoU=")  # finished: said again
+
+
+def test_a_folder_of_other_files_is_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "my_notes.txt").write_text("mine")
+    proc = run_script("train_cutmix.py", *FAST, "--out", out, check=False)
+    assert proc.returncode != 0 and "my_notes.txt" in proc.stderr.strip().splitlines()[-1]
+    assert (out / "my_notes.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_writes(tmp_path):
+    import subprocess
+    import sys
+    import time
+    from conftest import ENV, ROOT
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, str(ROOT / "train_cutmix.py"), "--iters", "400", "--eval-every", "200",
+                              "--num-workers", "0", "--out", str(out)], env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "log.txt").is_file() and time.time() < deadline:
+            time.sleep(0.2)
+        proc = run_script("train_cutmix.py", *FAST, "--out", out, "--resume", check=False)
+        assert proc.returncode != 0 and "another run is writing there now" in proc.stderr.strip().splitlines()[-1]
+    finally:
+        first.kill()
+        first.wait()

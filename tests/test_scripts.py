@@ -192,6 +192,7 @@ def test_default_run_folder_is_the_one_the_seeds_tool_names(tmp_path):
 def test_evaluation_leaves_the_modes_as_it_found_them():
     import common
     import torch
+    from tools import pictures
     net = common.UNetSmall(3)
     for freeze_bn in (True, False):
         common.set_train_mode(net, freeze_bn)
@@ -199,8 +200,8 @@ def test_evaluation_leaves_the_modes_as_it_found_them():
         assert not all(before) if freeze_bn else all(before)
         batches = [(torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8), torch.zeros(1, 16, 16, dtype=torch.long))]
         common.evaluate(net, batches, torch.device("cpu"), num_classes=3)
-        common.preview(net, common.Split(["a"], lambda i: (np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8)),
-                                         [(8, 8)]), torch.device("cpu"))
+        split = common.Split(["a"], lambda i: (np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8)), [(8, 8)])
+        pictures.preview(net, split, ["a", "b", "c"], torch.device("cpu"))
         assert [m.training for m in net.modules()] == before
 
 

@@ -139,14 +139,8 @@ def run_seeds(argv):
             print(f"finished: {out}")
             continue
         command = [sys.executable, str(script), *rest, f"--{vary}", str(seed), "--out", str(out)]
-        if (out / "checkpoint.pt").is_file():
+        if (out / "checkpoint.pt").is_file():  # a run stopped before its first checkpoint starts afresh
             command.append("--resume")
-        elif out.is_dir() and not opts.dry_run:  # stopped before its first checkpoint: start it again
-            leftovers = {p.name for p in out.iterdir()}
-            if not leftovers <= {"args.json", "log.txt", "metrics.jsonl"}:
-                raise common.UserError(f"seeds: {out} holds {sorted(leftovers)} but no checkpoint.pt; move it away")
-            for name in leftovers:
-                (out / name).unlink()
         print("$ " + shlex.join(command), flush=True)
         if not opts.dry_run and subprocess.call(command) != 0:
             failed.append(seed)
