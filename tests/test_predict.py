@@ -123,8 +123,10 @@ def test_bad_input_gets_one_line(case, trained, tmp_path):
         Image.fromarray(np.zeros((10, 10), np.uint8), mode="L").save(masks / "x.png")
         argv += ["--masks", masks]
         words = "must match"
-    elif case == "one output twice":
-        Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(images / "x.jpg")
+    elif case == "one output twice":  # a file and a folder's image, both named x
+        (tmp_path / "other").mkdir()
+        Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(tmp_path / "other" / "x.jpg")
+        argv.insert(2, tmp_path / "other" / "x.jpg")
         words = "would both be written"
     else:
         (images / "x.png").unlink()
