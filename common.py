@@ -25,6 +25,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import errno
 import functools
 import hashlib
 import io
@@ -32,6 +33,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -42,11 +44,6 @@ from typing import ClassVar
 import numpy as np
 import torch
 import torch.nn as nn
-
-try:
-    import fcntl  # Unix: a run folder is locked while a run writes it
-except ImportError:  # Windows: no lock
-    fcntl = None
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
@@ -61,11 +58,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class UserError(Exception):
     """Bad input (a path, a file, an option): reported as one clear line, never as a traceback."""
 
+CHECKPOINTED = {}  # {"iter": the iteration of a running Run's last checkpoint, or None}: said when a run fails
+
 def _excepthook(kind, value, tb):
+    resume = ("" if not CHECKPOINTED else "; no checkpoint yet: the same command starts the run afresh"
+              if CHECKPOINTED["iter"] is None else f"; --resume continues from iteration {CHECKPOINTED['iter']}")
     if issubclass(kind, UserError):
         sys.stderr.write(f"error: {value}\n")
     elif issubclass(kind, KeyboardInterrupt):
-        sys.stderr.write("interrupted\n")
+        sys.stderr.write(f"interrupted{resume}\n")
+    elif issubclass(kind, OSError) and value.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+        sys.stderr.write(f"error: cannot write {value.filename or 'a file'}: {value.strerror} (disk full?){resume}\n")
+    elif issubclass(kind, RuntimeError) and "DataLoader worker" in str(value):
+        if hasattr(signal, "SIGCHLD"):  # torch's handler would raise it again at exit, as every process ends
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        sys.stderr.write(f"error: a data loading worker died (out of memory? try fewer --num-workers){resume}\n")
     else:
         sys.__excepthook__(kind, value, tb)
 
@@ -197,10 +204,19 @@ LIMITS = [*[(name, lambda v: v >= 1, "must be at least 1") for name in ("iters",
           ("num_classes", lambda v: v is None or 2 <= v <= 255, "must lie in [2, 255]: masks hold 8-bit class "
                                                                 "indices, 255 = ignore")]
 
+def check_limits(args):
+    """One clear line for the first option of `args` (a dataclass) that LIMITS refuses."""
+    for name, ok, expected in (limit for limit in LIMITS if hasattr(args, limit[0])):
+        if not ok(getattr(args, name)):
+            raise UserError(f"--{name.replace('_', '-')} {expected}, got {getattr(args, name)}")
+
 def parse_args(args_class, argv=None):
     """Command line -> resolved Args: field defaults, then the dataset's protocol, the arch's, the method's
     per-dataset values, and last the options given on the command line, which always win."""
     given = command_line(args_class, argv)
+    if given.get("resume"):  # the run's settings from its args.json (tools/guard.py)
+        from tools import guard
+        given = guard.resume_settings(args_class, given)
     dataset = given.get("dataset", args_class.dataset)
     protocol = dict(DATASETS[dataset])
     arch = given.get("arch") or protocol["arch"]
@@ -212,10 +228,7 @@ def parse_args(args_class, argv=None):
     args = args_class(**{**protocol, **given})
     if args.num_workers is None:
         args.num_workers = min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    declared = {f.name for f in dataclasses.fields(args_class)}
-    for name, ok, expected in (limit for limit in LIMITS if limit[0] in declared):
-        if not ok(getattr(args, name)):
-            raise UserError(f"--{name.replace('_', '-')} {expected}, got {getattr(args, name)}")
+    check_limits(args)
     world = process_group()[1]
     if args.batch_size // world < 2 and args.arch in ("pspnet101", "deeplabv3plus"):
         raise UserError(f"--batch-size {args.batch_size}: {args.arch}'s pooling branch trains BatchNorm on 1x1 maps, "
@@ -308,9 +321,9 @@ def load_dataset(name, root=None, n_labeled=-1, split_seed=12345, split_file=Non
     if unlabeled_dir and not Path(unlabeled_dir).expanduser().is_dir():
         raise UserError(f"--unlabeled-dir {unlabeled_dir}: no such folder")
     folders = [Path(unlabeled_dir).expanduser()] if unlabeled_dir and with_unlabeled else []
-    if name == "demo":  # generated (tools/prepare.py)
-        from tools import prepare
-        train, val, num_classes, class_names = prepare.demo_dataset()
+    if name == "demo":  # generated (tools/demo.py)
+        from tools import demo
+        train, val, num_classes, class_names = demo.demo_dataset()
         cache = cache_folder(folders[0], cache_dir) if folders else None
     else:
         root = require_root(root, name)
@@ -626,8 +639,10 @@ def atomic_write(path, content):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's file is the owner's alone; this one follows the umask
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not e.filename:  # a full disk: name the file that could not be written
+            e.filename = str(path)
         raise
 
 def run_folder(script, dataset, n_labeled, seed, split_seed=12345, arch=None):
@@ -661,46 +676,10 @@ class Run:
         args.out = args.out or str(run_folder(script, args.dataset, args.n_labeled, args.seed, args.split_seed,
                                               args.arch))
         self.out, self.checkpoint_path = Path(args.out), Path(args.out) / "checkpoint.pt"
-        if self.main:
-            self.claim_folder()
-        self.resume, self.saved_iter = args.resume and self.checkpoint_path.is_file(), None
-
-    RUN_FILES = {"args.json", "log.txt", "metrics.jsonl", "preview.png", "curves.png"}
-
-    def claim_folder(self):
-        """--out, checked before anything is loaded or written: a file, or a folder that cannot be written,
-        is refused; so is a finished run (with --resume: its FINAL line again), another run writing there now
-        (a lock), or files that are no run's. A run stopped before its first checkpoint holds nothing to lose:
-        it starts afresh there; *.tmp files left by a write killed half-way go."""
-        out, blocker = self.out, next(p for p in (self.out, *self.out.absolute().parents) if p.exists())
-        if not blocker.is_dir() or not os.access(blocker, os.W_OK | os.X_OK):
-            raise UserError(f"--out {out}: {blocker} is " + ("a file, not a folder" if not blocker.is_dir() else
-                                                            "not writable (read-only, or another user's)"))
-        if fcntl:  # released when the process ends, however it ends
-            tag = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]
-            self.lock = open(Path(tempfile.gettempdir()) / f"cutmix-seg-{tag}.lock", "a")
-            try:
-                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise UserError(f"--out {out}: another run is writing there now; choose another --out")
-        if (out / "results.json").is_file():
-            if self.args.resume:
-                print(f"{out} is already finished\nFINAL mIoU="
-                      f"{json.loads((out / 'results.json').read_text())['miou']:.2f}")
-                sys.exit(0)
-            raise UserError(f"--out {out} already holds a finished run; choose another --out or delete it")
-        for tmp in out.glob("*.tmp"):
-            tmp.unlink()
-        found = {p.name for p in out.iterdir()} if out.is_dir() else set()
-        if self.checkpoint_path.is_file() and not self.args.resume:
-            raise UserError(f"--out {out} already holds an unfinished run (add --resume to continue it); choose "
-                            f"another --out or delete it")
-        if not self.checkpoint_path.is_file() and found - self.RUN_FILES:
-            raise UserError(f"--out {out} holds {', '.join(sorted(found - self.RUN_FILES)[:3])}, no run's files")
-        if not self.checkpoint_path.is_file() and found:
-            print(f"{out}: a run stopped there before its first checkpoint; starting afresh")
-            for name in found:
-                (out / name).unlink()
+        if self.main:  # --out checked and claimed (tools/guard.py)
+            from tools import guard
+            guard.claim(self)
+        self.resume = args.resume and self.checkpoint_path.is_file()
 
     def load_data(self):
         """The dataset, its labeled subset and (unless the method uses none) its unlabeled images; a crop left
@@ -721,18 +700,9 @@ class Run:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.log_file, self.metrics_file = open(self.out / "log.txt", "a"), open(self.out / "metrics.jsonl", "a")
-        if self.resume:
-            try:
-                state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise UserError(f"--resume: cannot read {self.checkpoint_path}: {e}")
-            set_rng_state(state["rng"])
-            for name, obj in tracked.items():
-                obj.set_state(state[name]) if isinstance(obj, torch.Generator) else obj.load_state_dict(state[name])
-            self.start_iter, self.timed_iters, self.timed_seconds, self.wall_seconds = (
-                state[k] for k in ("iter", "timed_iters", "timed_seconds", "wall_seconds"))
-            self.print(f"resumed from iteration {self.start_iter} of {self.out}"
-                       + (f" with {self.world} processes" if self.world > 1 else ""))
+        if self.resume:  # the checkpoint's weights, optimizer, generators and counters (tools/guard.py)
+            from tools import guard
+            self.start_iter, self.timed_iters, self.timed_seconds, self.wall_seconds = guard.restore(self, tracked)
         else:
             record = dict(dataclasses.asdict(self.args), method=self.method)
             if self.main:
@@ -743,6 +713,7 @@ class Run:
             self.print(f"data: {len(data.train)} train ({len(data.labeled)} labeled), {unlabeled}, {len(data.val)} "
                        f"val, {data.num_classes} classes; labeled: {data.labeled.tolist()[:20]}"
                        f"{' ...' if len(data.labeled) > 20 else ''}")
+        CHECKPOINTED["iter"] = self.start_iter or None
         if self.world > 1:
             for name in ("student", "teacher"):  # one set of weights on every process, from process 0
                 for t in tracked[name].state_dict().values():
@@ -834,6 +805,7 @@ class Run:
                          timed_seconds=self.timed_seconds, rng=rng_state(),
                          wall_seconds=self.wall_seconds + time.perf_counter() - self.clock_start)
             atomic_write(self.checkpoint_path, state)
+            CHECKPOINTED["iter"] = done
             from tools import pictures  # the teacher's predictions and the curves so far, redrawn
             pictures.draw_run(self.out, self.tracked["teacher"], data.val, data.class_names, self.device, args.amp)
 
@@ -938,11 +910,20 @@ def require_root(root, dataset):
 
 def cache_folder(root, explicit=None):
     """Where prepared data and checks are cached: --cache-dir, else beside the data when writable, else
-    ~/.cache/cutmix-seg/<hash of the data's path>."""
+    ~/.cache/cutmix-seg/<hash of the data's path>, which also stands in for a cache folder that cannot be
+    written (read-only, another user's), with a line."""
     tag = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
-    path = Path(explicit or (root / ".cutmix_seg_cache" if os.access(root, os.W_OK) else
-                             Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cutmix-seg" / tag))
-    path.mkdir(parents=True, exist_ok=True)
+    user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cutmix-seg" / tag
+    path = Path(explicit).expanduser() if explicit else root / ".cutmix_seg_cache" if os.access(root, os.W_OK) else user
+    with contextlib.suppress(OSError):
+        path.mkdir(parents=True, exist_ok=True)
+    if path != user and not (path.is_dir() and os.access(path, os.W_OK | os.X_OK)):
+        print(f"{'--cache-dir ' * bool(explicit)}{path} cannot be written: caching in {user} instead")
+        path = user
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the cache folder {path} ({e.strerror}); give a writable --cache-dir")
     return path
 
 def read_image(path):
@@ -1000,13 +981,8 @@ def checked_splits(pairs_by_split, cache, num_classes=None):
     """{split: Split decoding its (image, mask) pairs, or (image,) alone, on the fly, "max_label": int}, once
     tools/prepare.py checked every pair (sizes agree, classes in range); its verdict is cached, keyed by the
     files' names, sizes and times."""
-    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for pairs in pairs_by_split.values()
-             for pair in pairs for p in pair]
-    path = cache / f"verdict_{hashlib.sha1(json.dumps([files, num_classes, 2]).encode()).hexdigest()[:16]}.json"
-    if not path.is_file():
-        from tools import prepare  # the first run on these files
-        atomic_write(path, json.dumps(prepare.check_pairs(pairs_by_split, num_classes)))
-    verdict = json.loads(path.read_text())
+    from tools import prepare
+    verdict = prepare.verdict(pairs_by_split, cache, num_classes)
     def load(pairs):
         return lambda i: (read_image(pairs[i][0]), read_mask(pairs[i][1]) if len(pairs[i]) > 1 else None)
     return {split: Split([pair[0].stem for pair in pairs], load(pairs), verdict[split]) for split, pairs in
@@ -1017,14 +993,8 @@ def prepared_split(root, cache, tag, names, pairs, convert):
     images (N, H, W, 3) and labels (N, H, W), .npy files in the cache read by memory mapping, so that a
     training sample costs no decoding. The folder's name hashes the source files' names (below `root`),
     sizes and times: changed data is prepared anew."""
-    files = [((p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p.resolve())), p.stat().st_size,
-              p.stat().st_mtime_ns) for pair in pairs for p in pair]
-    folder = cache / f"{tag}_{hashlib.sha1(json.dumps(files).encode()).hexdigest()[:16]}"
-    if not folder.is_dir():
-        from tools import prepare  # the first run on these files
-        prepare.fill_arrays(folder, pairs, getattr(prepare, convert), tag)
-    images, labels = (np.load(f, mmap_mode="r") if f.is_file() else None for f in (folder / "images.npy",
-                                                                                   folder / "labels.npy"))
+    from tools import prepare
+    images, labels = prepare.arrays(root, cache, tag, pairs, convert)
     return Split(names, lambda i: (np.array(images[i]), None if labels is None else np.array(labels[i])),
                  [images.shape[1:3]] * len(names))
 

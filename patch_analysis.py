@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 import common
 from common import UserError, arg
+from tools import guard
 
 NEIGHBOURS = ((0, -1), (0, 1), (-1, 0), (1, 0))  # west, east, north, south as (d_row, d_col)
 
@@ -256,6 +257,7 @@ def histogram_png(ratios, median, title, bins=50, width=640, height=340):
 # ---------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     args = Args(**common.command_line(Args, argv))
+    common.check_limits(args)  # --seed
     try:
         args.patch_sizes = [int(v) for v in args.patch_sizes.split(",")]
     except ValueError:
@@ -273,10 +275,12 @@ def parse_args(argv=None):
 
 def main(args):
     device = common.resolve_device(args.device)
+    out = Path(args.out or f"runs/patch_analysis_{args.dataset}")
+    guard.fresh_folder(out, create=False)  # checked first: an earlier run's folder, or a file, is refused
     train = common.load_dataset(args.dataset, args.data_root, num_classes=args.num_classes).train
     if not 0 <= args.image_index < len(train):
         raise UserError(f"--image-index {args.image_index}: the training set has {len(train)} images")
-    out, started, results = Path(args.out or f"runs/patch_analysis_{args.dataset}"), time.perf_counter(), {}
+    started, results = time.perf_counter(), {}
     files = {}
 
     # --- Figure 1: neighbour-patch distance maps of one image --------------------------------------

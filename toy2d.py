@@ -30,7 +30,6 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,6 +40,7 @@ from tqdm import tqdm
 
 import common
 from common import UserError, arg
+from tools import guard
 
 SIZE = 512  # the original's image: 512×512 pixels spanning [-1, 1]², so 1 px = 2/512
 WIDTH, LR, TEACHER_ALPHA, CONF_THRESH, BATCH = 512, 2e-4, 0.99, 0.97, 512  # the original toy2d_train.py's
@@ -346,6 +346,9 @@ def combine(panels, captions):
 # ---------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     args = Args(**common.command_line(Args, argv))
+    common.check_limits(args)  # --seed, --split-seed
+    if args.seed + args.seeds > 2**32:
+        raise UserError(f"--seed {args.seed} --seeds {args.seeds}: the last seed must stay below 2**32")
     for name in ("steps", "seeds", "grid"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -388,7 +391,7 @@ def run_all(jobs, toy, args, device, workers):
 def main(args):
     device = common.resolve_device(args.device)
     share = 1.0 if args.full else args.unlabeled_share
-    out, lines, started = Path(args.out), [], time.perf_counter()
+    out, lines, started = guard.fresh_folder(args.out), [], time.perf_counter()  # an earlier run's: refused
 
     def log(line):
         tqdm.write(line)

@@ -20,10 +20,9 @@ FAST = ["--iters", "6", "--eval-every", "3", "--batch-size", "2", "--num-workers
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
 
-def run_script(script, *args, cwd=None, check=True, timeout=600):
-    env = ENV
-    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd or ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def run_script(script, *args, cwd=None, check=True, timeout=600, env=None, preexec_fn=None):
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd or ROOT, env=env or ENV,
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -2,12 +2,16 @@
 traceback, and no run folder left behind."""
 
 import json
+import pickle
+import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FAST, make_folder_dataset, run_script
+from conftest import ENV, FAST, make_folder_dataset, run_script
 
 
 def refused(tmp_path, *args, script="train_cutmix.py"):
@@ -97,6 +101,43 @@ def test_split_file_naming_an_unknown_image(tmp_path):
     assert "img_999" in last and "line 2" in last
 
 
+SPLIT_NAMES = ["img_000", "img_001", "img_002", "img_003"]
+
+
+@pytest.mark.parametrize("suffix, content, expected", [
+    (".txt", b"\xef\xbb\xbfimg_002\nimg_000\n", [2, 0]),  # a UTF-8 byte-order mark
+    (".txt", b"img_003\r\nimg_001\r\n\r\n", [3, 1]),  # Windows line ends, a blank line
+    (".txt", pickle.dumps(np.array([3, 1, 0, 2])), [3, 1, 0, 2]),  # a pickle, told by its content
+    (".pkl", pickle.dumps(np.array([1, 0, 3, 2]), protocol=2), [1, 0, 3, 2])])
+def test_split_files_are_read_by_their_content(suffix, content, expected, tmp_path):
+    import common
+    path = tmp_path / f"split{suffix}"
+    path.write_bytes(content)
+    assert common.choose_labeled(SPLIT_NAMES, -1, split_file=str(path)).tolist() == expected
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"img_001\nimg_002\nimg_001\n", "line 3: 'img_001' is named again (line 1); each labeled image once"),
+    (b"\n  \n", "names no image; expected one training image name per line"),
+    (bytes(range(1, 256)), "neither a text list of image names (UTF-8, one per line) nor a pickled index array"),
+    (b"img_001\x00\x00\x00", "neither a text list of image names")])
+def test_bad_split_files_are_refused_by_name(content, words, tmp_path):
+    import common
+    path = tmp_path / "split.txt"
+    path.write_bytes(content)
+    with pytest.raises(common.UserError, match=re.escape(f"--split-file {path}")) as refusal:
+        common.choose_labeled(SPLIT_NAMES, -1, split_file=str(path))
+    assert words in str(refusal.value)
+
+
+def test_a_split_file_naming_an_image_twice_stops_the_script(tmp_path):
+    root = folder(tmp_path)
+    split = tmp_path / "labeled.txt"
+    split.write_text("img_001\nimg_002.png\nimg_001.jpg\n")
+    last = refused(tmp_path, "--dataset", "folder", "--data-root", root, "--split-file", split, "--n-labeled", 2)
+    assert last == f"error: --split-file {split}, line 3: 'img_001.jpg' is named again (line 1); each labeled image once"
+
+
 def test_validation_verdict_is_cached(tmp_path, monkeypatch):
     import common
     from tools import prepare
@@ -116,6 +157,99 @@ def test_validation_verdict_is_cached(tmp_path, monkeypatch):
     (root / "train" / "images" / "img_001.png").write_bytes(b"garbage")
     with pytest.raises(common.UserError, match="img_001.png"):
         common.checked_splits(pairs, cache, None)
+
+
+def test_an_unwritable_cache_dir_falls_back_to_the_user_cache(tmp_path):
+    root = folder(tmp_path, n_train=4, n_val=2)
+    (tmp_path / "file").write_text("x")
+    bad, xdg = tmp_path / "file" / "cache", tmp_path / "xdg"
+    proc = run_script("train_cutmix.py", *FAST, "--dataset", "folder", "--data-root", root, "--arch", "unet_small",
+                      "--cache-dir", bad, "--out", tmp_path / "run", env=dict(ENV, XDG_CACHE_HOME=str(xdg)))
+    line = next(line for line in proc.stdout.splitlines() if "cannot be written" in line)
+    assert line.startswith(f"--cache-dir {bad} cannot be written: caching in {xdg / 'cutmix-seg'}/")
+    assert list(xdg.glob("cutmix-seg/*/verdict_*.json")) and (tmp_path / "run" / "results.json").is_file()
+
+
+def test_a_read_only_or_foreign_cache_folder_falls_back_to_the_user_cache(tmp_path, monkeypatch, capsys):
+    import os
+    import common
+    root = folder(tmp_path, n_train=2, n_val=1)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    (root / ".cutmix_seg_cache").mkdir()  # another user's: this one cannot write it (as root, os.access is told so)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and Path(p).name != ".cutmix_seg_cache")
+    cache = common.cache_folder(root)
+    assert cache.parent == tmp_path / "xdg" / "cutmix-seg" and cache.is_dir()
+    assert f"{root / '.cutmix_seg_cache'} cannot be written: caching in {cache} instead" in capsys.readouterr().out
+
+
+def test_a_corrupt_cached_verdict_is_checked_again(tmp_path, capsys):
+    import common
+    root = folder(tmp_path, n_train=3, n_val=2)
+    pairs = {s: [(p, root / s / "masks" / (p.stem + ".png")) for p in sorted((root / s / "images").iterdir())]
+             for s in ("train", "val")}
+    cache = common.cache_folder(root)
+    first = common.checked_splits(pairs, cache)
+    verdict, = cache.glob("verdict_*.json")
+    for garbage in ("{", "[" * 100000, json.dumps({"train": 1})):
+        verdict.write_text(garbage)
+        again = common.checked_splits(pairs, cache)
+        assert f"{verdict}: a cached check that cannot be read; checking the data again" in capsys.readouterr().out
+        assert again["train"].sizes == first["train"].sizes and again["classes"] == first["classes"]
+        assert json.loads(verdict.read_text())["classes"] == [0, 1, 2]
+
+
+def test_corrupt_prepared_arrays_are_prepared_again(tmp_path, capsys):
+    from tools import prepare
+    images = [tmp_path / f"lesion_{i}.png" for i in range(3)]
+    for i, path in enumerate(images):
+        Image.fromarray(np.full((30, 40, 3), 60 * i, np.uint8)).save(path)
+    (tmp_path / "cache").mkdir()
+    first, _ = prepare.arrays(tmp_path, tmp_path / "cache", "isic2017_unlabeled", [(p,) for p in images], "shrink_isic")
+    first = np.array(first)
+    stored, = (tmp_path / "cache").glob("isic2017_unlabeled_*/images.npy")
+    stored.write_bytes(stored.read_bytes()[:1000])  # a disk that lost the file's end
+    again, labels = prepare.arrays(tmp_path, tmp_path / "cache", "isic2017_unlabeled", [(p,) for p in images],
+                                   "shrink_isic")
+    assert f"{stored.parent}: prepared data that cannot be read" in capsys.readouterr().out
+    assert labels is None and np.array_equal(np.array(again), first) and first.shape == (3, 248, 248, 3)
+
+
+@pytest.mark.parametrize("case", ["corrupt", "no GTcls"])
+def test_sbd_to_aug_names_a_bad_mat_file(case, tmp_path, monkeypatch):
+    """SBD's .mat labels: one that scipy cannot read, or one without GTcls, is named (scipy stands in when
+    it is not installed: it is this step's optional dependency)."""
+    import types
+    import common
+    from tools import prepare
+    try:
+        from scipy.io import savemat
+    except ImportError:
+        def loadmat(path, **kw):
+            if Path(path).read_bytes() == b"garbage":
+                raise ValueError("Unknown mat file type")
+            return {"__header__": b"", "GTinst": None}
+        scipy = types.ModuleType("scipy")
+        scipy.io = types.SimpleNamespace(loadmat=loadmat)
+        monkeypatch.setitem(sys.modules, "scipy", scipy)
+        monkeypatch.setitem(sys.modules, "scipy.io", scipy.io)
+        savemat = None
+    mat = tmp_path / "sbd" / "dataset" / "cls" / "2008_000002.mat"
+    mat.parent.mkdir(parents=True)
+    voc = tmp_path / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass"):
+        (voc / sub).mkdir(parents=True)
+    if case == "corrupt":
+        mat.write_bytes(b"garbage")
+    elif savemat:
+        savemat(mat, {"GTinst": np.zeros((2, 2))})
+    else:
+        mat.write_bytes(b"a mat file of another kind")
+    with pytest.raises(common.UserError) as refusal:
+        prepare.sbd_to_aug(tmp_path / "sbd", voc)
+    assert str(refusal.value).startswith(f"{mat}: ")
+    assert ("not a readable .mat file" if case == "corrupt" else "holds no GTcls.Segmentation") in str(refusal.value)
+    assert not (voc / "SegmentationClassAug").exists() or not list((voc / "SegmentationClassAug").iterdir())
 
 
 @pytest.mark.parametrize("script, option, value", [

@@ -111,12 +111,20 @@ def test_folder_dataset(tmp_path):
     run_script("patch_analysis.py", "--dataset", "folder", "--data-root", root, "--patch-sizes", "5",
                "--patch-size", "5", "--n-anchors", 3, "--out", out)
     assert "median_ratio" in json.loads((out / "results.json").read_text())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for target in (out, out / "results.json"):  # an earlier run's folder; a file
+        proc = run_script("patch_analysis.py", "--dataset", "folder", "--data-root", root, "--out", target, check=False)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr and str(target) in last
+        assert "already holds an earlier run's files" in last if target == out else "is a file, not a folder" in last
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 @pytest.mark.parametrize("args, words", [(["--patch-size", "4"], "odd size"),
                                          (["--patch-sizes", "15,x"], "--patch-sizes"),
                                          (["--max-images", "1"], "--max-images"),
-                                         (["--n-anchors", "0"], "--n-anchors")])
+                                         (["--n-anchors", "0"], "--n-anchors"),
+                                         (["--seed", "-1"], r"--seed must lie in \[0, 2\*\*32\)")])
 def test_bad_values_name_the_option(args, words):
     with pytest.raises(pa.UserError, match=words):
         pa.parse_args(args)

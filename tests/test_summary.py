@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tools import paper
 from conftest import ENV, FAST, ROOT
@@ -95,3 +96,54 @@ def test_seeds_runs_the_demo_twice_then_skips_both(tmp_path):
     assert "demo, unet_small: mIoU" in proc.stdout and "[2] / —" in proc.stdout
     again = common_py(*argv, cwd=tmp_path)
     assert again.returncode == 0 and again.stdout.count("finished: ") == 2 and "$ " not in again.stdout
+
+
+def last_line(proc):
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_summary_of_a_missing_folder_or_a_file_is_refused(tmp_path):
+    proc = common_py("summary", tmp_path / "nowhere", cwd=tmp_path)
+    assert proc.returncode != 0 and last_line(proc) == (f"error: summary: {tmp_path / 'nowhere'} is no such folder "
+                                                        f"(give the folder holding the run folders)")
+    (tmp_path / "file").write_text("x")
+    proc = common_py("summary", tmp_path / "file", cwd=tmp_path)
+    assert proc.returncode != 0 and last_line(proc) == f"error: summary: {tmp_path / 'file'} is a file, not a folder of runs"
+    empty = common_py("summary", tmp_path, cwd=tmp_path)
+    assert empty.returncode == 0 and empty.stdout.strip() == "no finished runs (results.json) found"
+
+
+def test_summary_names_the_file_it_cannot_read(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs / "good", "cityscapes", "deeplabv2", "cutmix", 372, 60.0)
+    fake_run(runs / "bad_args", "cityscapes", "deeplabv2", "cutmix", 372, 70.0)
+    (runs / "bad_args" / "args.json").write_text('{"crop_size": [256,')
+    fake_run(runs / "deep", "cityscapes", "deeplabv2", "cutmix", 372, 80.0)
+    (runs / "deep" / "results.json").write_text("[" * 100000 + "]" * 100000)
+    proc = common_py("summary", runs, cwd=tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr
+    assert f"skipped {runs / 'bad_args'}: args.json cannot be read (JSONDecodeError: " in proc.stderr
+    assert f"skipped {runs / 'deep'}: results.json cannot be read (RecursionError: nested too deeply)" in proc.stderr
+    assert "| cutmix | 60.00 [1] / 60.34 ± 1.24 |" in proc.stdout  # the readable run alone
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--seeds", 1, 2, 1], "error: seeds: --seeds names 1 more than once; each seed is one run"),
+    (["--seeds", -3], "argument --seeds: a seed is an integer in [0, 2**32), got '-3'"),
+    (["--seeds", 2**32], "argument --seeds: a seed is an integer in [0, 2**32), got '4294967296'"),
+    (["--runs", "file"], "error: seeds: --runs file is a file, not a folder"),
+    (["--", "--n-labeled", "abc"], "argument --n-labeled: invalid int value: 'abc'"),
+    (["--", "--dataset", "nope"], "argument --dataset: invalid choice: 'nope'")])
+def test_seeds_refuses_bad_options_before_any_run(argv, words, tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = common_py("seeds", "train_cutmix.py", *argv, cwd=tmp_path)
+    assert proc.returncode != 0 and words in last_line(proc)
+    assert not (tmp_path / "runs").exists() and "$ " not in proc.stdout
+
+
+def test_seeds_names_a_failed_run(tmp_path):
+    proc = common_py("seeds", "train_cutmix.py", "--seeds", 5, "--", "--dataset", "folder", cwd=tmp_path)
+    assert proc.returncode == 1 and "error: --dataset folder needs --data-root" in proc.stderr
+    assert last_line(proc) == ("failed seeds: 5 (exit status 1, runs/train_cutmix_folder_-1_s1_ss5); their errors "
+                               "are above")

@@ -90,11 +90,22 @@ def test_end_to_end_tiny(tmp_path):
         with Image.open(out / f"{name}.png") as im:
             assert im.size[0] >= toy2d.SIZE
     assert not list(out.glob("*.tmp"))
+    # the same --out again: refused by name, the earlier figures and results untouched
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = run_script("toy2d.py", "--steps", 3, "--seeds", 1, "--grid", 32, "--out", out, check=False)
+    assert again.returncode != 0 and "Traceback" not in again.stderr
+    assert again.stderr.strip().splitlines()[-1] == (f"error: --out {out} already holds an earlier run's files; "
+                                                     f"choose another --out or delete it")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 @pytest.mark.parametrize("args, words", [(["--steps", "0"], "--steps"),
                                          (["--unlabeled-share", "0"], "--unlabeled-share"),
-                                         (["--grid", "-2"], "--grid")])
+                                         (["--grid", "-2"], "--grid"),
+                                         (["--unlabeled-share", "nan"], "--unlabeled-share"),
+                                         (["--seed", "-3"], r"--seed must lie in \[0, 2\*\*32\)"),
+                                         (["--split-seed", str(2**32)], "--split-seed"),
+                                         (["--seed", str(2**32 - 2), "--seeds", "3"], "below 2\\*\\*32")])
 def test_bad_values_name_the_option(args, words):
     with pytest.raises(toy2d.UserError, match=words):
         toy2d.parse_args(args)
@@ -105,3 +116,9 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     assert "--device" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "bad").exists()
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "toy"):  # --out a file, or under one
+        proc = run_script("toy2d.py", "--out", out, check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == f"error: --out {out}: {tmp_path / 'file'} is a file, not a folder"
+    assert (tmp_path / "file").read_text() == "x"

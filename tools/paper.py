@@ -57,16 +57,18 @@ def collect_results(paths):
     """{(dataset, arch, label, n_labeled): [score, ...]} from results.json files (ISIC: the lesion IoU);
     unreadable or incomplete ones are reported on stderr and skipped."""
     cells = {}
-    for path in paths:
+    for path in map(Path, paths):
+        file = path  # the file being read, named when it cannot be
         try:
-            results = json.loads(Path(path).read_text())
-            args_path = Path(path).parent / "args.json"
-            args = json.loads(args_path.read_text()) if args_path.is_file() else {}
+            results, file = json.loads(path.read_text()), path.parent / "args.json"
+            args = json.loads(file.read_text()) if file.is_file() else {}
+            file = path
             score = results["lesion_iou" if results["dataset"] == "isic2017" else "miou"]
             key = (results["dataset"], results["arch"], run_label(results, args), int(results["n_labeled"]))
             cells.setdefault(key, []).append(float(score))
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-            print(f"skipped {path}: {type(e).__name__} {e}", file=sys.stderr)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
+            problem = str(e) if not isinstance(e, RecursionError) else "nested too deeply"
+            print(f"skipped {path.parent}: {file.name} cannot be read ({type(e).__name__}: {problem})", file=sys.stderr)
     return cells
 
 
@@ -99,6 +101,17 @@ def summary(cells):
     return "\n".join(lines) if lines else "no finished runs (results.json) found"
 
 
+def seed_value(text):
+    """A --seeds value: an integer in [0, 2**32), as the scripts' --seed and --split-seed."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"a seed is an integer in [0, 2**32), got {text!r}")
+    return seed
+
+
 def run_seeds(argv):
     """python common.py seeds SCRIPT [--seeds S ...] [--runs RUNS] [--dry-run] -- SCRIPT'S OPTIONS
 
@@ -110,25 +123,33 @@ def run_seeds(argv):
     import subprocess
     parser = argparse.ArgumentParser(prog="python common.py seeds", description=" ".join(run_seeds.__doc__.split("\n\n")[1].split()))
     parser.add_argument("script", help="train_*.py")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[12345, 23456, 34567, 45678, 56789],
+    parser.add_argument("--seeds", type=seed_value, nargs="+", default=[12345, 23456, 34567, 45678, 56789],
                         help="default: the original's Cityscapes split seeds")
     parser.add_argument("--runs", default="runs", help="folder of the run folders")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     cut = argv.index("--") if "--" in argv else len(argv)
     opts, rest = parser.parse_args(argv[:cut]), argv[cut + 1:]
+    repeated = sorted({seed for seed in opts.seeds if opts.seeds.count(seed) > 1})
+    if repeated:
+        raise common.UserError(f"seeds: --seeds names {' '.join(map(str, repeated))} more than once; each seed is one run")
+    if Path(opts.runs).exists() and not Path(opts.runs).is_dir():
+        raise common.UserError(f"seeds: --runs {opts.runs} is a file, not a folder")
     for flag in ("--seed", "--split-seed", "--out", "--resume"):
         if any(a == flag or a.startswith(flag + "=") for a in rest):
             raise common.UserError(f"seeds: {flag} is set per seed by this tool; leave it out of the script's options")
     script = Path(opts.script) if Path(opts.script).is_file() else Path(__file__).resolve().parent.parent / opts.script
     if not script.is_file():
         raise common.UserError(f"seeds: no script {opts.script}")
-    known = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for flag in ("--dataset", "--arch", "--n-labeled", "--split-file"):
-        known.add_argument(flag)
+    known = argparse.ArgumentParser(prog=f"python common.py seeds {opts.script} ... --", add_help=False,
+                                    allow_abbrev=False)
+    known.add_argument("--dataset", choices=list(common.DATASETS))
+    known.add_argument("--arch", choices=list(common.ARCHS))
+    known.add_argument("--n-labeled", type=int)
+    known.add_argument("--split-file")
     given = known.parse_known_args(rest)[0]
     dataset = given.dataset or common.TrainArgs.dataset
-    protocol = common.DATASETS.get(dataset, {})
-    arch, n = given.arch or protocol.get("arch"), int(given.n_labeled or protocol.get("n_labeled", -1))
+    protocol = common.DATASETS[dataset]
+    arch, n = given.arch or protocol["arch"], protocol["n_labeled"] if given.n_labeled is None else given.n_labeled
     vary = "seed" if given.split_file else "split-seed"
     outs, failed = [], []
     for seed in opts.seeds:
@@ -142,15 +163,22 @@ def run_seeds(argv):
         if (out / "checkpoint.pt").is_file():  # a run stopped before its first checkpoint starts afresh
             command.append("--resume")
         print("$ " + shlex.join(command), flush=True)
-        if not opts.dry_run and subprocess.call(command) != 0:
-            failed.append(seed)
+        status = 0 if opts.dry_run else subprocess.call(command)
+        if status:
+            failed.append(f"{seed} (exit status {status}, {out})")
     print(summary(collect_results(out / "results.json" for out in outs if (out / "results.json").is_file())))
-    if failed:
-        print(f"failed seeds: {' '.join(map(str, failed))}", file=sys.stderr)
+    if failed:  # each run's own error is above; this line lists them, and the command again resumes them
+        print(f"failed seeds: {'; '.join(failed)}; their errors are above", file=sys.stderr)
     return 1 if failed else 0
 
 
 def main(command, argv):
     if command == "seeds":  # python common.py seeds train_cutmix.py --seeds 1 2 3 -- --dataset cityscapes ...
         return run_seeds(argv)
-    print(summary(collect_results(sorted(Path(argv[0] if argv else "runs").rglob("results.json")))))
+    if len(argv) > 1 or argv[:1] in (["-h"], ["--help"]):
+        sys.exit("usage: python common.py summary [RUNS_DIR]  (the finished runs below RUNS_DIR, default runs/)")
+    runs = Path(argv[0] if argv else "runs")
+    if not runs.is_dir():
+        raise common.UserError(f"summary: {runs} is " + ("a file, not a folder of runs" if runs.exists() else
+                                                         "no such folder (give the folder holding the run folders)"))
+    print(summary(collect_results(sorted(runs.rglob("results.json")))))

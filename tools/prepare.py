@@ -1,10 +1,13 @@
-"""Dataset preparation, imported by common.py before training: the demo's generated images, the one-time
-check of every (image, mask) pair and image without a mask, Cityscapes halved and ISIC resized into
-memory-mapped arrays once, --split-file lists and pickles, and the conversion of SBD's labels into Pascal's
+"""Dataset preparation, imported by common.py before training: the one-time check of every (image, mask)
+pair and image without a mask (its verdict cached), Cityscapes halved and ISIC resized into memory-mapped
+arrays once, --split-file lists and pickles, and the conversion of SBD's labels into Pascal's
 SegmentationClassAug (`python common.py sbd-to-aug SBD_ROOT VOC_ROOT`)."""
+import hashlib
+import json
 import math
 import os
 import pickle
+import shutil
 import sys
 from pathlib import Path
 
@@ -50,6 +53,48 @@ def check_pairs(pairs_by_split, num_classes=None):
     return dict(verdict, classes=sorted(classes), labeled_pixels=labeled)
 
 
+def verdict(pairs_by_split, cache, num_classes=None):
+    """check_pairs' verdict on these files, from the cache (keyed by the files' names, sizes and times) or
+    checked now and cached; a cached verdict that cannot be read is checked again, with a line."""
+    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for pairs in pairs_by_split.values()
+             for pair in pairs for p in pair]
+    path = cache / f"verdict_{hashlib.sha1(json.dumps([files, num_classes, 2]).encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        try:
+            found = json.loads(path.read_text())
+            if all(isinstance(found.get(key), expected) for key, expected in (*((s, list) for s in pairs_by_split),
+                                                                               ("classes", list), ("labeled_pixels", dict))):
+                return found
+        except (OSError, ValueError, RecursionError, AttributeError):
+            pass
+        print(f"{path}: a cached check that cannot be read; checking the data again")
+    found = check_pairs(pairs_by_split, num_classes)
+    atomic_write(path, json.dumps(found))
+    return found
+
+
+def arrays(root, cache, tag, pairs, convert):
+    """(images, labels or None) of `pairs`, memory-mapped from the cache, prepared by the function named
+    `convert` the first time (fill_arrays). The folder's name hashes the source files' names (below `root`),
+    sizes and times: changed data is prepared anew; a prepared folder that cannot be read, too, with a line."""
+    files = [((p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p.resolve())), p.stat().st_size,
+              p.stat().st_mtime_ns) for pair in pairs for p in pair]
+    folder = cache / f"{tag}_{hashlib.sha1(json.dumps(files).encode()).hexdigest()[:16]}"
+    for _ in range(2):
+        if not folder.is_dir():
+            fill_arrays(folder, pairs, globals()[convert], tag)
+        try:
+            images, labels = (np.load(f, mmap_mode="r") if f.is_file() else None for f in (folder / "images.npy",
+                                                                                           folder / "labels.npy"))
+            if images is None or len(images) != len(pairs) or (labels is not None and len(labels) != len(pairs)):
+                raise ValueError(f"expected arrays of {len(pairs)} samples")
+            return images, labels
+        except (OSError, ValueError) as e:
+            print(f"{folder}: prepared data that cannot be read ({e}); preparing it again")
+            shutil.rmtree(folder)
+    raise UserError(f"{folder}: the data prepared there cannot be read back; is the disk full?")
+
+
 def fill_arrays(folder, pairs, convert, tag):
     """`folder`/{images,labels}.npy from convert(image path, label path) of each pair. Filled in
     <folder>.partial sample by sample, with the count of finished samples in a progress file, and renamed
@@ -87,25 +132,39 @@ def fill_arrays(folder, pairs, convert, tag):
 
 # ---- --split-file: the labeled subset named by a list, or the original's pickled permutation ----------
 def read_split_file(path, names):
-    """Indices into `names` of a --split-file: a .pkl index permutation of the training order (the
-    original's data/splits/pascal_aug/split_0.pkl), else text, one name per line (or labeled.txt's
-    "JPEGImages/x.jpg SegmentationClassAug/x.png" lines), matched by name or stem."""
+    """Indices into `names` of a --split-file, told apart by content: a pickled index permutation of the
+    training order (the original's data/splits/pascal_aug/split_0.pkl, whatever its suffix), else UTF-8
+    text (a byte-order mark allowed), one name per line (or labeled.txt's "JPEGImages/x.jpg
+    SegmentationClassAug/x.png" lines), matched by name or stem; a name given twice is refused."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--split-file {path}: no such file")
-    if path.suffix == ".pkl":
+    raw = path.read_bytes()
+    if path.suffix == ".pkl" or raw[:1] == b"\x80":  # pickle protocols 2 and later begin with 0x80
         return read_permutation(path, len(names))
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark is no part of the first name
+    except UnicodeDecodeError:
+        text = "\0"
+    if "\0" in text:
+        raise UserError(f"--split-file {path}: neither a text list of image names (UTF-8, one per line) nor a "
+                        f"pickled index array")
     index = {**{name: i for i, name in enumerate(names)}, **{Path(name).stem: i for i, name in enumerate(names)}}
-    chosen = []
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+    chosen = {}  # index -> line number
+    for line_no, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         name = line.split()[0]
         key = name if name in index else Path(name).stem
         if key not in index:
             raise UserError(f"--split-file {path}, line {line_no}: {name!r} is not a training image of this dataset")
-        chosen.append(index[key])
-    return np.array(chosen, dtype=np.int64)
+        if index[key] in chosen:
+            raise UserError(f"--split-file {path}, line {line_no}: {name!r} is named again (line "
+                            f"{chosen[index[key]]}); each labeled image once")
+        chosen[index[key]] = line_no
+    if not chosen:
+        raise UserError(f"--split-file {path}: names no image; expected one training image name per line")
+    return np.array(list(chosen), dtype=np.int64)
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -133,62 +192,6 @@ def read_permutation(path, n):
         raise UserError(f"--split-file {path}: expected a permutation of the {n} training images' indices "
                         f"(numpy int array of shape ({n},)), got {getattr(perm, 'shape', type(perm).__name__)}")
     return perm.astype(np.int64)
-
-
-# ---- demo: built-in, generated at every run, deterministic, classes told apart by shape alone --------
-DEMO_CLASSES = ["background", "disc", "square", "triangle", "cross"]
-
-
-def demo_image(rng, size=48):
-    """One demo image and its label map. Objects and background draw their colours from one distribution,
-    so only shape tells the classes apart; smooth background texture, clutter strokes and noise make sure no
-    low-density gap separates object pixels from background pixels (paper Sec. 3.1)."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-
-    def texture(contrast):
-        c1 = rng.uniform(0, 255, 3)
-        c2 = np.clip(c1 + rng.normal(0, contrast, 3), 0, 255)
-        angle, freq = rng.uniform(0, np.pi), rng.uniform(0.05, 0.3)
-        wave = 0.5 + 0.5 * np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 6.3))
-        return c1 + (c2 - c1) * wave[..., None]
-
-    image = texture(contrast=80)
-    for _ in range(rng.integers(2, 5)):  # clutter: strokes in object-like colours
-        x0, y0, x1, y1 = rng.uniform(0, size, 4)
-        t = np.clip(((xx - x0) * (x1 - x0) + (yy - y0) * (y1 - y0)) / ((x1 - x0) ** 2 + (y1 - y0) ** 2 + 1e-6), 0, 1)
-        dist = np.hypot(xx - x0 - t * (x1 - x0), yy - y0 - t * (y1 - y0))
-        image = np.where((dist < rng.uniform(0.7, 1.6))[..., None], texture(contrast=30), image)
-    label = np.zeros((size, size), np.uint8)
-    for _ in range(rng.integers(1, 4)):
-        cls = rng.integers(1, len(DEMO_CLASSES))
-        cx, cy = rng.uniform(0.2 * size, 0.8 * size, 2)
-        r = rng.uniform(0.13, 0.23) * size
-        theta = rng.uniform(0, 2 * np.pi)
-        u = np.cos(theta) * (xx - cx) + np.sin(theta) * (yy - cy)
-        v = -np.sin(theta) * (xx - cx) + np.cos(theta) * (yy - cy)
-        if cls == 1:
-            inside = u ** 2 + v ** 2 < r ** 2
-        elif cls == 2:
-            inside = np.maximum(np.abs(u), np.abs(v)) < r * 0.8
-        elif cls == 3:  # equilateral triangle: three half-planes
-            inside = np.ones_like(u, bool)
-            for k in range(3):
-                a = theta + k * 2 * np.pi / 3
-                inside &= np.cos(a) * (xx - cx) + np.sin(a) * (yy - cy) < r * 0.55
-        else:
-            inside = (np.minimum(np.abs(u), np.abs(v)) < r * 0.3) & (np.maximum(np.abs(u), np.abs(v)) < r)
-        image = np.where(inside[..., None], texture(contrast=30), image)
-        label[inside] = cls
-    image = image + rng.normal(0, 8, image.shape)
-    return np.clip(image, 0, 255).astype(np.uint8), label
-
-
-def demo_dataset(n_train=600, n_val=100, size=48):
-    rng = np.random.default_rng(20200907)  # fixed: the demo is the same data on every machine
-    images, labels = (np.stack(a) for a in zip(*[demo_image(rng, size) for _ in range(n_train + n_val)]))
-    split = lambda first, n: common.Split([f"demo_{i:04d}" for i in range(first, first + n)],  # noqa: E731
-                                   lambda i: (images[first + i], labels[first + i]), [(size, size)] * n)
-    return split(0, n_train), split(n_train, n_val), len(DEMO_CLASSES), DEMO_CLASSES
 
 
 # ---- Cityscapes: half size, as the original's conversion script --------------------------------------
@@ -277,7 +280,14 @@ def sbd_to_aug(sbd, voc):
         if source.suffix == ".png":
             label = common.read_mask(source)  # palette indices, 255 = boundary
         else:
-            label = loadmat(source, squeeze_me=True, struct_as_record=False)["GTcls"].Segmentation.astype(np.uint8)
+            try:
+                mat = loadmat(source, squeeze_me=True, struct_as_record=False)
+            except Exception as e:  # scipy raises many kinds for a truncated or foreign file
+                raise UserError(f"{source}: not a readable .mat file ({type(e).__name__}: {e}); re-extract SBD's "
+                                f"benchmark.tgz")
+            if not hasattr(mat.get("GTcls"), "Segmentation"):
+                raise UserError(f"{source}: holds no GTcls.Segmentation; expected SBD's dataset/cls/NAME.mat labels")
+            label = np.asarray(mat["GTcls"].Segmentation).astype(np.uint8)
         atomic_write(target, label)
     print(f"{len(sources)} labels in {voc / 'SegmentationClassAug'}")
 

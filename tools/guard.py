@@ -1,0 +1,166 @@
+"""The run folder's guard, used by common.py before a run trains: --out checked and claimed, --resume's
+settings taken from the run's args.json, its checkpoint restored. Every refusal is one line naming the
+option or file, given before anything is written; nothing of an earlier run is lost."""
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # noqa: E402
+from common import UserError  # noqa: E402
+
+try:
+    import fcntl  # Unix: a run folder is locked while a run writes it
+except ImportError:  # Windows: no lock
+    fcntl = None
+
+RUN_FILES = {"args.json", "log.txt", "metrics.jsonl", "preview.png", "curves.png"}
+# Options a resumed run may change: how it executes, where it writes, how long it runs and how often it
+# evaluates. Every other option defines the run (its data, network, method and their settings).
+MAY_CHANGE = {"device", "num_workers", "amp", "compile", "compile_mode", "deterministic", "cache_dir", "out",
+              "resume", "benchmark", "iters", "eval_every"}
+PATHS = {"data_root", "split_file", "unlabeled_dir"}
+
+
+def brief(error):
+    """An exception's kind and first sentence, on one line."""
+    return f"{type(error).__name__}: " + " ".join(str(error).split()).split(". ")[0][:200]
+
+
+def read_json(path, what):
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"{path}: unreadable {what} ({type(e).__name__}: {e})")
+    if not isinstance(record, dict):
+        raise UserError(f"{path}: unreadable {what} (a JSON object expected)")
+    return record
+
+
+def default_out(args_class, given):
+    """The folder a run of `given` options writes by default (common.run_folder), as common.Run names it."""
+    dataset = given.get("dataset", args_class.dataset)
+    protocol = {**common.DATASETS[dataset], **args_class.PER_DATASET.get(dataset, {}), **given}
+    script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else None
+    return script and common.run_folder(script, dataset, protocol["n_labeled"], protocol.get("seed", 1),
+                                        protocol.get("split_seed", 12345), given.get("arch"))
+
+
+def resume_settings(args_class, given):
+    """--resume: the options `given` on the command line, completed by the settings in the run's args.json.
+    An option that defines the run and differs from the recorded one is refused by name; MAY_CHANGE options
+    may differ (those not given take this machine's defaults, --iters and --eval-every the recorded ones)."""
+    out = given.get("out") or default_out(args_class, given)
+    if not out or not (Path(out) / "checkpoint.pt").is_file():
+        return given  # nothing to resume: common.Run says so and starts afresh
+    saved = read_json(Path(out) / "args.json", "record of the run's settings")
+    fields = {f.name: f for f in dataclasses.fields(args_class)}
+    for name, value in given.items():
+        if name in MAY_CHANGE or name not in saved:
+            continue
+        if json.loads(json.dumps(value, default=str)) != saved[name] and not (  # a path may be spelled otherwise
+                name in PATHS and saved[name] and Path(value).expanduser().resolve() == Path(saved[name]).expanduser().resolve()):
+            raise UserError(f"--resume: --{name.replace('_', '-')} {value} differs from the run's "
+                            f"{saved[name]} ({Path(out) / 'args.json'}); a resumed run keeps its settings: leave the "
+                            f"option out, or start a new run with another --out")
+    kept = {name: saved[name] for name in fields if name in saved and name not in MAY_CHANGE - {"iters", "eval_every"}}
+    if isinstance(kept.get("crop_size"), list):
+        kept["crop_size"] = tuple(kept["crop_size"])
+    return {**kept, **given, "out": str(out)}
+
+
+def claim(run):
+    """--out, checked before anything is loaded or written: a file, or a folder that cannot be written, is
+    refused; so is another run writing there now (a lock), files that are no run's, a run of another method,
+    and a finished run (with --resume: its FINAL line again, unless --iters goes further). A folder without a
+    checkpoint holds nothing to lose: the run starts afresh there; *.tmp files of a killed write go."""
+    out, args = run.out, run.args
+    blocker = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not blocker.is_dir() or not os.access(blocker, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {blocker} is " + ("a file, not a folder" if not blocker.is_dir() else
+                                                        "not writable (read-only, or another user's)"))
+    if fcntl:  # released when the process ends, however it ends
+        tag = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]
+        run.lock = open(Path(tempfile.gettempdir()) / f"cutmix-seg-{tag}.lock", "a")
+        try:
+            fcntl.flock(run.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"--out {out}: another run is writing there now; choose another --out")
+    checkpoint = run.checkpoint_path.is_file()
+    if checkpoint and args.resume:
+        method = read_json(out / "args.json", "record of the run's settings").get("method")
+        if method != run.method:
+            raise UserError(f"--resume: {out} holds a run of {method}, not of {run.method}; resume it with its own "
+                            f"script, or choose another --out")
+    if (out / "results.json").is_file():
+        finished = read_json(out / "results.json", "results")
+        if not args.resume:
+            raise UserError(f"--out {out} already holds a finished run; choose another --out or delete it")
+        if checkpoint and args.iters < finished.get("iters", 0):
+            raise UserError(f"--iters {args.iters} is below the {finished['iters']} iterations {out} has run")
+        if args.iters == finished.get("iters") or not checkpoint:
+            print(f"{out} is already finished\nFINAL mIoU={finished.get('miou', float('nan')):.2f}")
+            sys.exit(0)
+    for tmp in out.glob("*.tmp"):
+        tmp.unlink()
+    found = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if checkpoint and not args.resume:
+        raise UserError(f"--out {out} already holds an unfinished run (add --resume to continue it); choose "
+                        f"another --out or delete it")
+    if not checkpoint and found - RUN_FILES:
+        raise UserError(f"--out {out} holds {', '.join(sorted(found - RUN_FILES)[:3])}, no run's files")
+    if not checkpoint and (found or args.resume):
+        print(f"{out}: " + ("a run stopped there before its first checkpoint" if found else "no run to resume")
+              + "; starting afresh")
+        for name in found:
+            (out / name).unlink()
+
+
+def restore(run, tracked):
+    """Load the run's checkpoint into the `tracked` objects and the global RNGs; returns its counters
+    (iteration, timed iterations and seconds, wall seconds). A changed --iters is said and recorded."""
+    path, args = run.checkpoint_path, run.args
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a truncated or foreign file
+        raise UserError(f"--resume: {path} is no readable checkpoint ({brief(e)}); delete the folder to start again")
+    try:
+        counters = [state[k] for k in ("iter", "timed_iters", "timed_seconds", "wall_seconds")]
+        if args.iters < counters[0]:
+            raise UserError(f"--iters {args.iters} is below the checkpoint's iteration {counters[0]} in {path}")
+        common.set_rng_state(state["rng"])
+        for name, obj in tracked.items():
+            obj.set_state(state[name]) if isinstance(obj, torch.Generator) else obj.load_state_dict(state[name])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise UserError(f"--resume: {path} does not fit this run ({brief(e)}); it was written by another method, "
+                        f"network or version")
+    record = read_json(run.out / "args.json", "record of the run's settings")
+    if run.main and record.get("iters") != args.iters:
+        run.print(f"--iters {args.iters}: the run goes on to iteration {args.iters}, not {record.get('iters')} "
+                  f"(recorded in args.json" + ("; the poly schedule follows it)" if args.lr_schedule == "poly" else ")"))
+        common.atomic_write(run.out / "args.json", json.dumps(dict(record, iters=args.iters), indent=2))
+    run.print(f"resumed from iteration {counters[0]} of {run.out}" + (f" with {run.world} processes"
+                                                                     if run.world > 1 else ""))
+    return counters
+
+
+def fresh_folder(out, create=True):
+    """The output folder of toy2d.py and patch_analysis.py, created (unless not `create`), or one clear line
+    when it is a file, lies under a file, cannot be written, or already holds files (an earlier run's
+    figures are never overwritten)."""
+    out = Path(out)
+    blocker = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not blocker.is_dir() or not os.access(blocker, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {blocker} is " + ("a file, not a folder" if not blocker.is_dir() else
+                                                        "not writable (read-only, or another user's)"))
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out {out} already holds an earlier run's files; choose another --out or delete it")
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
+    return out
