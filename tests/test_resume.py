@@ -58,6 +58,15 @@ def test_resume_takes_the_settings_from_args_json(stopped, tmp_path):
     assert snapshot(out) == before
 
 
+def test_execution_options_may_change_on_resume(stopped, tmp_path):
+    """fp16 AMP (a GradScaler with state) after an fp32 start, then fp32 again, a worker process, eval-every."""
+    out = copy_of(stopped, tmp_path)
+    run_script("train_cutmix.py", "--out", out, "--resume", "--iters", 5, "--amp", "fp16", "--num-workers", 1)
+    (out / "results.json").unlink()
+    proc = run_script("train_cutmix.py", "--out", out, "--resume", "--iters", 7, "--amp", "off", "--eval-every", 7)
+    assert "resumed from iteration 5" in proc.stdout and read_results(out)["iters"] == 7
+
+
 @pytest.mark.parametrize("option, value, saved", [("--lr", "0.01", "0.001"), ("--arch", "deeplabv2", "unet_small"),
                                                   ("--n-labeled", "30", "60"), ("--cons-weight", "2", "1.0"),
                                                   ("--crop-size", "32", "[48, 48]"), ("--seed", "2", "1")])
@@ -75,6 +84,9 @@ def test_another_dataset_or_method_is_refused(stopped, tmp_path, folder_data):
     last = last_error(run_script("train_cutmix.py", *FAST, "--dataset", "folder", "--data-root", folder_data,
                                  "--out", out, "--resume", check=False))
     assert "--dataset folder differs from the run's demo" in last
+    last = last_error(run_script("train_cutmix.py", *FAST, "--data-root", folder_data, "--out", out, "--resume",
+                                 check=False))
+    assert f"--data-root {folder_data} differs from the run's None" in last
     last = last_error(run_script("train_cutout.py", *FAST, "--out", out, "--resume", check=False))
     assert last == f"error: --resume: {out} holds a run of cutmix, not of cutout; resume it with its own script, " \
                    f"or choose another --out"

@@ -75,16 +75,21 @@ def resume_settings(args_class, given):
     return {**kept, **given, "out": str(out)}
 
 
+def check_writable(out):
+    """--out, or the folder it would be made in, must be a folder this process can write."""
+    blocker = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not blocker.is_dir() or not os.access(blocker, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {blocker} is " + ("a file, not a folder" if not blocker.is_dir() else
+                                                        "not writable (read-only, or another user's)"))
+
+
 def claim(run):
     """--out, checked before anything is loaded or written: a file, or a folder that cannot be written, is
     refused; so is another run writing there now (a lock), files that are no run's, a run of another method,
     and a finished run (with --resume: its FINAL line again, unless --iters goes further). A folder without a
     checkpoint holds nothing to lose: the run starts afresh there; *.tmp files of a killed write go."""
     out, args = run.out, run.args
-    blocker = next(p for p in (out, *out.absolute().parents) if p.exists())
-    if not blocker.is_dir() or not os.access(blocker, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: {blocker} is " + ("a file, not a folder" if not blocker.is_dir() else
-                                                        "not writable (read-only, or another user's)"))
+    check_writable(out)
     if fcntl:  # released when the process ends, however it ends
         tag = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]
         run.lock = open(Path(tempfile.gettempdir()) / f"cutmix-seg-{tag}.lock", "a")
@@ -136,6 +141,8 @@ def restore(run, tracked):
             raise UserError(f"--iters {args.iters} is below the checkpoint's iteration {counters[0]} in {path}")
         common.set_rng_state(state["rng"])
         for name, obj in tracked.items():
+            if isinstance(obj, torch.amp.GradScaler) and not (obj.is_enabled() and state[name]):
+                continue  # --amp changed to or from fp16: the loss scale starts afresh (or is not used)
             obj.set_state(state[name]) if isinstance(obj, torch.Generator) else obj.load_state_dict(state[name])
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise UserError(f"--resume: {path} does not fit this run ({brief(e)}); it was written by another method, "
@@ -155,10 +162,7 @@ def fresh_folder(out, create=True):
     when it is a file, lies under a file, cannot be written, or already holds files (an earlier run's
     figures are never overwritten)."""
     out = Path(out)
-    blocker = next(p for p in (out, *out.absolute().parents) if p.exists())
-    if not blocker.is_dir() or not os.access(blocker, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: {blocker} is " + ("a file, not a folder" if not blocker.is_dir() else
-                                                        "not writable (read-only, or another user's)"))
+    check_writable(out)
     if out.is_dir() and any(out.iterdir()):
         raise UserError(f"--out {out} already holds an earlier run's files; choose another --out or delete it")
     if create:
