@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ENV, FAST, make_folder_dataset, run_script
+from conftest import FAST, make_folder_dataset, run_script
 
 
 def refused(tmp_path, *args, script="train_cutmix.py"):
@@ -159,15 +159,16 @@ def test_validation_verdict_is_cached(tmp_path, monkeypatch):
         common.checked_splits(pairs, cache, None)
 
 
-def test_an_unwritable_cache_dir_falls_back_to_the_user_cache(tmp_path):
+def test_an_unwritable_cache_dir_falls_back_to_the_user_cache(tmp_path, monkeypatch, capsys):
+    import common
     root = folder(tmp_path, n_train=4, n_val=2)
     (tmp_path / "file").write_text("x")
-    bad, xdg = tmp_path / "file" / "cache", tmp_path / "xdg"
-    proc = run_script("train_cutmix.py", *FAST, "--dataset", "folder", "--data-root", root, "--arch", "unet_small",
-                      "--cache-dir", bad, "--out", tmp_path / "run", env=dict(ENV, XDG_CACHE_HOME=str(xdg)))
-    line = next(line for line in proc.stdout.splitlines() if "cannot be written" in line)
+    bad, xdg = tmp_path / "file" / "cache", tmp_path / "xdg"  # a --cache-dir that cannot be created
+    monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
+    data = common.load_dataset("folder", str(root), cache_dir=str(bad))
+    line = next(line for line in capsys.readouterr().out.splitlines() if "cannot be written" in line)
     assert line.startswith(f"--cache-dir {bad} cannot be written: caching in {xdg / 'cutmix-seg'}/")
-    assert list(xdg.glob("cutmix-seg/*/verdict_*.json")) and (tmp_path / "run" / "results.json").is_file()
+    assert list(xdg.glob("cutmix-seg/*/verdict_*.json")) and len(data.train) == 4
 
 
 def test_a_read_only_or_foreign_cache_folder_falls_back_to_the_user_cache(tmp_path, monkeypatch, capsys):
@@ -356,6 +357,37 @@ def test_an_out_that_cannot_be_a_folder_is_refused_before_training(case, tmp_pat
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "is a file, not a folder" in last
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_an_unwritable_out_is_refused_before_training(tmp_path, monkeypatch):
+    """A read-only parent folder (or file system): the real thing for a user, os.access told so as root."""
+    import os
+    import common
+    from tools import guard
+    parent = tmp_path / "read_only"
+    parent.mkdir()
+    parent.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: pretend this folder is read-only
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and Path(p) != parent)
+    try:
+        with pytest.raises(common.UserError) as refusal:
+            guard.check_writable(parent / "run")
+    finally:
+        parent.chmod(0o755)
+    assert str(refusal.value) == f"--out {parent / 'run'}: {parent} is not writable (read-only, or another user's)"
+
+
+def test_files_written_atomically_follow_the_umask_like_the_log(tmp_path):
+    import os
+    import common
+    common.atomic_write(tmp_path / "results.json", "{}")
+    common.atomic_write(tmp_path / "preview.png", np.zeros((4, 4), np.uint8))
+    common.atomic_write(tmp_path / "checkpoint.pt", {"iter": 1})
+    (tmp_path / "log.txt").write_text("")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert set(modes.values()) == {0o666 & ~common.UMASK}, modes
+    assert common.UMASK == os.umask(common.UMASK)
 
 
 def test_a_run_stopped_before_its_first_checkpoint_starts_afresh_with_the_same_command(tmp_path):

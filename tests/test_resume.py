@@ -47,8 +47,12 @@ def test_resume_takes_the_settings_from_args_json(stopped, tmp_path):
     record = json.loads((out / "args.json").read_text())
     assert record["iters"] == 6 and record["batch_size"] == 2 and record["eval_every"] == 3
     assert read_results(out)["resumed_from"] == 3
-    # a finished run goes further with a larger --iters, says FINAL again with its own, refuses a smaller one
-    longer = run_script("train_cutmix.py", "--out", out, "--resume", "--iters", 9)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}  # atomic files follow the umask as the log
+    assert len(set(modes.values())) == 1 and {"args.json", "checkpoint.pt", "results.json", "preview.png"} <= set(modes)
+    # a finished run goes further with a larger --iters (here with a worker process and another evaluation
+    # interval: how a run executes may change), says FINAL again with its own, refuses a smaller one
+    longer = run_script("train_cutmix.py", "--out", out, "--resume", "--iters", 9, "--num-workers", 1,
+                        "--eval-every", 9)
     assert read_results(out)["iters"] == 9 and read_results(out)["resumed_from"] == 6
     again = run_script("train_cutmix.py", "--out", out, "--resume")
     assert again.stdout.rstrip().splitlines()[-1] == longer.stdout.rstrip().splitlines()[-1]
@@ -58,13 +62,15 @@ def test_resume_takes_the_settings_from_args_json(stopped, tmp_path):
     assert snapshot(out) == before
 
 
-def test_execution_options_may_change_on_resume(stopped, tmp_path):
-    """fp16 AMP (a GradScaler with state) after an fp32 start, then fp32 again, a worker process, eval-every."""
-    out = copy_of(stopped, tmp_path)
-    run_script("train_cutmix.py", "--out", out, "--resume", "--iters", 5, "--amp", "fp16", "--num-workers", 1)
-    (out / "results.json").unlink()
-    proc = run_script("train_cutmix.py", "--out", out, "--resume", "--iters", 7, "--amp", "off", "--eval-every", 7)
-    assert "resumed from iteration 5" in proc.stdout and read_results(out)["iters"] == 7
+def test_amp_may_change_on_resume(folder_data, tmp_path):
+    """fp16 (a GradScaler with a state) after an fp32 start, and back: the loss scale starts afresh."""
+    args = [*FAST, "--dataset", "folder", "--data-root", folder_data, "--arch", "unet_small", "--out", tmp_path / "run"]
+    run_script("train_cutmix.py", *args, "--iters", 2, "--eval-every", 2)
+    (tmp_path / "run" / "results.json").unlink()
+    assert "resumed from iteration 2" in run_script("train_cutmix.py", *args, "--iters", 3, "--resume", "--amp", "fp16").stdout
+    (tmp_path / "run" / "results.json").unlink()
+    assert "resumed from iteration 3" in run_script("train_cutmix.py", *args, "--iters", 4, "--resume").stdout
+    assert read_results(tmp_path / "run")["iters"] == 4
 
 
 @pytest.mark.parametrize("option, value, saved", [("--lr", "0.01", "0.001"), ("--arch", "deeplabv2", "unet_small"),
@@ -167,7 +173,7 @@ common.TrainSet.__getitem__ = getitem
 
 
 def test_a_killed_data_loading_worker_is_one_line_and_the_run_resumes(tmp_path):
-    args = ["--iters", 30, "--eval-every", 3, "--batch-size", 2, "--num-workers", 1, "--out", "run"]
+    args = ["--iters", 12, "--eval-every", 3, "--batch-size", 2, "--num-workers", 1, "--out", "run"]
     last = last_error(run_with(tmp_path, WORKER_DIES, *args))
     assert last.startswith("error: a data loading worker died (out of memory? try fewer --num-workers); "
                            "--resume continues from iteration ")

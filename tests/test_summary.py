@@ -1,12 +1,14 @@
 """`python common.py seeds` (one run per seed, skip finished, resume unfinished) and `python common.py
 summary` (mean ± std per cell beside the paper's number), on fake results.json files and one tiny demo run."""
 import json
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+import common
 from tools import paper
 from conftest import ENV, FAST, ROOT
 
@@ -103,15 +105,15 @@ def last_line(proc):
     return proc.stderr.strip().splitlines()[-1]
 
 
-def test_summary_of_a_missing_folder_or_a_file_is_refused(tmp_path):
+def test_summary_of_a_missing_folder_or_a_file_is_refused(tmp_path, capsys):
     proc = common_py("summary", tmp_path / "nowhere", cwd=tmp_path)
     assert proc.returncode != 0 and last_line(proc) == (f"error: summary: {tmp_path / 'nowhere'} is no such folder "
                                                         f"(give the folder holding the run folders)")
     (tmp_path / "file").write_text("x")
-    proc = common_py("summary", tmp_path / "file", cwd=tmp_path)
-    assert proc.returncode != 0 and last_line(proc) == f"error: summary: {tmp_path / 'file'} is a file, not a folder of runs"
-    empty = common_py("summary", tmp_path, cwd=tmp_path)
-    assert empty.returncode == 0 and empty.stdout.strip() == "no finished runs (results.json) found"
+    with pytest.raises(common.UserError, match=re.escape(f"summary: {tmp_path / 'file'} is a file, not a folder of runs")):
+        paper.main("summary", [str(tmp_path / "file")])
+    paper.main("summary", [str(tmp_path)])
+    assert capsys.readouterr().out.strip() == "no finished runs (results.json) found"
 
 
 def test_summary_names_the_file_it_cannot_read(tmp_path):
@@ -135,11 +137,18 @@ def test_summary_names_the_file_it_cannot_read(tmp_path):
     (["--runs", "file"], "error: seeds: --runs file is a file, not a folder"),
     (["--", "--n-labeled", "abc"], "argument --n-labeled: invalid int value: 'abc'"),
     (["--", "--dataset", "nope"], "argument --dataset: invalid choice: 'nope'")])
-def test_seeds_refuses_bad_options_before_any_run(argv, words, tmp_path):
+def test_seeds_refuses_bad_options_before_any_run(argv, words, tmp_path, monkeypatch, capsys):
+    """In this process (the same code as `python common.py seeds`, whose UserError ends as `error: ...`)."""
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "file").write_text("x")
-    proc = common_py("seeds", "train_cutmix.py", *argv, cwd=tmp_path)
-    assert proc.returncode != 0 and words in last_line(proc)
-    assert not (tmp_path / "runs").exists() and "$ " not in proc.stdout
+    with pytest.raises((common.UserError, SystemExit)) as refusal:
+        paper.main("seeds", ["train_cutmix.py", *map(str, argv)])
+    said = capsys.readouterr()
+    if refusal.type is SystemExit:  # argparse: usage, then the error as the last line, exit status 2
+        assert refusal.value.code == 2 and words in said.err.strip().splitlines()[-1]
+    else:
+        assert words == f"error: {refusal.value}"
+    assert not (tmp_path / "runs").exists() and "$ " not in said.out
 
 
 def test_seeds_names_a_failed_run(tmp_path):

@@ -60,12 +60,13 @@ def resume_settings(args_class, given):
     if not out or not (Path(out) / "checkpoint.pt").is_file():
         return given  # nothing to resume: common.Run says so and starts afresh
     saved = read_json(Path(out) / "args.json", "record of the run's settings")
-    fields = {f.name: f for f in dataclasses.fields(args_class)}
+    fields = {f.name for f in dataclasses.fields(args_class)}
+    same_path = lambda a, b: Path(a).expanduser().resolve() == Path(b).expanduser().resolve()  # noqa: E731
     for name, value in given.items():
         if name in MAY_CHANGE or name not in saved:
             continue
         if json.loads(json.dumps(value, default=str)) != saved[name] and not (  # a path may be spelled otherwise
-                name in PATHS and saved[name] and Path(value).expanduser().resolve() == Path(saved[name]).expanduser().resolve()):
+                name in PATHS and saved[name] and same_path(value, saved[name])):
             raise UserError(f"--resume: --{name.replace('_', '-')} {value} differs from the run's "
                             f"{saved[name]} ({Path(out) / 'args.json'}); a resumed run keeps its settings: leave the "
                             f"option out, or start a new run with another --out")
