@@ -61,6 +61,8 @@ class UserError(Exception):
 CHECKPOINTED = {}  # {"iter": the iteration of a running Run's last checkpoint, or None}: said when a run fails
 
 def _excepthook(kind, value, tb):
+    if hasattr(signal, "SIGCHLD"):  # first: torch's handler raises again in here as each dead worker is reaped
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     resume = ("" if not CHECKPOINTED else "; no checkpoint yet: the same command starts the run afresh"
               if CHECKPOINTED["iter"] is None else f"; --resume continues from iteration {CHECKPOINTED['iter']}")
     if issubclass(kind, UserError):
@@ -70,8 +72,6 @@ def _excepthook(kind, value, tb):
     elif issubclass(kind, OSError) and value.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
         sys.stderr.write(f"error: cannot write {value.filename or 'a file'}: {value.strerror} (disk full?){resume}\n")
     elif issubclass(kind, RuntimeError) and "DataLoader worker" in str(value):
-        if hasattr(signal, "SIGCHLD"):  # torch's handler would raise it again at exit, as every process ends
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         sys.stderr.write(f"error: a data loading worker died (out of memory? try fewer --num-workers){resume}\n")
     else:
         sys.__excepthook__(kind, value, tb)
