@@ -190,8 +190,9 @@ def command_line(args_class, argv=None):
     return vars(parser.parse_args(argv))
 
 # Values out of range stop a run before anything is written: (field, test, what the option expects)
-# (the methods' own options too, where a script declares them; NaN fails every test)
-LIMITS = [*[(name, lambda v: v >= 1, "must be at least 1") for name in ("iters", "batch_size", "eval_every", "n_boxes")],
+# (the methods' own options too, and toy2d.py's and patch_analysis.py's, where declared; NaN fails every test)
+LIMITS = [*[(name, lambda v: v >= 1, "must be at least 1") for name in ("iters", "batch_size", "eval_every", "n_boxes",
+                                                                       "steps", "seeds", "grid", "n_anchors")],
           ("n_labeled", lambda v: v == -1 or v > 0, "must be a positive count or -1 (all)"),
           ("teacher_alpha", lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
           ("conf_thresh", lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
@@ -915,16 +916,14 @@ def cache_folder(root, explicit=None):
     tag = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
     user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cutmix-seg" / tag
     path = Path(explicit).expanduser() if explicit else root / ".cutmix_seg_cache" if os.access(root, os.W_OK) else user
-    with contextlib.suppress(OSError):
-        path.mkdir(parents=True, exist_ok=True)
-    if path != user and not (path.is_dir() and os.access(path, os.W_OK | os.X_OK)):
-        print(f"{'--cache-dir ' * bool(explicit)}{path} cannot be written: caching in {user} instead")
-        path = user
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the cache folder {path} ({e.strerror}); give a writable --cache-dir")
-    return path
+    for candidate in dict.fromkeys([path, user]):
+        with contextlib.suppress(OSError):
+            candidate.mkdir(parents=True, exist_ok=True)
+        if candidate.is_dir() and os.access(candidate, os.W_OK | os.X_OK):
+            if candidate != path:
+                print(f"{'--cache-dir ' * bool(explicit)}{path} cannot be written: caching in {user} instead")
+            return candidate
+    raise UserError(f"cannot write the cache folder {user}; give a writable --cache-dir")
 
 def read_image(path):
     """An image file as uint8 RGB (H, W, 3); 16-bit grey scaled to 8 bits (a plain conversion clips it white)."""

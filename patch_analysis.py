@@ -257,7 +257,7 @@ def histogram_png(ratios, median, title, bins=50, width=640, height=340):
 # ---------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     args = Args(**common.command_line(Args, argv))
-    common.check_limits(args)  # --seed
+    common.check_limits(args)  # --seed, --n-anchors
     try:
         args.patch_sizes = [int(v) for v in args.patch_sizes.split(",")]
     except ValueError:
@@ -265,8 +265,6 @@ def parse_args(argv=None):
     for size in args.patch_sizes + [args.patch_size]:
         if size < 1 or size % 2 == 0:
             raise UserError(f"--patch-size(s): patches need an odd size (a centre pixel), got {size}")
-    if args.n_anchors < 1:
-        raise UserError(f"--n-anchors must be at least 1, got {args.n_anchors}")
     if args.max_images == 0 or args.max_images < -1 or args.max_images == 1:
         raise UserError(f"--max-images must be -1 (all) or at least 2 (positives come from other images), "
                         f"got {args.max_images}")

@@ -346,12 +346,9 @@ def combine(panels, captions):
 # ---------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     args = Args(**common.command_line(Args, argv))
-    common.check_limits(args)  # --seed, --split-seed
+    common.check_limits(args)  # --seed, --split-seed, --steps, --seeds, --grid
     if args.seed + args.seeds > 2**32:
         raise UserError(f"--seed {args.seed} --seeds {args.seeds}: the last seed must stay below 2**32")
-    for name in ("steps", "seeds", "grid"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if not 0 < args.unlabeled_share <= 1:
         raise UserError(f"--unlabeled-share must lie in (0, 1], got {args.unlabeled_share}")
     return args

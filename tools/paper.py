@@ -1,6 +1,7 @@
 """The paper's tables beside ours: the published numbers (PAPER_RESULTS), one labeled count run with several
 seeds (`python common.py seeds`), and a summary of finished runs (`python common.py summary [RUNS]`)."""
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -103,13 +104,10 @@ def summary(cells):
 
 def seed_value(text):
     """A --seeds value: an integer in [0, 2**32), as the scripts' --seed and --split-seed."""
-    try:
-        seed = int(text)
-    except ValueError:
-        seed = -1
-    if not 0 <= seed < 2**32:
-        raise argparse.ArgumentTypeError(f"a seed is an integer in [0, 2**32), got {text!r}")
-    return seed
+    with contextlib.suppress(ValueError):
+        if 0 <= int(text) < 2**32:
+            return int(text)
+    raise argparse.ArgumentTypeError(f"a seed is an integer in [0, 2**32), got {text!r}")
 
 
 def run_seeds(argv):
