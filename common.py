@@ -10,15 +10,17 @@ around the loop, in the order a script uses it. Read the first part; the rest is
     4. Mean teacher, optimizer   make_teacher, ema_update, RepeatAdam, set_lr, set_train_mode, forward_each,
                                  supervised_loss
     5. Metrics, evaluation       confusion matrix, IoU, evaluate
-    6. Run                       run folder, log, metrics.jsonl, checkpoints, results (make_run), load_model
-    7. torchrun                  several processes: local_rows, all_reduce_grads (GlobalBatchNorm: section 9)
+    6. Run                       run folder, log, metrics.jsonl, checkpoints, results; load_model; --benchmark
+    7. torchrun                  several processes: local_rows, all_reduce_grads
   Catalogues (read per dataset or per architecture)
     8. Dataset readers           demo, folder, cityscapes, pascal_aug, isic2017
-    9. Networks                  deeplabv2, deeplabv3plus, denseunet161, pspnet101, unet_small; build_net
+    9. Networks                  build_net (the networks themselves: cutmixseg/nets.py)
 
-What no training step runs lives in tools/: the benchmark and cost table, the paper's tables, seeds and
-summary, one-time dataset preparation, applying a run to new images, the pictures (`python common.py
-seeds | summary | costs | sbd-to-aug | predict`).
+Below it, cutmixseg/ holds the rest of what a run executes and imports nothing of this file: files.py (bad
+input, atomic files, image reading), guard.py (the run folder, --resume), prepare.py (data checks, caches,
+split files), pictures.py, demo.py, nets.py, timing.py. Above it, tools/ holds commands that use this file
+(`python -m tools predict | costs | seeds | summary | sbd-to-aug`). Copy this file, cutmixseg/ and one
+train_*.py into a project and that copy trains on its own.
 """
 import argparse
 import collections
@@ -28,14 +30,14 @@ import dataclasses
 import errno
 import functools
 import hashlib
-import io
+import itertools
 import json
 import math
 import os
 import random
 import signal
+import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,19 +47,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
-IGNORE = 255  # label value of void / padding pixels, never scored, never trained on
-UMASK = os.umask(0o022)  # read here, and put back: files written atomically get the usual permissions
-os.umask(UMASK)
+from cutmixseg import demo, guard, nets, pictures, prepare, timing
+from cutmixseg.files import IGNORE, IMAGE_SUFFIXES, UserError, atomic_write, image_files, read_image, read_mask  # noqa: F401
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # ---- 1. Arguments and protocols -------------------------------------------------------------------
-class UserError(Exception):
-    """Bad input (a path, a file, an option): reported as one clear line, never as a traceback."""
-
 CHECKPOINTED = {}  # {"iter": the iteration of a running Run's last checkpoint, or None}: said when a run fails
 
 def _excepthook(kind, value, tb):
@@ -211,13 +209,32 @@ def check_limits(args):
         if not ok(getattr(args, name)):
             raise UserError(f"--{name.replace('_', '-')} {expected}, got {getattr(args, name)}")
 
+PATHS = ("data_root", "cache_dir", "unlabeled_dir", "split_file")  # recorded absolute: --resume works from anywhere
+
 def parse_args(args_class, argv=None):
     """Command line -> resolved Args: field defaults, then the dataset's protocol, the arch's, the method's
-    per-dataset values, and last the options given on the command line, which always win."""
+    per-dataset values, and last the options given on the command line, which always win. With --resume,
+    the run's own settings (its args.json) complete those given (cutmixseg/guard.py)."""
     given = command_line(args_class, argv)
-    if given.get("resume"):  # the run's settings from its args.json (tools/guard.py)
-        from tools import guard
-        given = guard.resume_settings(args_class, given)
+    if given.get("resume"):  # the folder to resume: --out, or where these options write by default
+        a, script = resolve(args_class, given), sys.argv[0] if sys.argv[0].endswith(".py") else None
+        out = given.get("out") or script and run_folder(script, a.dataset, a.n_labeled, a.seed, a.split_seed, a.arch)
+        given = guard.resume_settings(args_class, given, out)
+    args = resolve(args_class, given)
+    world = process_group()[1]
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is the global batch of all {world} processes: "
+                        f"it must be divisible by {world}")
+    if args.batch_size // world < 2 and args.arch in ("pspnet101", "deeplabv3plus"):
+        raise UserError(f"--batch-size {args.batch_size}: {args.arch}'s pooling branch trains BatchNorm on 1x1 maps, "
+                        f"which needs at least 2 images per batch and process")
+    args.device = str(resolve_device(args.device, world))
+    args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "off")
+    args.pretrained = not (args.no_pretrained or args.benchmark)
+    return args
+
+def resolve(args_class, given):
+    """The Args of the options `given`: the protocols' values under them, the limits checked, paths absolute."""
     dataset = given.get("dataset", args_class.dataset)
     protocol = dict(DATASETS[dataset])
     arch = given.get("arch") or protocol["arch"]
@@ -230,16 +247,9 @@ def parse_args(args_class, argv=None):
     if args.num_workers is None:
         args.num_workers = min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     check_limits(args)
-    world = process_group()[1]
-    if args.batch_size // world < 2 and args.arch in ("pspnet101", "deeplabv3plus"):
-        raise UserError(f"--batch-size {args.batch_size}: {args.arch}'s pooling branch trains BatchNorm on 1x1 maps, "
-                        f"which needs at least 2 images per batch and process")
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} is the global batch of all {world} processes: "
-                        f"it must be divisible by {world}")
-    args.device = str(resolve_device(args.device, world))
-    args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "off")
-    args.pretrained = not (args.no_pretrained or args.benchmark)
+    for name in PATHS:
+        if getattr(args, name, None):
+            setattr(args, name, str(Path(getattr(args, name)).expanduser().resolve()))
     return args
 
 # ---- 2. Reproducibility and device ----------------------------------------------------------------
@@ -322,9 +332,8 @@ def load_dataset(name, root=None, n_labeled=-1, split_seed=12345, split_file=Non
     if unlabeled_dir and not Path(unlabeled_dir).expanduser().is_dir():
         raise UserError(f"--unlabeled-dir {unlabeled_dir}: no such folder")
     folders = [Path(unlabeled_dir).expanduser()] if unlabeled_dir and with_unlabeled else []
-    if name == "demo":  # generated (tools/demo.py)
-        from tools import demo
-        train, val, num_classes, class_names = demo.demo_dataset()
+    if name == "demo":  # generated (cutmixseg/demo.py)
+        (train, val), num_classes, class_names = [Split(*s) for s in demo.demo_splits()], len(demo.DEMO_CLASSES), demo.DEMO_CLASSES
         cache = cache_folder(folders[0], cache_dir) if folders else None
     else:
         root = require_root(root, name)
@@ -350,12 +359,11 @@ def default_crop(sizes):
 
 def choose_labeled(names, n_labeled, split_seed=12345, split_file=None):
     """Indices of the labeled images: the first n_labeled (-1: all) of RandomState(split_seed).permutation
-    over the (sorted) names, or of the list in split_file (tools/prepare.py: read_split_file)."""
+    over the (sorted) names, or of the list in split_file (cutmixseg/prepare.py: read_split_file)."""
     n = len(names)
     if n_labeled > n:
         raise UserError(f"--n-labeled {n_labeled} is larger than the training set ({n} images)")
     if split_file:
-        from tools import prepare  # a list of names, or the original's pickled permutation
         order = prepare.read_split_file(split_file, names)
         if n_labeled > len(order):
             raise UserError(f"--n-labeled {n_labeled} is larger than the {len(order)} names in --split-file "
@@ -622,30 +630,6 @@ def evaluate(net, loader, device, num_classes, amp="off", lesion_scoring=False):
     return iou.mean().item(), iou.tolist(), conf.cpu()
 
 # ---- 6. Run: the run folder, its log, metrics, checkpoints and results ----------------------------
-def atomic_write(path, content):
-    """Write text, bytes, an image (PIL, or a uint8 array: PNG) or a checkpoint (a dict: torch.save) so
-    that `path` holds either its old content or the whole new one, never a half-written file."""
-    buffer, path = io.BytesIO(), Path(path)
-    if isinstance(content, (Image.Image, np.ndarray)):
-        (content if isinstance(content, Image.Image) else Image.fromarray(content)).save(buffer, format="PNG")
-    elif isinstance(content, dict):
-        torch.save(content, buffer)
-    else:
-        buffer.write(content.encode() if isinstance(content, str) else content)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getvalue())
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's file is the owner's alone; this one follows the umask
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and not e.filename:  # a full disk: name the file that could not be written
-            e.filename = str(path)
-        raise
-
 def run_folder(script, dataset, n_labeled, seed, split_seed=12345, arch=None):
     """The default run folder, runs/<script>_<dataset>[_<arch>]_<n_labeled>_s<seed>[_ss<split_seed>]: the
     arch when it is not the dataset's, the split seed when it is not the default (the paper varies it)."""
@@ -653,32 +637,66 @@ def run_folder(script, dataset, n_labeled, seed, split_seed=12345, arch=None):
     split = "" if split_seed == 12345 else f"_ss{split_seed}"
     return Path("runs") / f"{Path(script).stem}_{dataset}{tag}_{n_labeled}_s{seed}{split}"
 
-def load_model(run_dir, net="teacher", device="cpu"):
-    """(a run's network in eval mode, what feeding it takes: classes, normalisation, preprocessing)."""
-    from tools.predict import load_model  # applying a run is no training step: tools/predict.py
-    return load_model(run_dir, net, device)
-
 def make_run(args, method, unlabeled=True):
-    """The Run a script reports to (`unlabeled`: does it stream them); under --benchmark, tools/bench.py's."""
-    if args.benchmark:
-        from tools.bench import Benchmark
-        return Benchmark(args, method, unlabeled)
-    return Run(args, method, unlabeled)
+    """The Run a script reports to (`unlabeled`: does it stream them); under --benchmark a Benchmark, which
+    times the same loop instead of training (end of this section)."""
+    return (Benchmark if args.benchmark else Run)(args, method, unlabeled)
+
+class Timer:
+    """Seconds per training iteration, each evaluation and each start's first `warmup` iterations left out
+    (allocation, autotuning, compilation), and the run's wall seconds; its state goes into the checkpoint."""
+
+    def __init__(self, device, state=None, warmup=5):
+        self.device, self.warmup, self.pending = device, warmup, 0
+        self.state = dict(dict(iters=0, seconds=0.0, wall=0.0), **(state or {}))
+        self.started = self.mark = time.perf_counter()
+
+    def sync(self):
+        if self.device.type == "cuda":  # the GPU's queue drained: its work is done when the clock is read
+            torch.cuda.synchronize(self.device)
+
+    def tick(self):
+        """One iteration done (its kernels may still run)."""
+        self.pending += not self.warmup
+        if self.warmup:
+            self.warmup -= 1
+            if not self.warmup:
+                self.sync()
+                self.mark = time.perf_counter()
+
+    def rate(self):
+        """Seconds per iteration since the last evaluation, for the log line."""
+        return (time.perf_counter() - self.mark) / max(self.pending, 1)
+
+    def pause(self):
+        """Before an evaluation: the iterations since the last one join the total (unless still warming up)."""
+        self.sync()
+        if not self.warmup:
+            self.state["seconds"] += time.perf_counter() - self.mark
+            self.state["iters"] += self.pending
+        self.pending = 0
+
+    def go(self):
+        self.mark = time.perf_counter()
+
+    def saved(self):
+        """The state to checkpoint: the wall seconds until now included."""
+        return dict(self.state, wall=self.state["wall"] + time.perf_counter() - self.started)
 
 class Run:
-    """One training run and its folder (args.json, log.txt, metrics.jsonl, checkpoint.pt, results.json,
-    preview.png, curves.png), its methods called in this order by a script. Under torchrun process 0 writes."""
+    """One training run and its folder: args.json, labeled.txt, log.txt, metrics.jsonl, checkpoint.pt,
+    results.json, preview.png, curves.png. A script calls load_data, start, stream, iterations,
+    end_iteration (each iteration) and finish, in this order. Under torchrun process 0 writes."""
 
     def __init__(self, args, method, unlabeled=True):
         self.args, self.method, self.unlabeled, (self.rank, self.world) = args, method, unlabeled, process_group()
         self.main, self.log_every = self.rank == 0, max(1, min(100, args.eval_every // 5))
-        self.log_file = self.metrics_file = None
+        self.log_file = self.metrics_file = self.last_eval = None
         script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else f"train_{method}"
         args.out = args.out or str(run_folder(script, args.dataset, args.n_labeled, args.seed, args.split_seed,
                                               args.arch))
         self.out, self.checkpoint_path = Path(args.out), Path(args.out) / "checkpoint.pt"
-        if self.main:  # --out checked and claimed (tools/guard.py)
-            from tools import guard
+        if self.main:  # --out checked and claimed (cutmixseg/guard.py)
             guard.claim(self)
         self.resume = args.resume and self.checkpoint_path.is_file()
 
@@ -691,23 +709,27 @@ class Run:
         data = load_dataset(a.dataset, a.data_root, a.n_labeled, a.split_seed, a.split_file, a.num_classes,
                             a.cache_dir, a.unlabeled_dir, self.unlabeled)
         a.crop_size = a.crop_size or default_crop(data.train.sizes)
+        check_batchnorm_values(a, self.world)
         return data
 
-    def start(self, data, device, **tracked):
-        """Create the folder and log; restore `tracked` objects (nets, optimizer, generators) when resuming."""
-        self.data, self.device, self.tracked = data, device, tracked
+    def start(self, data, device, student, teacher, optimizer, scaler, generator=None):
+        """Create the folder and its log, or, resuming, restore from the checkpoint what the run tracks: the
+        nets, the optimizer, the loss scaler, the method's generator (masks, probes) and the global RNGs."""
+        self.data, self.device, self.start_iter, self.timer_state = data, device, 0, None
+        self.nets = dict(student=student, teacher=teacher)
+        self.tracked = dict(self.nets, optimizer=optimizer, scaler=scaler, **({} if generator is None else
+                                                                             dict(generator=generator)))
         self.val_loader = val_loader(data.val, self.args.batch_size, self.args.num_workers)
-        self.start_iter, self.timed_iters, self.timed_seconds, self.wall_seconds = 0, 0, 0.0, 0.0
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.log_file, self.metrics_file = open(self.out / "log.txt", "a"), open(self.out / "metrics.jsonl", "a")
-        if self.resume:  # the checkpoint's weights, optimizer, generators and counters (tools/guard.py)
-            from tools import guard
-            self.start_iter, self.timed_iters, self.timed_seconds, self.wall_seconds = guard.restore(self, tracked)
+        if self.resume:  # cutmixseg/guard.py: one line for a checkpoint that cannot be read or does not fit
+            self.start_iter, self.timer_state = guard.restore(self, self.tracked, set_rng_state)
         else:
             record = dict(dataclasses.asdict(self.args), method=self.method)
             if self.main:
                 atomic_write(self.out / "args.json", json.dumps(record, indent=2, default=str))
+                atomic_write(self.out / "labeled.txt", "".join(data.train.names[i] + "\n" for i in data.labeled))
             self.print("settings: " + " ".join(f"{k}={v}" for k, v in sorted(record.items())))
             unlabeled = (f"{len(data.unlabeled)} unlabeled ({len(data.unlabeled) - len(data.train)} without masks)"
                          if data.unlabeled else "no unlabeled stream")
@@ -716,8 +738,8 @@ class Run:
                        f"{' ...' if len(data.labeled) > 20 else ''}")
         CHECKPOINTED["iter"] = self.start_iter or None
         if self.world > 1:
-            for name in ("student", "teacher"):  # one set of weights on every process, from process 0
-                for t in tracked[name].state_dict().values():
+            for net in self.nets.values():  # one set of weights on every process, from process 0
+                for t in net.state_dict().values():
                     torch.distributed.broadcast(t, 0)
             # the global RNGs (dropout) differ between processes; shared draws use their own generators
             s = int(np.random.default_rng([self.args.seed, self.rank, self.start_iter]).integers(2 ** 31))
@@ -736,8 +758,8 @@ class Run:
     def compile(self):
         """--compile: torch.compile each net's forward in place (state dicts keep their names), for the
         training shapes only (static: no dynamic-shape graphs); evaluation runs eager (`inference`)."""
-        for name in ("student", "teacher"):
-            self.tracked[name].compile(mode=self.args.compile_mode, dynamic=False)
+        for net in self.nets.values():
+            net.compile(mode=self.args.compile_mode, dynamic=False)
 
     def iterations(self):
         """Iteration numbers from the start (or the checkpoint) to --iters, with a progress bar."""
@@ -745,53 +767,44 @@ class Run:
             self.compile()
         self.bar = tqdm(range(self.start_iter, self.args.iters), initial=self.start_iter, total=self.args.iters,
                         desc=self.method, dynamic_ncols=True, leave=False, disable=not self.main)
-        self.segment_start = self.clock_start = time.perf_counter()
-        self.segment_iters, self.warmup_left = 0, 5
+        self.timer = Timer(self.device, self.timer_state)
         yield from self.bar
 
     def end_iteration(self, it, **scalars):
-        """Accumulate the losses (no host-device sync); print every log interval; evaluate and
-        checkpoint every --eval-every iterations and at the end."""
+        """Accumulate the losses (no host-device sync); print every log interval; every --eval-every
+        iterations and at the end evaluate, checkpoint and redraw the pictures."""
         values = torch.stack([v.detach().float() for v in scalars.values()])
         self.sums, self.count = values if self.sums is None else self.sums + values, self.count + 1
-        if self.warmup_left > 0:  # the first iterations (allocation, cudnn autotuning) are not timed
-            self.warmup_left -= 1
-            if self.warmup_left == 0:
-                self.sync()
-                self.segment_start = time.perf_counter()
-        else:
-            self.segment_iters += 1
+        self.timer.tick()
         done = it + 1
         if done % self.log_every == 0 or done == self.args.iters:
             means = (all_reduce_sum(self.sums) / (self.count * self.world)).tolist()  # mean over processes
             for name, value in zip(scalars, means):
                 if not math.isfinite(value):  # as the original: a NaN loss ends the run
                     raise RuntimeError(f"the {name} loss became {value} by iteration {done}; stopping")
-            lr = self.tracked["optimizer"].param_groups[-1]["lr"]
-            rate = (time.perf_counter() - self.segment_start) / max(self.segment_iters, 1)
+            lr, rate = self.tracked["optimizer"].param_groups[-1]["lr"], self.timer.rate()
             self.print(f"it {done}/{self.args.iters} | " + " | ".join(
                 f"{k} {v:.4f}" for k, v in zip(scalars, means)) + f" | lr {lr:.1e} | {rate:.3f} s/it")
             self.metrics(iter=done, lr=lr, seconds_per_iter=rate, **dict(zip(scalars, means)))
             self.sums, self.count = None, 0
         if done % self.args.eval_every == 0 or done == self.args.iters:
-            self.sync()
-            if self.warmup_left == 0:
-                self.timed_seconds += time.perf_counter() - self.segment_start
-                self.timed_iters += self.segment_iters
+            self.timer.pause()
             self.evaluate(done)
-            self.segment_start, self.segment_iters = time.perf_counter(), 0
+            self.save(done)
+            self.draw()
+            self.timer.go()
 
     def evaluate(self, done):
         """The teacher (the evaluated network) at every evaluation, the student at the last one only (a
-        pass over Cityscapes' validation set costs ~200 training iterations); then a checkpoint."""
+        pass over Cityscapes' validation set costs ~200 training iterations): logged, and kept in last_eval."""
         data, args = self.data, self.args
         score = functools.partial(evaluate, loader=self.val_loader, device=self.device, num_classes=data.num_classes,
                                   amp=args.amp, lesion_scoring=args.lesion_scoring)
-        miou, per_class, _ = score(self.tracked["teacher"])
+        miou, per_class, _ = score(self.nets["teacher"])
         self.last_eval = dict(miou=miou, per_class_iou=per_class)
         line = f"eval it {done} | teacher mIoU {miou:.2f}"
         if done == args.iters:
-            self.last_eval["student_miou"] = score(self.tracked["student"])[0]
+            self.last_eval["student_miou"] = score(self.nets["student"])[0]
             line += f" | student mIoU {self.last_eval['student_miou']:.2f}"
         if args.lesion_scoring:  # ISIC: the paper reports the lesion IoU, pooled over the set
             self.last_eval["lesion_iou"] = per_class[1]
@@ -799,20 +812,24 @@ class Run:
         self.print(line)
         self.print("-- per class: " + " ".join(f"{n}={v:.1f}" for n, v in zip(data.class_names, per_class)))
         self.metrics(iter=done, **self.last_eval)
+
+    def save(self, done):
+        """checkpoint.pt, written atomically: what the run tracks, the global RNGs, the timer, the class names."""
         if self.main:
             state = {name: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
                      for name, obj in self.tracked.items()}
-            state.update(iter=done, class_names=data.class_names, timed_iters=self.timed_iters,
-                         timed_seconds=self.timed_seconds, rng=rng_state(),
-                         wall_seconds=self.wall_seconds + time.perf_counter() - self.clock_start)
+            state.update(iter=done, class_names=self.data.class_names, rng=rng_state(), timer=self.timer.saved())
             atomic_write(self.checkpoint_path, state)
             CHECKPOINTED["iter"] = done
-            from tools import pictures  # the teacher's predictions and the curves so far, redrawn
-            pictures.draw_run(self.out, self.tracked["teacher"], data.val, data.class_names, self.device, args.amp)
 
-    def sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def draw(self):
+        """preview.png (the teacher's predictions on the first validation images) and curves.png, redrawn."""
+        if self.main:
+            teacher, device, amp = self.nets["teacher"], self.device, self.args.amp
+            def predict(images):
+                with inference(teacher), autocast(amp, device):
+                    return teacher(normalise(images, device)).argmax(1)
+            pictures.draw_run(self.out, predict, self.data.val, self.data.class_names)
 
     def print(self, line):
         if self.main:
@@ -827,14 +844,14 @@ class Run:
             self.metrics_file.flush()
 
     def finish(self):
-        """results.json and preview.png; the last line on stdout is `FINAL mIoU=<teacher mIoU>`."""
+        """results.json; the last line on stdout is `FINAL mIoU=<teacher mIoU>`."""
         self.bar.close()
-        if not hasattr(self, "last_eval"):  # resumed from a checkpoint written at the very end
+        if self.last_eval is None:  # resumed from a checkpoint written at the very end
             self.evaluate(self.args.iters)
+        timer = self.timer.saved()
         results = dict(self.last_eval, iters=self.args.iters, method=self.method, dataset=self.args.dataset,
-                       n_labeled=len(self.data.labeled), arch=self.args.arch,
-                       train_seconds=self.wall_seconds + time.perf_counter() - self.clock_start,
-                       seconds_per_iter=self.timed_seconds / max(self.timed_iters, 1), resumed_from=self.start_iter,
+                       n_labeled=len(self.data.labeled), arch=self.args.arch, train_seconds=timer["wall"],
+                       seconds_per_iter=timer["seconds"] / max(timer["iters"], 1), resumed_from=self.start_iter,
                        **(dict(world_size=self.world) if self.world > 1 else {}))
         if self.main:
             atomic_write(self.out / "results.json", json.dumps(results, indent=2))
@@ -845,6 +862,140 @@ class Run:
             print(f"FINAL mIoU={results['miou']:.2f}", flush=True)
         leave_process_group()
         return results
+
+def check_batchnorm_values(args, world):
+    """One line where a BatchNorm that trains would see one value per channel (it cannot normalise one): a
+    batch of 1 with a crop that the network's deepest level shrinks to a single pixel."""
+    deepest = dict(unet_small=8, denseunet161=32).get(args.arch)  # the pooling nets: parse_args checks them
+    h, w = args.crop_size
+    if deepest and not args.freeze_bn and args.batch_size // world * -(-h // deepest) * -(-w // deepest) < 2:
+        raise UserError(f"--crop-size {h},{w} with --batch-size {args.batch_size}: {args.arch}'s deepest BatchNorm "
+                        f"would see one value per channel (it shrinks the crop {deepest} times); give a crop over "
+                        f"{deepest} pixels on one side, or --batch-size {2 * world} or more")
+
+def load_model(run_dir, net="teacher", device="cpu"):
+    """(network in eval mode on `device`, info) from a run folder's args.json and checkpoint.pt, as Run.save
+    wrote them. info: class_names, num_classes, mean and std (of normalisation), preprocess ("halve" for
+    Cityscapes, which trains at half size; "resize 248x248" for ISIC; None), dataset, arch, iteration,
+    lesion_scoring."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "args.json").is_file():
+        raise UserError(f"{run_dir}: no run there (expected a run folder with args.json and checkpoint.pt)")
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise UserError(f"{run_dir} holds no checkpoint.pt: the run stopped before its first evaluation")
+    if net not in ("teacher", "student"):
+        raise UserError(f"--net expects teacher or student, got {net!r}")
+    saved = guard.read_json(run_dir / "args.json", "record of the run's settings")
+    try:
+        state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+        names = list(state["class_names"])
+        args = argparse.Namespace(arch=saved["arch"], aspp_all_branches=saved.get("aspp_all_branches", False),
+                                  pretrained=False)
+        model = build_net(args, len(names), torch.device(device))
+        model.load_state_dict(state[net])
+    except Exception as e:  # a truncated or foreign file, a state that does not fit the arch
+        raise UserError(f"{run_dir / 'checkpoint.pt'}: cannot load the {net} from it ({type(e).__name__}: {e})")
+    preprocess = {"cityscapes": "halve", "isic2017": "resize 248x248"}.get(saved["dataset"])
+    return model.eval(), dict(class_names=names, num_classes=len(names), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                              preprocess=preprocess, dataset=saved["dataset"], arch=saved["arch"],
+                              iteration=state["iter"], lesion_scoring=saved.get("lesion_scoring", False))
+
+class Benchmark(Run):
+    """--benchmark N: the script's own loop timed instead of trained, with the same methods as Run and no
+    folder, no files. The loop runs on two cached batches per stream, so that it times the training step:
+    one iteration under torch's FLOP counter, a few warm-up iterations, N timed ones; then the evaluation's
+    speed and, on real data, the loader's throughput. One summary and a `BENCHMARK {json}` line
+    (cutmixseg/timing.py; `python -m tools costs` runs it for a table)."""
+
+    def __init__(self, args, method, unlabeled=True):
+        self.args, self.method, self.unlabeled, (self.rank, self.world) = args, method, unlabeled, process_group()
+        self.main, self.images, self.log_file, self.metrics_file = self.rank == 0, 0, None, None
+        self.real_data = args.dataset == "demo" or args.data_root is not None
+
+    def load_data(self):
+        """The real data, or without --data-root random images of the dataset's shapes and sizes."""
+        if self.real_data:
+            return super().load_data()
+        (train, val), num_classes = timing.synthetic_splits(self.args.dataset, self.args.num_classes)
+        self.args.crop_size = self.args.crop_size or default_crop(train[2][:1])
+        train = Split(*train)
+        return Data(train, Split(*val), num_classes, [f"class_{c}" for c in range(num_classes)],
+                    choose_labeled(train.names, self.args.n_labeled, self.args.split_seed), train)
+
+    def start(self, data, device, student, teacher, optimizer, scaler, generator=None):
+        self.data, self.device, self.start_iter, self.nets = data, device, 0, dict(student=student, teacher=teacher)
+        self.print("settings: " + " ".join(f"{k}={v}" for k, v in sorted(vars(self.args).items())))
+        return 0
+
+    def stream(self, split, indices, stream_id, with_label=True, dataset=None, per_iteration=1):
+        """Two batches of the real stream, cycled: the benchmark times the training step, not the loader."""
+        batches = list(itertools.islice(super().stream(split, indices, stream_id, with_label, dataset), 2))
+        for i in itertools.count():
+            self.images += len(batches[i % 2][0])
+            yield batches[i % 2]
+
+    def iterations(self):
+        from torch.utils.flop_counter import FlopCounterMode
+        args, timer = self.args, Timer(self.device)
+        self.loading = self.loader_throughput() if self.real_data else None
+        counter = FlopCounterMode(display=False)
+        with counter:  # FLOPs of one iteration (forward and backward passes), counted once
+            yield 0
+        self.flops = counter.get_total_flops() * self.world  # all processes
+        if args.compile:
+            self.compile()
+        warmup = (3 if self.device.type == "cuda" else 1) + (3 if args.compile else 0)
+        yield from range(1, 1 + warmup)  # allocation, cudnn autotuning, compilation: not timed
+        timer.sync()
+        self.warmup_seconds = time.perf_counter() - timer.started
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        timer.go()
+        images = self.images
+        yield from range(1 + warmup, 1 + warmup + args.benchmark)
+        timer.sync()
+        self.seconds_per_iter = (time.perf_counter() - timer.mark) / args.benchmark
+        self.images_per_iter = (self.images - images) // args.benchmark * self.world  # all processes
+
+    def end_iteration(self, it, **scalars):
+        pass
+
+    def loader_throughput(self):
+        """Images/s that the real training loader delivers (reading, augmentation, collation) with
+        --num-workers workers, summed over the processes."""
+        a = self.args
+        batches = train_loader(TrainSet(self.data.train, a.crop_size, a.aug), np.arange(len(self.data.train)),
+                               a.batch_size, a.seed, 99, 0, a.num_workers)
+        next(batches)  # worker start-up is not counted
+        n, started = max(10, 4 * a.num_workers), time.perf_counter()
+        for _ in range(n):
+            next(batches)
+        del batches
+        return n * a.batch_size / (time.perf_counter() - started)
+
+    def eval_seconds(self):
+        """Seconds to evaluate the whole validation set once (timed on a few batches)."""
+        a, val, timer = self.args, self.data.val, Timer(self.device)
+        n = min(len(val), a.batch_size * (4 if self.device.type == "cuda" else 1) * self.world)
+        subset = val_loader(Split(val.names[:n], val.load, val.sizes[:n]), a.batch_size, a.num_workers)
+        score = lambda: evaluate(self.nets["teacher"], subset, self.device, self.data.num_classes,  # noqa: E731
+                                 a.amp, a.lesion_scoring)
+        if self.device.type == "cuda":
+            score()  # cudnn autotuning for the new shapes
+        timer.sync()
+        timer.go()
+        score()
+        timer.sync()
+        return (time.perf_counter() - timer.mark) / n * len(val)
+
+    def finish(self):
+        """Prints the numbers and one `BENCHMARK {json}` line; returns the record."""
+        record = timing.record(self, eval_seconds=self.eval_seconds())
+        if self.main:
+            print("\n".join(timing.report(record, len(self.data.val))), flush=True)
+            print("BENCHMARK " + json.dumps(record), flush=True)
+        leave_process_group()
+        return record
 
 # ---- 7. torchrun: several processes, one run (BatchNorm across processes: section 9, sync_batchnorm) ---
 def process_group():
@@ -925,43 +1076,6 @@ def cache_folder(root, explicit=None):
             return candidate
     raise UserError(f"cannot write the cache folder {user}; give a writable --cache-dir")
 
-def read_image(path):
-    """An image file as uint8 RGB (H, W, 3); 16-bit grey scaled to 8 bits (a plain conversion clips it white)."""
-    try:
-        with Image.open(path) as im:
-            if im.mode.startswith("I"):
-                return np.repeat(np.clip(np.round(np.asarray(im, np.float64) / 257), 0, 255).astype(np.uint8)[..., None],
-                                 3, axis=2)
-            return np.array(im.convert("RGB"))
-    except Exception as e:  # PIL raises many kinds; the user needs the file name and the reason
-        raise UserError(f"cannot read image {path}: {e}")
-
-def read_mask(path):
-    """A single-channel PNG of class indices (255 = ignore) as a uint8 (H, W) array."""
-    try:
-        with Image.open(path) as im:
-            mode, mask = im.mode, np.asarray(im)
-    except Exception as e:
-        raise UserError(f"cannot read mask {path}: {e}")
-    if mode not in ("L", "P", "I", "I;16", "1"):  # 1: a 1-bit mask, classes 0 and 1
-        raise UserError(f"mask {path} must be a single-channel PNG of class indices (mode L or P), got mode {mode}")
-    if mask.max(initial=0) > 255:
-        raise UserError(f"mask {path} holds values above 255; expected class indices with 255 = ignore")
-    return mask.astype(np.uint8)
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-def image_files(folder):
-    """The images below `folder` (nested; IMAGE_SUFFIXES in any case; hidden files such as ._x.png skipped),
-    sorted; two with one name but for the suffix (a.png, a.jpg) are refused by name."""
-    found = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    stems = {}
-    for p in found:
-        if stems.setdefault(p.with_suffix(""), p) != p:
-            raise UserError(f"{stems[p.with_suffix('')]} and {p} share one name; keep one of them")
-    return found
-
 def split_pairs(root, dataset, image_dir, label_dir, list_images, label_of):
     """[(image, label), ...] of one split, or one clear error naming the missing folder or file."""
     for d in (image_dir, label_dir):
@@ -978,9 +1092,8 @@ def split_pairs(root, dataset, image_dir, label_dir, list_images, label_of):
 
 def checked_splits(pairs_by_split, cache, num_classes=None):
     """{split: Split decoding its (image, mask) pairs, or (image,) alone, on the fly, "max_label": int}, once
-    tools/prepare.py checked every pair (sizes agree, classes in range); its verdict is cached, keyed by the
+    cutmixseg/prepare.py checked every pair (sizes agree, classes in range); its verdict is cached, keyed by the
     files' names, sizes and times."""
-    from tools import prepare
     verdict = prepare.verdict(pairs_by_split, cache, num_classes)
     def load(pairs):
         return lambda i: (read_image(pairs[i][0]), read_mask(pairs[i][1]) if len(pairs[i]) > 1 else None)
@@ -988,11 +1101,10 @@ def checked_splits(pairs_by_split, cache, num_classes=None):
             pairs_by_split.items()} | {key: verdict[key] for key in ("classes", "labeled_pixels")}
 
 def prepared_split(root, cache, tag, names, pairs, convert):
-    """A Split over uint8 arrays that tools/prepare.py fills once with its function `convert`(image[, label]):
+    """A Split over uint8 arrays that cutmixseg/prepare.py fills once with `convert`(image[, label] path):
     images (N, H, W, 3) and labels (N, H, W), .npy files in the cache read by memory mapping, so that a
     training sample costs no decoding. The folder's name hashes the source files' names (below `root`),
     sizes and times: changed data is prepared anew."""
-    from tools import prepare
     images, labels = prepare.arrays(root, cache, tag, pairs, convert)
     return Split(names, lambda i: (np.array(images[i]), None if labels is None else np.array(labels[i])),
                  [images.shape[1:3]] * len(names))
@@ -1007,7 +1119,7 @@ def unlabeled_split(dataset, folders, cache, unlabeled_dir=None):
         return None
     names = [p.relative_to(next(d for d in folders if p.is_relative_to(d))).as_posix() for p in paths]
     if dataset in ("cityscapes", "isic2017"):
-        convert = dict(cityscapes="halve_cityscapes", isic2017="shrink_isic")[dataset]
+        convert = dict(cityscapes=prepare.halve_cityscapes, isic2017=prepare.shrink_isic)[dataset]
         return prepared_split(folders[0], cache, f"{dataset}_unlabeled", names, [(p,) for p in paths], convert)
     split = checked_splits({"unlabeled": [(p,) for p in paths]}, cache)["unlabeled"]
     return Split(names, split.load, split.sizes)
@@ -1052,7 +1164,7 @@ def cityscapes_dataset(root, cache):
             lambda d: sorted(d.glob("*/*_leftImg8bit.png"), key=lambda p: p.relative_to(d).as_posix()),
             lambda p: label_dir / p.parent.name / p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png"))
         names = [p.name[:-len("_leftImg8bit.png")] for p, _ in pairs]
-        splits.append(prepared_split(root, cache, f"cityscapes_{split}", names, pairs, "halve_cityscapes"))
+        splits.append(prepared_split(root, cache, f"cityscapes_{split}", names, pairs, prepare.halve_cityscapes))
     return splits[0], splits[1], len(CITYSCAPES_CLASSES), CITYSCAPES_CLASSES
 
 # ---- pascal_aug: VOC 2012 with the SBD-augmented labels (SegmentationClassAug) ------------------------
@@ -1109,7 +1221,8 @@ def isic2017_dataset(root, cache):
                             lambda d: sorted(p for p in d.iterdir() if p.suffix.lower() == ".jpg"
                                              and "_superpixels" not in p.stem),
                             lambda p: truth_dir / f"{p.stem}_segmentation.png")
-        splits.append(prepared_split(root, cache, f"isic2017_{split}", [p.stem for p, _ in pairs], pairs, "shrink_isic"))
+        splits.append(prepared_split(root, cache, f"isic2017_{split}", [p.stem for p, _ in pairs], pairs,
+                                     prepare.shrink_isic))
     return splits[0], splits[1], 2, ["background", "lesion"]
 
 def rotate_scale_crop(img, lab, valid, rng, crop, rot, max_scale):
@@ -1151,319 +1264,24 @@ def fill_holes(mask):
             return ~outside
         outside = grown
 
-# ---- 9. Networks: every one takes any input size and returns logits of that size (build_net at the end) ---
-class Bottleneck(nn.Module):
-    """Caffe-style ResNet bottleneck (stride on the first 1x1 conv), as DeepLab v2 / AdvSemiSeg."""
-    expansion = 4
-
-    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
-        self.relu, self.downsample = nn.ReLU(inplace=True), downsample
-
-    def forward(self, x):
-        out = self.bn3(self.conv3(self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))))
-        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-class DeepLabV2(nn.Module):
-    """DeepLab v2 on ResNet-101, as the original (from Hung et al.'s AdvSemiSeg): output stride 8, ASPP
-    rates 6/12/18/24, BatchNorm frozen."""
-
-    def __init__(self, num_classes, aspp_all_branches=False):
-        super().__init__()
-        self.inplanes = 64
-        self.conv1, self.bn1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64)
-        self.relu, self.maxpool = nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
-        self.layer1 = self._layer(64, 3)
-        self.layer2 = self._layer(128, 4, stride=2)
-        self.layer3 = self._layer(256, 23, dilation=2)
-        self.layer4 = self._layer(512, 3, dilation=4)
-        self.aspp = nn.ModuleList(nn.Conv2d(2048, num_classes, 3, padding=r, dilation=r) for r in (6, 12, 18, 24))
-        # The original (from AdvSemiSeg) returns inside its loop over the branches, so only the rate-6
-        # and rate-12 branches are summed; 18 and 24 exist, sit in the optimizer, and are never used.
-        self.n_branches = 4 if aspp_all_branches else 2
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.data.normal_(0, 0.01)
-            elif isinstance(m, nn.BatchNorm2d):  # affine 1 and 0, never trained in the original
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-                m.requires_grad_(False)
-
-    def _layer(self, planes, blocks, stride=1, dilation=1):
-        downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=False),
-                                   nn.BatchNorm2d(planes * 4)) if stride != 1 or self.inplanes != planes * 4 else None
-        layers = [Bottleneck(self.inplanes, planes, stride, dilation, downsample)]
-        self.inplanes = planes * 4
-        layers += [Bottleneck(self.inplanes, planes, dilation=dilation) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
-
-    def backbone_modules(self):
-        return [self.conv1, self.bn1, self.layer1, self.layer2, self.layer3, self.layer4]
-
-    def head_logits(self, x):
-        """Stride-8 logits (321x321 in -> 41x41 out)."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return sum(branch(x) for branch in self.aspp[:self.n_branches])
-
-    def forward(self, x):
-        # align_corners=True, as the original (from Hung et al., whose numbers the paper compares to)
-        return F.interpolate(self.head_logits(x), size=x.shape[2:], mode="bilinear", align_corners=True)
-
-    def load_imagenet(self):
-        """Copy torchvision's ImageNet ResNet-101 (IMAGENET1K_V1) wherever name and shape match."""
-        from torchvision.models import ResNet101_Weights
-        state = load_torchvision_weights(ResNet101_Weights.IMAGENET1K_V1)
-        own = self.state_dict()
-        matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        self.load_state_dict(matched, strict=False)
-        return matched
-
-def load_torchvision_weights(weights):
-    """torchvision weights from its cache (downloading if online), else one clear message."""
-    file = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    try:
-        return weights.get_state_dict(progress=True, check_hash=False)
-    except Exception as e:
-        raise UserError(f"cannot load the ImageNet weights {weights} ({type(e).__name__}): download "
-                        f"{weights.url} to {file}, or run with --no-pretrained")
-
-class UNetSmall(nn.Module):
-    """A small U-Net trained from scratch (demo, tests, small images): 4 levels, 16..128 channels."""
-
-    def __init__(self, num_classes, width=16, depth=3):
-        super().__init__()
-        chans = [width * 2 ** i for i in range(depth + 1)]
-
-        def block(cin, cout):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                                 nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-        self.down = nn.ModuleList(block(ci, co) for ci, co in zip([3] + chans[:-1], chans))
-        self.up = nn.ModuleList(block(chans[i + 1] + chans[i], chans[i]) for i in reversed(range(depth)))
-        self.classifier = nn.Conv2d(chans[0], num_classes, 1)
-        self.multiple = 2 ** depth
-
-    def forward(self, x):
-        h, w = x.shape[2:]
-        x = F.pad(x, (0, -w % self.multiple, 0, -h % self.multiple))  # zero = the mean colour; cropped off below
-        skips = []
-        for i, block in enumerate(self.down):
-            x = block(x if i == 0 else F.max_pool2d(x, 2))
-            skips.append(x)
-        for block, skip in zip(self.up, reversed(skips[:-1])):
-            x = block(torch.cat([F.interpolate(x, size=skip.shape[2:], mode="nearest"), skip], 1))
-        return self.classifier(x)[:, :, :h, :w]
-
-def resnet101_dilated():
-    """torchvision's ResNet-101 with layer3/layer4 dilated 2/4 (output stride 8, torchvision's scheme: each
-    dilated layer's first block keeps the previous dilation), without its average pooling and fc."""
-    from torchvision.models import resnet101
-    net = resnet101(weights=None, replace_stride_with_dilation=[False, True, True])
-    del net.avgpool, net.fc
-    return net
-
-def resnet_features(r, x):
-    """(layer1 output: 256 channels at /4, layer4 output: 2048 channels at /8) of a dilated ResNet."""
-    low = r.layer1(r.maxpool(r.relu(r.bn1(r.conv1(x)))))
-    return low, r.layer4(r.layer3(r.layer2(low)))
-
-def load_resnet101(resnet):
-    """torchvision's ImageNet ResNet-101 (IMAGENET1K_V1, as the original) into `resnet`: every key but fc's."""
-    from torchvision.models import ResNet101_Weights
-    state = {k: v for k, v in load_torchvision_weights(ResNet101_Weights.IMAGENET1K_V1).items()
-             if not k.startswith("fc.")}
-    resnet.load_state_dict(state)  # strict: a key that does not fit is an error, not a silent skip
-    return state
-
-def init_head(modules, bn_bias=0.0):
-    """Kaiming-normal conv weights, BN weight 1 and bias `bn_bias`: the original's init of new layers."""
-    for m in modules:
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.constant_(m.weight, 1.0)
-            nn.init.constant_(m.bias, bn_bias)
-
-class DeepLabV3Plus(nn.Module):
-    """DeepLab v3+ on a dilated ResNet-101, as the original: ASPP rates 12/24/36 (its projection ends in
-    Dropout 0.5), a 48-channel layer1 skip, two 3x3 conv-BN-ReLU blocks, bilinear upsampling
-    (align_corners=False)."""
-
-    def __init__(self, num_classes):
-        super().__init__()
-        from torchvision.models.segmentation.deeplabv3 import ASPP
-        self.backbone = resnet101_dilated()
-        self.project = nn.Sequential(nn.Conv2d(256, 48, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU(inplace=True))
-        self.aspp = ASPP(2048, [12, 24, 36])
-        self.classifier = nn.Sequential(
-            nn.Conv2d(304, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
-            nn.Conv2d(256, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
-            nn.Conv2d(256, num_classes, 1))
-        init_head([*self.project.modules(), *self.aspp.modules(), *self.classifier.modules()])
-
-    def forward(self, x):
-        low, high = resnet_features(self.backbone, x)
-        low = self.project(low)  # (B, 48, H/4, W/4)
-        high = F.interpolate(self.aspp(high), size=low.shape[2:], mode="bilinear", align_corners=False)
-        return F.interpolate(self.classifier(torch.cat([low, high], 1)), size=x.shape[2:], mode="bilinear",
-                             align_corners=False)
-
-    def backbone_modules(self):
-        return []  # the original's wrapper quirk: no pretrained group, all parameters at the head's rate
-
-    def frozen_bn_modules(self):
-        return [self.backbone]  # --freeze_bn: backbone BN statistics only; its affine parameters still train
-
-    def load_imagenet(self):
-        return load_resnet101(self.backbone)
-
-def pad_centred(x, multiple):
-    """(B, C, H, W) padded with zeros (the mean colour) to sizes divisible by `multiple`, centred as the
-    original's collate (top ⌊pad/2⌋, bottom the rest; left, right alike), and the index cropping it back."""
-    (h, w), (ph, pw) = x.shape[2:], (-x.shape[2] % multiple, -x.shape[3] % multiple)
-    top, left = ph // 2, pw // 2
-    return F.pad(x, (left, pw - left, top, ph - top)), (..., slice(top, top + h), slice(left, left + w))
-
-class DenseUNet161(nn.Module):
-    """U-Net on torchvision's DenseNet-161 features, as the original (after Li et al.):
-    each decoder block upsamples x2 (nearest), *adds* the skip, then conv 3x3 + BN + ReLU."""
-
-    TAPS = ("pool0", "transition1", "transition2", "transition3")  # skips = the inputs of these layers
-
-    def __init__(self, num_classes):
-        super().__init__()
-        from torchvision.models import densenet161
-        # the encoder only: the original also kept DenseNet's ImageNet classifier, which no gradient reaches
-        self.features = densenet161(weights=None).features
-        self.line0 = nn.Conv2d(2112, 2208, 1)  # the /16 skip widened to the bottom's 2208 channels
-        chans = [2208, 768, 384, 96, 96]  # decoder: /32 -> /16 -> /8 -> /4 -> /2; skips of 2208, 768, 384, 96
-        self.decoder = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-            for cin, cout in zip(chans, chans[1:]))
-        self.final = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(96, 64, 3, padding=1, bias=False),
-                                   nn.Dropout(0.3), nn.BatchNorm2d(64), nn.ReLU(inplace=True),  # conv, dropout, BN
-                                   nn.Conv2d(64, num_classes, 1))
-
-    def forward(self, x):
-        x, crop = pad_centred(x, 32)
-        skips = []
-        for name, layer in self.features.named_children():
-            if name in self.TAPS:
-                skips.append(x)
-            x = layer(x)
-        x = F.relu(x)  # (B, 2208, H/32, W/32): norm5, then ReLU
-        skips[-1] = self.line0(skips[-1])
-        for block, skip in zip(self.decoder, reversed(skips)):
-            x = block(F.interpolate(x, scale_factor=2, mode="nearest") + skip)
-        return self.final(x)[crop]
-
-    def backbone_modules(self):
-        return [self.features]
-    frozen_bn_modules = backbone_modules  # --freeze_bn: the pretrained encoder's BatchNorm
-
-    def load_imagenet(self):
-        """torchvision's ImageNet DenseNet-161 (IMAGENET1K_V1); old layer names (norm.1) renamed (norm1)."""
-        import re
-        from torchvision.models import DenseNet161_Weights
-        state = load_torchvision_weights(DenseNet161_Weights.IMAGENET1K_V1)
-        state = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.", r"\1\2.", k[len("features."):]): v
-                 for k, v in state.items() if k.startswith("features.")}
-        self.features.load_state_dict(state)
-        return state
-
-class PSPNet101(nn.Module):
-    """PSPNet on a dilated ResNet-101: pyramid pooling 1/2/3/6, no auxiliary loss. The original used MIT
-    CSAIL's deep-stem `resnet101dilated` and weights; torchvision has only the standard stem (README)."""
-
-    def __init__(self, num_classes, scales=(1, 2, 3, 6)):
-        super().__init__()
-        self.backbone = resnet101_dilated()
-        self.ppm = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(s), nn.Conv2d(2048, 512, 1, bias=False), nn.BatchNorm2d(512),
-                          nn.ReLU(inplace=True)) for s in scales)
-        self.classifier = nn.Sequential(
-            nn.Conv2d(2048 + 512 * len(scales), 512, 3, padding=1, bias=False), nn.BatchNorm2d(512),
-            nn.ReLU(inplace=True), nn.Dropout2d(0.1), nn.Conv2d(512, num_classes, 1))
-        init_head([*self.ppm.modules(), *self.classifier.modules()], bn_bias=1e-4)  # MIT's weights_init
-
-    def forward(self, x):
-        _, f = resnet_features(self.backbone, x)  # (B, 2048, H/8, W/8)
-        pyramid = [f] + [F.interpolate(branch(f), size=f.shape[2:], mode="bilinear", align_corners=False)
-                         for branch in self.ppm]
-        logits = self.classifier(torch.cat(pyramid, 1))
-        return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)
-
-    def backbone_modules(self):
-        return [self.backbone]
-    frozen_bn_modules = backbone_modules  # --freeze_bn: the pretrained backbone's BatchNorm
-
-    def load_imagenet(self):
-        return load_resnet101(self.backbone)
-
-class GlobalBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d with the global batch's statistics across torchrun processes on any device (SyncBatchNorm,
-    used on CUDA, needs a GPU); the gradient flows through the other processes' share of them too."""
-
-    def forward(self, x):
-        if not (self.training and process_group()[1] > 1):
-            return super().forward(x)
-        import torch.distributed.nn.functional  # noqa: F401 (all_reduce with a gradient)
-        xf, C = x.float(), x.shape[1]
-        stats = torch.distributed.nn.functional.all_reduce(  # summed; its gradient flows back to every process
-            torch.cat([xf.sum((0, 2, 3)), xf.pow(2).sum((0, 2, 3)), xf.new_full((1,), xf.numel() / C)]))
-        count, mean = stats[-1], stats[:C] / stats[-1]
-        var = (stats[C:2 * C] / count - mean.pow(2)).clamp(min=0)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                momentum = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked.item()
-                self.running_mean.lerp_(mean, momentum)
-                self.running_var.lerp_(var * count / (count - 1).clamp(min=1), momentum)
-        y = (xf - mean.view(1, C, 1, 1)) * torch.rsqrt(var + self.eps).view(1, C, 1, 1)
-        if self.affine:
-            y = y * self.weight.view(1, C, 1, 1) + self.bias.view(1, C, 1, 1)
-        return y.to(x.dtype)
-
-def sync_batchnorm(net, device):
-    """Under torchrun, BatchNorm layers normalise with the global batch's statistics where they train
-    (frozen ones stay in eval mode and never communicate)."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    for m in list(net.modules()):
-        for child_name, child in list(m.named_children()):
-            if type(child) is nn.BatchNorm2d:
-                sync = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                       child.track_running_stats).train(child.training)
-                sync.load_state_dict(child.state_dict())
-                for p, q in zip(sync.parameters(), child.parameters()):
-                    p.requires_grad_(q.requires_grad)
-                setattr(m, child_name, sync)
-    return net
-
+# ---- 9. Networks: build_net (the networks themselves, each taking any input size: cutmixseg/nets.py) ---
 def build_net(args, num_classes, device):
     """The student network for --arch on `device` (channels-last on CUDA, where convolutions run faster
     that way), with ImageNet weights where args.pretrained; under torchrun its BatchNorm layers that
     train use the global batch's statistics."""
-    nets = dict(deeplabv2=functools.partial(DeepLabV2, aspp_all_branches=args.aspp_all_branches),
-                unet_small=UNetSmall, deeplabv3plus=DeepLabV3Plus, denseunet161=DenseUNet161, pspnet101=PSPNet101)
-    net = nets[args.arch](num_classes)
+    net = dict(deeplabv2=functools.partial(nets.DeepLabV2, aspp_all_branches=args.aspp_all_branches),
+               unet_small=nets.UNetSmall, deeplabv3plus=nets.DeepLabV3Plus, denseunet161=nets.DenseUNet161,
+               pspnet101=nets.PSPNet101)[args.arch](num_classes)
     if args.pretrained and hasattr(net, "load_imagenet"):
         net.load_imagenet()
-    net = (sync_batchnorm(net, device) if process_group()[1] > 1 else net).to(device)
+    net = (nets.sync_batchnorm(net, device) if process_group()[1] > 1 else net).to(device)
     return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
 
-# ---- `python common.py TOOL ...`: the tools in tools/ that no training step runs ------------------
-TOOLS = {"seeds": "paper", "summary": "paper", "costs": "bench", "sbd-to-aug": "prepare", "predict": "predict"}
-
-if __name__ == "__main__":
-    import importlib
-    import common  # the tools import this file as `common`: one copy of it (and of UserError) for all
-    sys.excepthook = common._excepthook
-    if len(sys.argv) < 2 or sys.argv[1] not in TOOLS:
-        sys.exit(importlib.import_module("tools").__doc__)
-    tool = importlib.import_module(f"tools.{TOOLS[sys.argv[1]]}")
-    sys.exit(tool.main(sys.argv[1], sys.argv[2:]))
+# ---- `python common.py TOOL ...`: a shortcut to `python -m tools TOOL ...`, run as its own program --------
+if __name__ == "__main__":  # this file imports nothing of tools/: the shortcut starts a new process
+    kit = Path(__file__).resolve().parent
+    if not (kit / "tools" / "__main__.py").is_file():
+        sys.exit(f"error: python common.py {' '.join(sys.argv[1:2])}: the commands live in tools/, which is not "
+                 f"beside {kit / 'common.py'}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(kit), os.environ.get("PYTHONPATH")])))
+    sys.exit(subprocess.run([sys.executable, "-m", "tools", *sys.argv[1:]], env=env).returncode)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import common
 from common import UserError, arg
-from tools import guard
+from cutmixseg import guard
 
 NEIGHBOURS = ((0, -1), (0, 1), (-1, 0), (1, 0))  # west, east, north, south as (d_row, d_col)
 

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 import common
 from common import UserError, arg
-from tools import guard
+from cutmixseg import guard
 
 SIZE = 512  # the original's image: 512×512 pixels spanning [-1, 1]², so 1 px = 2/512
 WIDTH, LR, TEACHER_ALPHA, CONF_THRESH, BATCH = 512, 2e-4, 0.99, 0.97, 512  # the original toy2d_train.py's
@@ -157,11 +157,11 @@ def make_toy(split_seed, near=90):
 
 
 def unlabeled_points(toy, gap, share, rng):
-    """One point per pixel of the (eroded) class regions, a random `share` kept, jittered by 2 px (the
-    original's default img_noise_std)."""
+    """One point per pixel of the (eroded) class regions, a random `share` kept (at least 2: an unlabeled
+    batch of one point gives BatchNorm no statistics), jittered by 2 px (the original's default img_noise_std)."""
     keep = erode(toy.mask == 0, gap) | erode(toy.mask == 1, gap) if gap else np.ones_like(toy.mask)
     rows, cols = np.nonzero(keep)
-    pick = rng.permutation(len(rows))[:max(1, round(share * len(rows)))]
+    pick = rng.permutation(len(rows))[:max(2, round(share * len(rows)))]
     px = np.stack([cols[pick], rows[pick]], 1) + 0.5 + rng.normal(0, 2.0, (len(pick), 2))
     return (px / SIZE * 2 - 1).astype(np.float32)
 

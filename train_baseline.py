@@ -31,7 +31,7 @@ def main(args):
     teacher = common.make_teacher(student)
     optimizer = common.make_optimizer(student, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    run.start(data, device, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler)
+    run.start(data, device, student, teacher, optimizer, scaler)
     ema = common.ema_pairs(teacher, student)
     labeled = run.stream(data.train, data.labeled, stream_id=0)
 

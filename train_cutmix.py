@@ -79,8 +79,7 @@ def main(args):
     optimizer = common.make_optimizer(student, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     mask_rng = torch.Generator(device).manual_seed(args.seed)  # --- CutMix ---: masks drawn on the device
-    run.start(data, device, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler,
-              mask_rng=mask_rng)
+    run.start(data, device, student, teacher, optimizer, scaler, generator=mask_rng)
     ema = common.ema_pairs(teacher, student)
     labeled = run.stream(data.train, data.labeled, stream_id=0)
     # --- CutMix ---: x_a and x_b come from two independent shuffles of the unlabeled images (the whole

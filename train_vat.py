@@ -115,8 +115,7 @@ def main(args):
     optimizer = common.make_optimizer(student, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     noise_rng = torch.Generator(device).manual_seed(args.seed)  # --- VAT ---: probes drawn on the device
-    run.start(data, device, student=student, teacher=teacher, optimizer=optimizer, scaler=scaler,
-              noise_rng=noise_rng)
+    run.start(data, device, student, teacher, optimizer, scaler, generator=noise_rng)
     ema = common.ema_pairs(teacher, student)
     labeled = run.stream(data.train, data.labeled, stream_id=0)
     # --- VAT ---: one unlabeled batch per iteration, from a shuffle of the unlabeled images (the whole

@@ -1,10 +1,11 @@
-"""What no training step runs, through `python common.py TOOL ...`:
+"""Commands above common.py: they use trained runs, many runs or a dataset once. `python -m tools COMMAND ...`
+(or its shortcut `python common.py COMMAND ...`), from the kit's folder:
 
-  python common.py seeds SCRIPT [--seeds S ...] [--runs RUNS] [--dry-run] -- SCRIPT_OPTIONS   (paper.py)
-  python common.py summary [RUNS_DIR]                                                        (paper.py)
-  python common.py costs [--datasets D ...] [--methods M ...] [--iters N] [--nproc K] [-- OPTIONS]  (bench.py)
-  python common.py sbd-to-aug SBD_ROOT VOC_ROOT                                              (prepare.py)
-  python common.py predict RUN_DIR INPUT... --out OUT_DIR [--masks MASK_DIR] [--net teacher|student]
-                           [--device D] [--amp A] [--tile H,W] [--overlay]                     (predict.py)
+  predict RUN_DIR INPUT... --out OUT_DIR [--masks MASK_DIR] [--net teacher|student] [--device D] [--amp A]
+          [--tile H,W] [--overlay] [--batch-size N]                                    (predict.py)
+  seeds SCRIPT [--seeds S ...] [--runs RUNS] [--dry-run] -- SCRIPT_OPTIONS            (paper.py)
+  summary [RUNS_DIR]                                                                  (paper.py)
+  costs [--datasets D ...] [--methods M ...] [--iters N] [--nproc K] [-- OPTIONS]     (costs.py)
+  sbd-to-aug SBD_ROOT VOC_ROOT                                                        (sbd.py)
 
-bench.py also serves train_*.py --benchmark; prepare.py, a dataset's first run (README 'Datasets')."""
+Each imports common; common imports none of them."""

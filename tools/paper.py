@@ -1,5 +1,5 @@
 """The paper's tables beside ours: the published numbers (PAPER_RESULTS), one labeled count run with several
-seeds (`python common.py seeds`), and a summary of finished runs (`python common.py summary [RUNS]`)."""
+seeds (`python -m tools seeds`), and a summary of finished runs (`python -m tools summary [RUNS]`)."""
 import argparse
 import contextlib
 import json
@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import common  # noqa: E402
+import common
 
 # Labeled counts of each table's columns; "All" is the training set's size, as results.json records it.
 PAPER_COUNTS = {"pascal_aug": (106, 212, 529, 1323, 10582), "cityscapes": (100, 372, 744, 2975), "isic2017": (50, 2000)}
@@ -111,7 +110,7 @@ def seed_value(text):
 
 
 def run_seeds(argv):
-    """python common.py seeds SCRIPT [--seeds S ...] [--runs RUNS] [--dry-run] -- SCRIPT'S OPTIONS
+    """python -m tools seeds SCRIPT [--seeds S ...] [--runs RUNS] [--dry-run] -- SCRIPT'S OPTIONS
 
     Runs SCRIPT once per seed into RUNS/, each in the folder the script itself would name (common.run_folder,
     e.g. train_cutmix_cityscapes_372_s1_ss23456): finished runs are skipped,
@@ -119,7 +118,7 @@ def run_seeds(argv):
     and ISIC runs) or, when a --split-file fixes the subset (Pascal), to --seed. Then prints the summary."""
     import shlex
     import subprocess
-    parser = argparse.ArgumentParser(prog="python common.py seeds", description=" ".join(run_seeds.__doc__.split("\n\n")[1].split()))
+    parser = argparse.ArgumentParser(prog="python -m tools seeds", description=" ".join(run_seeds.__doc__.split("\n\n")[1].split()))
     parser.add_argument("script", help="train_*.py")
     parser.add_argument("--seeds", type=seed_value, nargs="+", default=[12345, 23456, 34567, 45678, 56789],
                         help="default: the original's Cityscapes split seeds")
@@ -138,7 +137,7 @@ def run_seeds(argv):
     script = Path(opts.script) if Path(opts.script).is_file() else Path(__file__).resolve().parent.parent / opts.script
     if not script.is_file():
         raise common.UserError(f"seeds: no script {opts.script}")
-    known = argparse.ArgumentParser(prog=f"python common.py seeds {opts.script} ... --", add_help=False,
+    known = argparse.ArgumentParser(prog=f"python -m tools seeds {opts.script} ... --", add_help=False,
                                     allow_abbrev=False)
     known.add_argument("--dataset", choices=list(common.DATASETS))
     known.add_argument("--arch", choices=list(common.ARCHS))
@@ -171,10 +170,10 @@ def run_seeds(argv):
 
 
 def main(command, argv):
-    if command == "seeds":  # python common.py seeds train_cutmix.py --seeds 1 2 3 -- --dataset cityscapes ...
+    if command == "seeds":  # python -m tools seeds train_cutmix.py --seeds 1 2 3 -- --dataset cityscapes ...
         return run_seeds(argv)
     if len(argv) > 1 or argv[:1] in (["-h"], ["--help"]):
-        sys.exit("usage: python common.py summary [RUNS_DIR]  (the finished runs below RUNS_DIR, default runs/)")
+        sys.exit("usage: python -m tools summary [RUNS_DIR]  (the finished runs below RUNS_DIR, default runs/)")
     runs = Path(argv[0] if argv else "runs")
     if not runs.is_dir():
         raise common.UserError(f"summary: {runs} is " + ("a file, not a folder of runs" if runs.exists() else

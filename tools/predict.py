@@ -1,7 +1,7 @@
-"""Apply a trained run to new images: `python common.py predict RUN_DIR INPUT... --out OUT_DIR`.
+"""Apply a trained run to new images: `python -m tools predict RUN_DIR INPUT... --out OUT_DIR`.
 
-    python common.py predict runs/train_cutmix_folder_-1_s1 photos/ extra.jpg --out masks/ --overlay
-    python common.py predict RUN_DIR ROOT/val/images --out pred/ --masks ROOT/val/masks     # + mIoU
+    python -m tools predict runs/train_cutmix_folder_-1_s1 photos/ extra.jpg --out masks/ --overlay
+    python -m tools predict RUN_DIR ROOT/val/images --out pred/ --masks ROOT/val/masks     # + mIoU
 
 INPUT: image files and folders (searched recursively; an image in a folder keeps its path below it).
 Writes OUT_DIR/<name>.png per image: a palette PNG of class indices, the image's own size (viewable as
@@ -11,9 +11,7 @@ line is then `FINAL mIoU=<miou>`. In Python: `net, info = common.load_model(RUN_
 """
 import argparse
 import json
-import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -21,49 +19,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import common  # noqa: E402
-from common import UserError  # noqa: E402
-
-
-def load_model(run_dir, net="teacher", device="cpu"):
-    """(network in eval mode on `device`, info) from a run folder's args.json and checkpoint.pt. info:
-    class_names, num_classes, mean and std (of normalisation), preprocess ("halve" for Cityscapes, which
-    trains at half size; "resize 248x248" for ISIC; None), dataset, arch, iteration, lesion_scoring."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "args.json").is_file():
-        raise UserError(f"{run_dir}: no run there (expected a run folder with args.json and checkpoint.pt)")
-    if not (run_dir / "checkpoint.pt").is_file():
-        raise UserError(f"{run_dir} holds no checkpoint.pt: the run stopped before its first evaluation")
-    if net not in ("teacher", "student"):
-        raise UserError(f"--net expects teacher or student, got {net!r}")
-    saved = json.loads((run_dir / "args.json").read_text())
-    try:
-        state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
-        names = list(state.get("class_names") or class_names_from(run_dir, state))
-        args = SimpleNamespace(arch=saved["arch"], aspp_all_branches=saved.get("aspp_all_branches", False),
-                               pretrained=False)
-        model = common.build_net(args, len(names), torch.device(device))
-        model.load_state_dict(state[net])
-    except UserError:
-        raise
-    except Exception as e:  # a truncated or foreign file, a state that does not fit the arch
-        raise UserError(f"{run_dir / 'checkpoint.pt'}: cannot load the {net} from it ({type(e).__name__}: {e})")
-    preprocess = {"cityscapes": "halve", "isic2017": "resize 248x248"}.get(saved["dataset"])
-    return model.eval(), dict(class_names=names, num_classes=len(names), mean=common.IMAGENET_MEAN,
-                              std=common.IMAGENET_STD, preprocess=preprocess, dataset=saved["dataset"],
-                              arch=saved["arch"], iteration=state["iter"],
-                              lesion_scoring=saved.get("lesion_scoring", False))
-
-
-def class_names_from(run_dir, state):
-    """Checkpoints written before class names were saved: the count from results.json or args.json."""
-    results = run_dir / "results.json"
-    count = (len(json.loads(results.read_text())["per_class_iou"]) if results.is_file() else
-             json.loads((run_dir / "args.json").read_text()).get("num_classes"))
-    if not count:
-        raise UserError(f"{run_dir}: its checkpoint names no classes; finish the run (results.json) first")
-    return [str(c) for c in range(count)]
+import common
+from common import UserError
+from cutmixseg.pictures import palette
+from cutmixseg.prepare import ISIC_SIZE, area_resize
 
 
 def preprocessed(image, preprocess):
@@ -73,7 +32,6 @@ def preprocessed(image, preprocess):
     if preprocess == "halve":
         return F.avg_pool2d(t[None].float(), 2, ceil_mode=True)[0].floor().to(torch.uint8)
     if preprocess == "resize 248x248":
-        from tools.prepare import ISIC_SIZE, area_resize
         return torch.from_numpy(area_resize(image, ISIC_SIZE)).permute(2, 0, 1)
     return t
 
@@ -141,7 +99,7 @@ def inputs_and_outputs(inputs, out):
 
 
 def main(command, argv):
-    parser = argparse.ArgumentParser(prog="python common.py predict", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools predict", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", help="a run folder (args.json, checkpoint.pt)")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and folders")
     parser.add_argument("--out", required=True, help="folder for the predicted masks")
@@ -155,13 +113,12 @@ def main(command, argv):
     opts = parser.parse_args(argv)
     device = common.resolve_device(opts.device)
     amp = opts.amp or ("bf16" if device.type == "cuda" else "off")
-    net, info = load_model(opts.run_dir, opts.net, device)
+    net, info = common.load_model(opts.run_dir, opts.net, device)
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: a file, not a folder")
     pairs = inputs_and_outputs(opts.inputs, out)
     masks = [mask_for(image, target, out, Path(opts.masks)) for image, target in pairs] if opts.masks else None
-    from tools.pictures import palette
     colours = palette()
     conf = torch.zeros(info["num_classes"], info["num_classes"], dtype=torch.long)
     with tqdm(total=len(pairs), desc="predicting", unit="image") as bar:  # closed before any error's line

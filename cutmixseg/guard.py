@@ -1,4 +1,4 @@
-"""The run folder's guard, used by common.py before a run trains: --out checked and claimed, --resume's
+"""The run folder's guard, run by common.py before a run trains: --out checked and claimed, --resume's
 settings taken from the run's args.json, its checkpoint restored. Every refusal is one line naming the
 option or file, given before anything is written; nothing of an earlier run is lost."""
 import dataclasses
@@ -11,26 +11,19 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import common  # noqa: E402
-from common import UserError  # noqa: E402
+from .files import UserError, atomic_write, brief
 
 try:
     import fcntl  # Unix: a run folder is locked while a run writes it
 except ImportError:  # Windows: no lock
     fcntl = None
 
-RUN_FILES = {"args.json", "log.txt", "metrics.jsonl", "preview.png", "curves.png"}
+RUN_FILES = {"args.json", "labeled.txt", "log.txt", "metrics.jsonl", "preview.png", "curves.png"}
 # Options a resumed run may change: how it executes, where it writes, how long it runs and how often it
 # evaluates. Every other option defines the run (its data, network, method and their settings).
 MAY_CHANGE = {"device", "num_workers", "amp", "compile", "compile_mode", "deterministic", "cache_dir", "out",
               "resume", "benchmark", "iters", "eval_every"}
 PATHS = {"data_root", "split_file", "unlabeled_dir"}
-
-
-def brief(error):
-    """An exception's kind and first sentence, on one line."""
-    return f"{type(error).__name__}: " + " ".join(str(error).split()).split(". ")[0][:200]
 
 
 def read_json(path, what):
@@ -43,20 +36,11 @@ def read_json(path, what):
     return record
 
 
-def default_out(args_class, given):
-    """The folder a run of `given` options writes by default (common.run_folder), as common.Run names it."""
-    dataset = given.get("dataset", args_class.dataset)
-    protocol = {**common.DATASETS[dataset], **args_class.PER_DATASET.get(dataset, {}), **given}
-    script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else None
-    return script and common.run_folder(script, dataset, protocol["n_labeled"], protocol.get("seed", 1),
-                                        protocol.get("split_seed", 12345), given.get("arch"))
-
-
-def resume_settings(args_class, given):
-    """--resume: the options `given` on the command line, completed by the settings in the run's args.json.
+def resume_settings(args_class, given, out):
+    """--resume: the options `given` on the command line, completed by the settings in the run's args.json
+    in `out` (the --out given, or the folder these options write by default; None: not known).
     An option that defines the run and differs from the recorded one is refused by name; MAY_CHANGE options
     may differ (those not given take this machine's defaults, --iters and --eval-every the recorded ones)."""
-    out = given.get("out") or default_out(args_class, given)
     if not out or not (Path(out) / "checkpoint.pt").is_file():
         return given  # nothing to resume: common.Run says so and starts afresh
     saved = read_json(Path(out) / "args.json", "record of the run's settings")
@@ -77,11 +61,16 @@ def resume_settings(args_class, given):
 
 
 def check_writable(out):
-    """--out, or the folder it would be made in, must be a folder this process can write."""
+    """--out, or the folder it would be made in, must be a folder this process can write and make folders in
+    (tried with a folder made and removed at once: /proc, for one, says it is writable and refuses)."""
+    out = Path(out)
     blocker = next(p for p in (out, *out.absolute().parents) if p.exists())
-    if not blocker.is_dir() or not os.access(blocker, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: {blocker} is " + ("a file, not a folder" if not blocker.is_dir() else
-                                                        "not writable (read-only, or another user's)"))
+    if not blocker.is_dir():
+        raise UserError(f"--out {out}: {blocker} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=blocker, prefix=".cutmix-seg-probe-"))
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot make folders in {blocker} ({e.strerror}); choose a writable --out")
 
 
 def claim(run):
@@ -128,19 +117,20 @@ def claim(run):
             (out / name).unlink()
 
 
-def restore(run, tracked):
-    """Load the run's checkpoint into the `tracked` objects and the global RNGs; returns its counters
-    (iteration, timed iterations and seconds, wall seconds). A changed --iters is said and recorded."""
+def restore(run, tracked, set_rng_state):
+    """Load the run's checkpoint into the `tracked` objects ({name: object with load_state_dict, or a
+    torch.Generator}) and the global RNGs (set_rng_state); returns (its iteration, its timer's state). A
+    changed --iters is said and recorded."""
     path, args = run.checkpoint_path, run.args
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a truncated or foreign file
         raise UserError(f"--resume: {path} is no readable checkpoint ({brief(e)}); delete the folder to start again")
     try:
-        counters = [state[k] for k in ("iter", "timed_iters", "timed_seconds", "wall_seconds")]
-        if args.iters < counters[0]:
-            raise UserError(f"--iters {args.iters} is below the checkpoint's iteration {counters[0]} in {path}")
-        common.set_rng_state(state["rng"])
+        done, timer = state["iter"], state["timer"]
+        if args.iters < done:
+            raise UserError(f"--iters {args.iters} is below the checkpoint's iteration {done} in {path}")
+        set_rng_state(state["rng"])
         for name, obj in tracked.items():
             if isinstance(obj, torch.amp.GradScaler) and not (obj.is_enabled() and state[name]):
                 continue  # --amp changed to or from fp16: the loss scale starts afresh (or is not used)
@@ -152,10 +142,9 @@ def restore(run, tracked):
     if run.main and record.get("iters") != args.iters:
         run.print(f"--iters {args.iters}: the run goes on to iteration {args.iters}, not {record.get('iters')} "
                   f"(recorded in args.json" + ("; the poly schedule follows it)" if args.lr_schedule == "poly" else ")"))
-        common.atomic_write(run.out / "args.json", json.dumps(dict(record, iters=args.iters), indent=2))
-    run.print(f"resumed from iteration {counters[0]} of {run.out}" + (f" with {run.world} processes"
-                                                                     if run.world > 1 else ""))
-    return counters
+        atomic_write(run.out / "args.json", json.dumps(dict(record, iters=args.iters), indent=2))
+    run.print(f"resumed from iteration {done} of {run.out}" + (f" with {run.world} processes" if run.world > 1 else ""))
+    return done, timer
 
 
 def fresh_folder(out, create=True):

@@ -1,17 +1,15 @@
 """The pictures a run leaves beside its numbers, drawn with Pillow: preview.png (image | truth | teacher's
 prediction, with a legend of the class colours) and curves.png (teacher mIoU and the logged losses against
-the iteration), redrawn at every evaluation. Drawing is no training step: common.Run imports this lazily."""
+the iteration), redrawn by common.Run at every evaluation."""
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import common  # noqa: E402
+from .files import IGNORE, atomic_write
 
 TILE = 192  # a small image is scaled up (nearest) until its short side is at least this many pixels
 INK, PAPER = (40, 40, 40), (255, 255, 255)
@@ -21,14 +19,14 @@ def palette(num_classes=256):
     """(256, 3) uint8 colours per class index, Pascal's bit-interleaved palette; 255 (ignore) white."""
     c = np.arange(256)
     colours = np.stack([sum(((c >> (3 * k + ch)) & 1) << (7 - k) for k in range(8)) for ch in range(3)], 1)
-    colours[common.IGNORE] = 255
+    colours[IGNORE] = 255
     return colours.astype(np.uint8)
 
 
 def legend(class_names, colours, width):
     """A strip of colour swatches with the class names, wrapped to `width` pixels."""
     font, cell = ImageFont.load_default(), 18
-    entries = [(colours[c], name) for c, name in enumerate(class_names)] + [(colours[common.IGNORE], "ignore")]
+    entries = [(colours[c], name) for c, name in enumerate(class_names)] + [(colours[IGNORE], "ignore")]
     sizes = [16 + 6 + int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(name, font=font)) + 14
              for _, name in entries]
     rows, x = [[]], 0
@@ -48,15 +46,15 @@ def legend(class_names, colours, width):
     return strip
 
 
-def preview(net, split, class_names, device, amp="off", n=4):
+def preview(predict, split, class_names, n=4):
     """image | ground truth | prediction for the first n validation images, scaled up (nearest) so that a
-    tile is at least TILE pixels on its short side, above a legend of the class colours with their names."""
+    tile is at least TILE pixels on its short side, above a legend of the class colours with their names.
+    predict: uint8 images (B, 3, H, W) -> class indices (B, H, W)."""
     colours, rows = palette(), []
-    with common.inference(net):
+    with torch.no_grad():
         for i in range(min(n, len(split))):
             image, label = split.load(i)
-            with common.autocast(amp, device):
-                pred = net(common.normalise(split[i][0][None], device)).argmax(1)[0].cpu().numpy()
+            pred = predict(split[i][0][None])[0].cpu().numpy()
             row = np.concatenate([image, colours[label], colours[pred]], axis=1)
             k = max(1, math.ceil(TILE / min(image.shape[:2])))
             rows.append(row.repeat(k, 0).repeat(k, 1))
@@ -103,8 +101,7 @@ def curves(metrics_path, width=640, panel=150):
     return picture
 
 
-def draw_run(run_dir, net, split, class_names, device, amp):
-    """preview.png and curves.png of a run folder, each written atomically."""
-    with torch.no_grad():
-        common.atomic_write(Path(run_dir) / "preview.png", preview(net, split, class_names, device, amp))
-    common.atomic_write(Path(run_dir) / "curves.png", curves(Path(run_dir) / "metrics.jsonl"))
+def draw_run(run_dir, predict, split, class_names):
+    """preview.png (predict: see preview) and curves.png of a run folder, each written atomically."""
+    atomic_write(Path(run_dir) / "preview.png", preview(predict, split, class_names))
+    atomic_write(Path(run_dir) / "curves.png", curves(Path(run_dir) / "metrics.jsonl"))

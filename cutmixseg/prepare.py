@@ -1,22 +1,18 @@
-"""Dataset preparation, imported by common.py before training: the one-time check of every (image, mask)
-pair and image without a mask (its verdict cached), Cityscapes halved and ISIC resized into memory-mapped
-arrays once, --split-file lists and pickles, and the conversion of SBD's labels into Pascal's
-SegmentationClassAug (`python common.py sbd-to-aug SBD_ROOT VOC_ROOT`)."""
+"""Dataset preparation, run by common.py before training: the one-time check of every (image, mask) pair and
+image without a mask (its verdict cached), Cityscapes halved and ISIC resized into memory-mapped arrays once,
+--split-file lists and pickles."""
 import hashlib
 import json
 import math
 import os
 import pickle
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import common  # noqa: E402
-from common import IGNORE, UserError, atomic_write  # noqa: E402
+from .files import IGNORE, UserError, atomic_write, read_image, read_mask
 
 try:
     import fcntl  # Unix: serialises concurrent preparations of one dataset cache
@@ -33,12 +29,12 @@ def check_pairs(pairs_by_split, num_classes=None):
         sizes, labeled[split] = [], 0
         for image_path, *mask_path in tqdm(pairs, desc=f"checking {split} data (once)", leave=False,
                                            disable=len(pairs) < 200):
-            image = common.read_image(image_path)
+            image = read_image(image_path)
             sizes.append(list(image.shape[:2]))
             if not mask_path:
                 continue
             mask_path, = mask_path
-            mask = common.read_mask(mask_path)
+            mask = read_mask(mask_path)
             if image.shape[:2] != mask.shape:
                 raise UserError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
                                 f"{image_path} is {image.shape[1]}x{image.shape[0]}; they must match")
@@ -74,15 +70,15 @@ def verdict(pairs_by_split, cache, num_classes=None):
 
 
 def arrays(root, cache, tag, pairs, convert):
-    """(images, labels or None) of `pairs`, memory-mapped from the cache, prepared by the function named
-    `convert` the first time (fill_arrays). The folder's name hashes the source files' names (below `root`),
+    """(images, labels or None) of `pairs`, memory-mapped from the cache, prepared by the function `convert`
+    (image path[, label path]) -> (image[, label]) the first time (fill_arrays). The folder's name hashes the source files' names (below `root`),
     sizes and times: changed data is prepared anew; a prepared folder that cannot be read, too, with a line."""
     files = [((p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p.resolve())), p.stat().st_size,
               p.stat().st_mtime_ns) for pair in pairs for p in pair]
     folder = cache / f"{tag}_{hashlib.sha1(json.dumps(files).encode()).hexdigest()[:16]}"
     for _ in range(2):
         if not folder.is_dir():
-            fill_arrays(folder, pairs, globals()[convert], tag)
+            fill_arrays(folder, pairs, convert, tag)
         try:
             images, labels = (np.load(f, mmap_mode="r") if f.is_file() else None for f in (folder / "images.npy",
                                                                                            folder / "labels.npy"))
@@ -203,8 +199,8 @@ CITYSCAPES_TRAIN_ID[[7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 2
 def halve_cityscapes(image_path, label_path=None):
     """Half size as the original's convert_cityscapes.py: the image by 2x2 mean truncated to uint8; the
     labelIds by 2x2 majority vote, ties to the lower id, then mapped to trainIds. (image,) without a label."""
-    image = common.read_image(image_path)
-    label = common.read_mask(label_path) if label_path else None
+    image = read_image(image_path)
+    label = read_mask(label_path) if label_path else None
     h, w = image.shape[:2]
     if (label is not None and label.shape != (h, w)) or h % 2 or w % 2:
         raise UserError(f"{label_path or image_path} and {image_path} ({w}x{h}) must share one even size (2048x1024 "
@@ -225,10 +221,10 @@ ISIC_SIZE = (248, 248)
 def shrink_isic(image_path, truth_path=None):
     """248x248 by area interpolation, image and ground truth alike (the original's convert_isic.py used
     cv2.INTER_AREA), then lesion where the resized ground truth is >= 127. (image,) without a ground truth."""
-    image = common.read_image(image_path)
+    image = read_image(image_path)
     if truth_path is None:
         return (area_resize(image, ISIC_SIZE),)
-    truth = common.read_mask(truth_path)
+    truth = read_mask(truth_path)
     if image.shape[:2] != truth.shape:
         raise UserError(f"ground truth {truth_path} is {truth.shape[1]}x{truth.shape[0]} but its image "
                         f"{image_path} is {image.shape[1]}x{image.shape[0]}; they must match")
@@ -249,52 +245,3 @@ def area_resize(a, size):
             rows.append(np.tensordot(inside / (hi - lo), x[pixels[0]:pixels[-1] + 1], 1))
         out = np.moveaxis(np.stack(rows), 0, axis)
     return np.rint(out).clip(0, 255).astype(np.uint8)
-
-
-# ---- Pascal: SegmentationClassAug from SBD -----------------------------------------------------------
-def sbd_to_aug(sbd, voc):
-    """Build VOC2012/SegmentationClassAug/NAME.png (class indices, 255 = void) from SBD's dataset/cls/NAME.mat,
-    VOC's own SegmentationClass labels winning where both exist, as in the usual SegmentationClassAug.
-
-    Needs scipy, for this step only. Each PNG is written atomically and existing ones are kept: re-run it
-    after an interruption."""
-    try:
-        from scipy.io import loadmat
-    except ImportError:
-        raise UserError("sbd-to-aug reads SBD's .mat files with scipy, needed for this step only: pip install scipy")
-    sbd, voc = Path(sbd), common.voc2012_folder(Path(voc))
-    cls = next((d for d in (sbd / "dataset" / "cls", sbd / "benchmark_RELEASE" / "dataset" / "cls", sbd / "cls")
-                if d.is_dir()), None)
-    if cls is None:
-        raise UserError(f"{sbd}: no dataset/cls/ folder of .mat labels; expected SBD's benchmark.tgz unpacked "
-                        f"(http://home.bharathh.info/pubs/codes/SBD/download.html)")
-    if voc is None or not (voc / "SegmentationClass").is_dir():
-        raise UserError(f"no VOC2012 folder with JPEGImages/ and SegmentationClass/ there; expected "
-                        f"{common.LAYOUTS['pascal_aug']}")
-    sources = {p.stem: p for p in cls.glob("*.mat")}
-    sources.update({p.stem: p for p in (voc / "SegmentationClass").glob("*.png")})  # VOC's own labels win
-    for name, source in tqdm(sorted(sources.items()), desc="writing SegmentationClassAug"):
-        target = voc / "SegmentationClassAug" / f"{name}.png"
-        if target.is_file():
-            continue
-        if source.suffix == ".png":
-            label = common.read_mask(source)  # palette indices, 255 = boundary
-        else:
-            try:
-                mat = loadmat(source, squeeze_me=True, struct_as_record=False)
-            except Exception as e:  # scipy raises many kinds for a truncated or foreign file
-                raise UserError(f"{source}: not a readable .mat file ({type(e).__name__}: {e}); re-extract SBD's "
-                                f"benchmark.tgz")
-            if not hasattr(mat.get("GTcls"), "Segmentation"):
-                raise UserError(f"{source}: holds no GTcls.Segmentation; expected SBD's dataset/cls/NAME.mat labels")
-            label = np.asarray(mat["GTcls"].Segmentation).astype(np.uint8)
-        atomic_write(target, label)
-    print(f"{len(sources)} labels in {voc / 'SegmentationClassAug'}")
-
-
-def main(command, argv):
-    """python common.py sbd-to-aug SBD_ROOT VOC_ROOT"""
-    if len(argv) != 2:
-        sys.exit("usage: python common.py sbd-to-aug SBD_ROOT VOC_ROOT  (builds VOC2012/SegmentationClassAug from "
-                 "SBD's dataset/cls/*.mat; README 'Datasets')")
-    sbd_to_aug(*argv)

@@ -1,0 +1,1 @@
+"""What a training run executes below common.py, importing nothing of it (see common.py's docstring)."""

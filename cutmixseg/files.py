@@ -1,0 +1,87 @@
+"""The bottom of the kit: bad input as one line (UserError), files written atomically, images and masks read
+from disk. Imports nothing of the kit; everything else stands on it."""
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IGNORE = 255  # label value of void / padding pixels, never scored, never trained on
+UMASK = os.umask(0o022)  # read here, and put back: files written atomically get the usual permissions
+os.umask(UMASK)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class UserError(Exception):
+    """Bad input (a path, a file, an option): reported as one clear line, never as a traceback."""
+
+
+def brief(error):
+    """An exception's kind and first sentence, on one line."""
+    return f"{type(error).__name__}: " + " ".join(str(error).split()).split(". ")[0][:200]
+
+
+def atomic_write(path, content):
+    """Write text, bytes, an image (PIL, or a uint8 array: PNG) or a checkpoint (a dict: torch.save) so
+    that `path` holds either its old content or the whole new one, never a half-written file."""
+    buffer, path = io.BytesIO(), Path(path)
+    if isinstance(content, (Image.Image, np.ndarray)):
+        (content if isinstance(content, Image.Image) else Image.fromarray(content)).save(buffer, format="PNG")
+    elif isinstance(content, dict):
+        torch.save(content, buffer)
+    else:
+        buffer.write(content.encode() if isinstance(content, str) else content)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buffer.getvalue())
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's file is the owner's alone; this one follows the umask
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not e.filename:  # a full disk: name the file that could not be written
+            e.filename = str(path)
+        raise
+
+
+def read_image(path):
+    """An image file as uint8 RGB (H, W, 3); 16-bit grey scaled to 8 bits (a plain conversion clips it white)."""
+    try:
+        with Image.open(path) as im:
+            if im.mode.startswith("I"):
+                grey = np.clip(np.round(np.asarray(im, np.float64) / 257), 0, 255).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=2)
+            return np.array(im.convert("RGB"))
+    except Exception as e:  # PIL raises many kinds; the user needs the file name and the reason
+        raise UserError(f"cannot read image {path}: {e}")
+
+
+def read_mask(path):
+    """A single-channel PNG of class indices (255 = ignore) as a uint8 (H, W) array."""
+    try:
+        with Image.open(path) as im:
+            mode, mask = im.mode, np.asarray(im)
+    except Exception as e:
+        raise UserError(f"cannot read mask {path}: {e}")
+    if mode not in ("L", "P", "I", "I;16", "1"):  # 1: a 1-bit mask, classes 0 and 1
+        raise UserError(f"mask {path} must be a single-channel PNG of class indices (mode L or P), got mode {mode}")
+    if mask.max(initial=0) > 255:
+        raise UserError(f"mask {path} holds values above 255; expected class indices with 255 = ignore")
+    return mask.astype(np.uint8)
+
+
+def image_files(folder):
+    """The images below `folder` (nested; IMAGE_SUFFIXES in any case; hidden files such as ._x.png skipped),
+    sorted; two with one name but for the suffix (a.png, a.jpg) are refused by name."""
+    found = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    stems = {}
+    for p in found:
+        if stems.setdefault(p.with_suffix(""), p) != p:
+            raise UserError(f"{stems[p.with_suffix('')]} and {p} share one name; keep one of them")
+    return found

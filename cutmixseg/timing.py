@@ -1,0 +1,96 @@
+"""What --benchmark reports (common.Benchmark times the loop): the device's peak FLOP rate, random data of each
+dataset's shapes, and the record and summary it prints. `python -m tools costs` turns records into a table."""
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Dense peak TFLOP/s of one GPU from the vendors' data sheets: (name contains, bf16/fp16, TF32), the first
+# match wins. fp32 runs count against TF32 (enabled on CUDA here). Add your card to get its utilisation.
+PEAK_TFLOPS = [("H100 PCIe", 756, 378), ("H100 NVL", 835, 418), ("H100", 989, 495), ("H200", 989, 495),
+               ("A100", 312, 156), ("L40S", 362, 183), ("L4", 121, 60), ("A10", 125, 62.5)]
+# Without --data-root: random images of each dataset's size (Cityscapes at the half size the protocol
+# trains on, Pascal at its largest), as many as the real sets hold: (H, W), train, val, classes.
+SYNTHETIC = {"cityscapes": ((512, 1024), 2975, 500, 19), "pascal_aug": ((375, 500), 10582, 1449, 21),
+             "isic2017": ((248, 248), 2000, 150, 2), "folder": ((512, 512), 1000, 100, 21)}
+
+
+def device_name(device):
+    """The GPU's name, or the CPU's architecture and thread count. Not platform.processor(): it forks
+    `uname -p`, and under torchrun a fork beside gloo's threads made processes abort at exit."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def peak_tflops(device, amp):
+    """The device's dense peak for the run's precision, or None when unknown (every CPU)."""
+    name = device_name(device)
+    for key, half, tf32 in PEAK_TFLOPS if device.type == "cuda" else []:
+        if key in name:
+            return half if amp in ("bf16", "fp16") else tf32
+    return None
+
+
+def synthetic_splits(dataset, num_classes=None):
+    """([(names, load, sizes) of the training images, the same of the validation images], class count):
+    random images and labels of the dataset's shapes, generated per sample (seeded by its index)."""
+    size, n_train, n_val, classes = SYNTHETIC[dataset]
+    num_classes = num_classes or classes
+
+    def load(i):
+        rng = np.random.default_rng(i)
+        return rng.integers(0, 256, (*size, 3), dtype=np.uint8), rng.integers(0, num_classes, size, dtype=np.uint8)
+
+    return [([f"synthetic_{i}" for i in range(n)], load, [size] * n) for n in (n_train, n_val)], num_classes
+
+
+def record(bench, eval_seconds):
+    """The measurements of a finished Benchmark as one JSON-ready dict."""
+    args, device, s, images = bench.args, bench.device, bench.seconds_per_iter, bench.images_per_iter
+    if device.type == "cuda":  # reserved: the allocator's peak, CUDA graphs' private pools included
+        memory, memory_kind = torch.cuda.max_memory_allocated(device) / 2 ** 30, "peak GPU memory"
+        reserved = torch.cuda.max_memory_reserved(device) / 2 ** 30
+    else:
+        import resource  # Unix only
+        memory, memory_kind, reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "peak RSS", None
+    peak, achieved = peak_tflops(device, args.amp), bench.flops / s / 1e12
+    evals = math.ceil(args.iters / args.eval_every) + 1  # the teacher's, and the student's at the end
+    return dict(script=Path(sys.argv[0]).name, method=bench.method, dataset=args.dataset, arch=args.arch,
+                device=device_name(device), amp=args.amp, compile=args.compile_mode if args.compile else None,
+                world_size=bench.world, batch_size=args.batch_size, crop_size=list(args.crop_size),
+                data="real" if bench.real_data else "synthetic", ms_per_iter=1000 * s, iters_per_s=1 / s,
+                images_per_s=images / s, images_per_iter=images, peak_memory_gib=memory, memory_kind=memory_kind,
+                peak_reserved_gib=reserved, warmup_seconds=bench.warmup_seconds, tflop_per_iter=bench.flops / 1e12,
+                tflops=achieved, peak_tflops=peak, mfu=achieved / peak if peak else None, eval_seconds=eval_seconds,
+                iters=args.iters, evaluations=evals, train_minutes=args.iters * s / 60,
+                run_minutes=(args.iters * s + evals * eval_seconds) / 60, loader_images_per_s=bench.loading,
+                num_workers=args.num_workers)
+
+
+def report(r, n_val):
+    """The summary lines of a record `r` (n_val: validation images)."""
+    precision = r["amp"] if r["amp"] != "off" else "TF32"
+    utilisation = (f"{100 * r['mfu']:.1f}% of the {r['peak_tflops']:g} TFLOP/s {precision} peak" if r["peak_tflops"]
+                   else "peak unknown for this device")
+    (h, w), images, s = r["crop_size"], r["images_per_iter"], r["ms_per_iter"] / 1000
+    compiled = f", compiled ({r['compile']})" if r["compile"] else ""
+    processes = f", {r['world_size']} processes" if r["world_size"] > 1 else ""
+    reserved = f" (reserved {r['peak_reserved_gib']:.2f} GiB)" if r["peak_reserved_gib"] is not None else ""
+    lines = [f"benchmark: {r['script']} | {r['dataset']}, {r['arch']}, batch {r['batch_size']} at {h}x{w} "
+             f"({r['data']} data) | {r['device']}, amp {r['amp']}{compiled}{processes}",
+             f"  train step: {1000 * s:.1f} ms/it, {1 / s:.2f} it/s, {images / s:.1f} images/s ({images} per "
+             f"iteration), {r['memory_kind']} {r['peak_memory_gib']:.2f} GiB{reserved}"
+             + (f"; warm-up with compilation {r['warmup_seconds']:.0f} s" if r["compile"] else ""),
+             f"  FLOPs: {r['tflop_per_iter']:.3f} TFLOP/it -> {r['tflops']:.2f} TFLOP/s, {utilisation}",
+             f"  evaluation: {r['eval_seconds']:.1f} s per pass over the {n_val} validation images",
+             f"  {r['iters']} iterations: {r['train_minutes']:.1f} min of training, {r['run_minutes']:.1f} min with "
+             f"{r['evaluations']} evaluations"]
+    if r["loader_images_per_s"] is not None:
+        bound = "loading" if r["loader_images_per_s"] < images / s else "compute"
+        lines.append(f"  loader: {r['loader_images_per_s']:.1f} images/s with {r['num_workers']} workers per process, "
+                     f"the step needs {images / s:.1f}: {bound} bounds the run")
+    return lines
