@@ -125,7 +125,8 @@ class TrainArgs:
     no_pretrained: bool = arg(False, "random initialisation instead of ImageNet weights")
     iters: int = arg(None, "training iterations (default: the dataset's)")
     batch_size: int = arg(None, "images per labeled batch and per unlabeled batch (default: the dataset's)")
-    lr: float = arg(None, "learning rate of the head; a pretrained backbone gets 1/10 (default: the arch's)")
+    lr: float = arg(None, "learning rate of the head; the pretrained backbone's is the arch's share of it (1/10 for "
+                          "deeplabv2, denseunet161, pspnet101) (default: the arch's)")
     crop_size: tuple = arg(None, "training crop, H,W or one number (default: the dataset's)", parse="size")
     eval_every: int = arg(None, "evaluate and checkpoint every this many iterations (default: the dataset's)")
     seed: int = arg(1, "seed of initialisation, sample order, augmentation and masks")
