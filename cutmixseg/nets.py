@@ -4,6 +4,7 @@
   DeepLabV3Plus    dilated ResNet-101, output stride 8, ASPP 12/24/36 (the paper's Table 5)
   DenseUNet161     U-Net on DenseNet-161 features (ISIC, Pascal Table 5)
   PSPNet101        pyramid pooling on a dilated ResNet-101 (Pascal Table 5)
+  DeepLabV3PlusDeepStem  UniMatch's (today's protocol): deep-stem ResNet-101, output stride 16, ASPP 6/12/18
   UNetSmall        a small U-Net from scratch (demo, tests)
   sync_batchnorm   BatchNorm across torchrun processes (GlobalBatchNorm off CUDA)
 
@@ -268,6 +269,127 @@ class PSPNet101(nn.Module):
 
     def load_imagenet(self):
         return load_resnet101(self.backbone)
+
+# --- today's protocol (UniMatch, Yang et al. CVPR 2023): DeepLab v3+ on a deep-stem ResNet-101 ---------------
+UNIMATCH_RESNET101 = ("UniMatch's deep-stem ImageNet ResNet-101, pretrained/resnet101.pth (the 'ResNet-101' link "
+                      "under 'Pretrained Backbone' in UniMatch's README: "
+                      "https://drive.google.com/file/d/1Rx0legsMolCWENpfvE2jUScT3ogalMO8/view?usp=sharing)")
+
+def conv_bn_relu(cin, cout, k=1, dilation=1, stride=1):
+    """Conv (no bias) + BN + ReLU, keys .0/.1 as UniMatch's blocks."""
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding=dilation * (k // 2), dilation=dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+class DeepStemResNet101(nn.Module):
+    """UniMatch's ResNet-101 (after PyTorch-Encoding's resnet101s): a deep stem of three 3x3 convs 64-64-128,
+    torchvision's bottleneck (stride on the 3x3 conv), layer4 dilated 2 (output stride 16); no avgpool, no fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Sequential(*conv_bn_relu(3, 64, 3, stride=2), *conv_bn_relu(64, 64, 3),
+                                   nn.Conv2d(64, 128, 3, padding=1, bias=False))  # keys conv1.0, .1, .3, .4, .6
+        self.bn1, self.relu, self.maxpool = nn.BatchNorm2d(128), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+        self.inplanes = 128
+        self.layer1 = self._layer(64, 3)
+        self.layer2 = self._layer(128, 4, stride=2)
+        self.layer3 = self._layer(256, 23, stride=2)
+        self.layer4 = self._layer(512, 3, dilation=2)  # replace_stride_with_dilation [False, False, True]
+        for m in self.modules():  # UniMatch's (and torchvision's) init; BN already starts at weight 1, bias 0
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def _layer(self, planes, blocks, stride=1, dilation=1):
+        from torchvision.models.resnet import Bottleneck as Block  # UniMatch's block: same arithmetic and keys
+        downsample = None
+        if stride != 1 or self.inplanes != planes * 4:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=False),
+                                       nn.BatchNorm2d(planes * 4))
+        # the dilated layer's first block keeps dilation 1, as torchvision's (and UniMatch's) _make_layer
+        layers = [Block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * 4
+        layers += [Block(self.inplanes, planes, dilation=dilation) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        """(layer1 output: 256 channels at /4, layer4 output: 2048 channels at /16)."""
+        low = self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
+        return low, self.layer4(self.layer3(self.layer2(low)))
+
+class UniMatchASPP(nn.Module):
+    """ASPP as UniMatch's: 1x1 branch b0, 3x3 branches b1-b3 at the given rates, image pooling b4, 1x1
+    projection to 256 channels, and no dropout (unlike DeepLab v3+'s original 0.5)."""
+
+    def __init__(self, cin=2048, rates=(6, 12, 18), cout=256):
+        super().__init__()
+        self.b0, self.b1, self.b2, self.b3 = [conv_bn_relu(cin, cout, k, r) for k, r in zip((1, 3, 3, 3), (1, *rates))]
+        self.b4 = nn.Module()  # a bare holder: UniMatch's pooling branch sits at head.b4.gap.*
+        self.b4.gap = nn.Sequential(nn.AdaptiveAvgPool2d(1), *conv_bn_relu(cin, cout))  # keys b4.gap.1, b4.gap.2
+        self.project = conv_bn_relu(5 * cout, cout)
+
+    def forward(self, x):
+        pooled = self.b4.gap(x).expand(-1, -1, *x.shape[2:])  # a 1x1 map upsampled is its value everywhere
+        return self.project(torch.cat([self.b0(x), self.b1(x), self.b2(x), self.b3(x), pooled], 1))
+
+class DeepLabV3PlusDeepStem(nn.Module):
+    """DeepLab v3+ as UniMatch's DeepLabV3Plus (today's protocol): deep-stem ResNet-101 at output stride 16,
+    ASPP 6/12/18 without dropout, a 48-channel layer1 skip, two 3x3 fuse convs, a 1x1 classifier, bilinear
+    upsampling with align_corners=True. Same state_dict keys, so a UniMatch checkpoint loads strictly.
+    New layers keep PyTorch's default init, as UniMatch's."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.backbone = DeepStemResNet101()
+        self.head = UniMatchASPP()
+        self.reduce = conv_bn_relu(256, 48)
+        self.fuse = nn.Sequential(*conv_bn_relu(256 + 48, 256, 3), *conv_bn_relu(256, 256, 3))
+        self.classifier = nn.Conv2d(256, num_classes, 1)
+
+    def forward(self, x):
+        low, high = self.backbone(x)  # (B, 256, H/4, W/4), (B, 2048, H/16, W/16)
+        high = F.interpolate(self.head(high), size=low.shape[2:], mode="bilinear", align_corners=True)
+        logits = self.classifier(self.fuse(torch.cat([self.reduce(low), high], 1)))  # (B, K, H/4, W/4)
+        return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=True)
+
+    def backbone_modules(self):
+        return [self.backbone]  # UniMatch's base-lr group; everything else runs at lr x lr_multi
+
+    def load_backbone(self, path):
+        """Strictly load UNIMATCH_RESNET101 into the backbone; its ImageNet classifier (fc.*) is dropped (UniMatch
+        loads with strict=False, which drops it too, but would also let any wrong file through silently)."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"--backbone-weights {path}: no such file; download {UNIMATCH_RESNET101}")
+        try:  # weights_only: no code from a downloaded file runs
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"--backbone-weights {path} is not a torch file of plain tensors (torch.load with "
+                            f"weights_only=True: {type(e).__name__}); expected {UNIMATCH_RESNET101}") from None
+        tensors = isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+        wrapped = isinstance(state, dict) and any(isinstance(state.get(k), dict)
+                                                  for k in ("student", "teacher", "model", "state_dict"))
+        if wrapped or (tensors and any(k.removeprefix("module.").startswith(("backbone.", "head.")) for k in state)):
+            raise UserError(f"--backbone-weights {path} is a whole-model checkpoint (segmentation network, not "
+                            f"backbone weights); expected {UNIMATCH_RESNET101}")
+        if not tensors:
+            raise UserError(f"--backbone-weights {path} holds a {type(state).__name__}, not a dict of tensors; "
+                            f"expected {UNIMATCH_RESNET101}")
+        if getattr(state.get("conv1.weight"), "shape", None) == (64, 3, 7, 7):
+            raise UserError(f"--backbone-weights {path} is torchvision's standard-stem ResNet (one 7x7 conv1); "
+                            f"this network needs {UNIMATCH_RESNET101}")
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        own = self.backbone.state_dict()
+        # BN's batch counter is absent from files saved before PyTorch 0.4.1; torch fills it in on loading
+        missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+        unexpected = [k for k in state if k not in own]
+        wrong = [f"{k} {tuple(v.shape)} (expected {tuple(own[k].shape)})" for k, v in state.items()
+                 if k in own and v.shape != own[k].shape]
+        if missing or unexpected or wrong:
+            problems = [f"{what}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}" for what, keys in
+                        (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+            raise UserError(f"--backbone-weights {path} does not fit the deep-stem ResNet-101 ({'; '.join(problems)}); "
+                            f"expected {UNIMATCH_RESNET101}")
+        self.backbone.load_state_dict(state)  # strict
+        return state
 
 class GlobalBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d with the global batch's statistics across torchrun processes on any device (SyncBatchNorm,
