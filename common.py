@@ -44,13 +44,15 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+from PIL import Image
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from cutmixseg import demo, guard, nets, pictures, prepare, timing
-from cutmixseg.files import IGNORE, IMAGE_SUFFIXES, UserError, atomic_write, image_files, read_image, read_mask  # noqa: F401
+from cutmixseg.files import (IGNORE, IMAGE_SUFFIXES, UserError, atomic_write, image_files, image_size,  # noqa: F401
+                             read_image, read_mask)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -111,18 +113,36 @@ ARCHS = {
     "deeplabv3plus": dict(lr=1e-5, backbone_lr_mult=1.0, freeze_bn=True),
     "denseunet161": dict(lr=3e-4, backbone_lr_mult=0.1, freeze_bn=True),
     "pspnet101": dict(lr=1e-4, backbone_lr_mult=0.1, freeze_bn=True),
+    "deeplabv3plus_deepstem": dict(lr=0.01, backbone_lr_mult=0.1, freeze_bn=False),  # today's protocol's (UNIMATCH)
 }
+# Today's protocol (--protocol unimatch): UniMatch's (LiheYoung/UniMatch at 0324f3d), on which every semi-supervised
+# segmentation paper since 2021 reports. DeepLab v3+ on a deep-stem ResNet-101 (output stride 16, BatchNorm trained),
+# SGD (momentum 0.9, weight decay 1e-4 on every parameter) with the poly rate set after each step, 8 labeled + 8
+# unlabeled crops per iteration, UniMatch's weak view (long side 0.5-2x, crop, flip), epochs of the unlabeled images,
+# an evaluation every epoch. lr: the head's, UniMatch's base rate x its lr_multi (Pascal 0.001 x 10, Cityscapes
+# 0.005 x 1); the backbone runs at the base rate. The method itself (EMA teacher, masks, weights) stays the paper's.
+UNIMATCH = {
+    "cityscapes": dict(n_labeled=186, crop_size=(801, 801), epochs=240, lr=0.005, backbone_lr_mult=1.0,
+                       ohem=dict(thresh=0.7, min_kept=200_000, per_images=2), eval_window=801),
+    "pascal_aug": dict(n_labeled=92, crop_size=(321, 321), epochs=80, lr=0.01, backbone_lr_mult=0.1),
+}
+UNIMATCH_ALL = dict(arch="deeplabv3plus_deepstem", batch_size=8, iters=None, eval_every=None, optimizer="sgd",
+                    momentum=0.9, weight_decay=1e-4, lr_schedule="poly_after", poly_power=0.9, freeze_bn=False,
+                    aug=dict(weak_view=True), student_every_eval=True)
 
 @dataclass
 class TrainArgs:
     """Options shared by every train_*.py, in the same order everywhere; None = from the protocol."""
     dataset: str = arg("demo", "demo (built in), folder (your own), or the official downloads", choices=list(DATASETS))
+    protocol: str = arg("paper", "paper (DeepLab v2, half-size Cityscapes, 40k iterations) or unimatch (today's: "
+                                 "README 'Under today's protocol')", choices=["paper", "unimatch"])
     data_root: str = arg(None, "folder holding the dataset (required for every dataset but demo)")
     n_labeled: int = arg(None, "labeled training images; -1 = all (default: the dataset's)")
     split_seed: int = arg(12345, "seed of the labeled subset, independent of --seed")
     split_file: str = arg(None, "the labeled images: a list of names, or the original's .pkl index permutation")
     arch: str = arg(None, "network (default: the dataset's)", choices=list(ARCHS))
     no_pretrained: bool = arg(False, "random initialisation instead of ImageNet weights")
+    backbone_weights: str = arg(None, "deeplabv3plus_deepstem's ImageNet weights: UniMatch's pretrained/resnet101.pth")
     iters: int = arg(None, "training iterations (default: the dataset's)")
     batch_size: int = arg(None, "images per labeled batch and per unlabeled batch (default: the dataset's)")
     lr: float = arg(None, "learning rate of the head; the pretrained backbone's is the arch's share of it (1/10 for "
@@ -159,7 +179,12 @@ class TrainArgs:
     freeze_bn: bool = resolved()          # BatchNorm frozen: statistics fixed, in eval mode
     pretrained: bool = resolved(True)     # ImageNet weights: not with --no-pretrained, nor --benchmark (random)
     lesion_scoring: bool = resolved(False)  # ISIC: the predicted lesion hole-filled, its IoU reported
+    epochs: int = resolved()              # unimatch: --iters = epochs x iterations per epoch (epochs_to_iters)
+    ohem: dict = resolved()               # unimatch, Cityscapes: the labeled loss is OHEM (ohem_loss's keywords)
+    eval_window: int = resolved()         # unimatch, Cityscapes: evaluation by sliding windows of this side
+    student_every_eval: bool = resolved(False)  # the student evaluated every time, not at the end only
     PER_DATASET: ClassVar[dict] = {}      # a method's values that differ by dataset: {dataset: {field: value}}
+    PER_PROTOCOL: ClassVar[dict] = {}     # the same by protocol: {"unimatch": {field: value}}
 
 def parse_size(text, option="--crop-size"):
     """'256,512' or '321' or (256, 512) -> (H, W)."""
@@ -207,7 +232,7 @@ LIMITS = [*[(name, lambda v: v >= 1, "must be at least 1") for name in ("iters",
 def check_limits(args):
     """One clear line for the first option of `args` (a dataclass) that LIMITS refuses."""
     for name, ok, expected in (limit for limit in LIMITS if hasattr(args, limit[0])):
-        if not ok(getattr(args, name)):
+        if getattr(args, name) is not None and not ok(getattr(args, name)):
             raise UserError(f"--{name.replace('_', '-')} {expected}, got {getattr(args, name)}")
 
 PATHS = ("data_root", "cache_dir", "unlabeled_dir", "split_file")  # recorded absolute: --resume works from anywhere
@@ -226,7 +251,7 @@ def parse_args(args_class, argv=None):
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is the global batch of all {world} processes: "
                         f"it must be divisible by {world}")
-    if args.batch_size // world < 2 and args.arch in ("pspnet101", "deeplabv3plus"):
+    if args.batch_size // world < 2 and args.arch in ("pspnet101", "deeplabv3plus", "deeplabv3plus_deepstem"):
         raise UserError(f"--batch-size {args.batch_size}: {args.arch}'s pooling branch trains BatchNorm on 1x1 maps, "
                         f"which needs at least 2 images per batch and process")
     args.device = str(resolve_device(args.device, world))
@@ -236,14 +261,21 @@ def parse_args(args_class, argv=None):
 
 def resolve(args_class, given):
     """The Args of the options `given`: the protocols' values under them, the limits checked, paths absolute."""
-    dataset = given.get("dataset", args_class.dataset)
+    dataset, name = given.get("dataset", args_class.dataset), given.get("protocol", args_class.protocol)
     protocol = dict(DATASETS[dataset])
-    arch = given.get("arch") or protocol["arch"]
-    protocol.update(ARCHS[arch])
-    protocol.update(protocol.pop("arch_overrides", {}).get(arch, {}))  # a dataset's word on one arch (ISIC's SGD)
-    protocol.update(args_class.PER_DATASET.get(dataset, {}))
-    if given.get("no_pretrained"):  # nothing pretrained: one learning rate, BatchNorm learns from the data
-        protocol.update(backbone_lr_mult=1.0, freeze_bn=False)
+    arch_overrides = protocol.pop("arch_overrides", {})
+    if name == "unimatch":  # today's protocol wins over the arch's defaults
+        if dataset not in UNIMATCH:
+            raise UserError(f"--protocol unimatch covers --dataset {' and '.join(UNIMATCH)}, not {dataset}")
+        arch = given.get("arch") or UNIMATCH_ALL["arch"]
+        protocol.update(ARCHS[arch], **UNIMATCH_ALL, **UNIMATCH[dataset], arch=arch)
+    else:
+        arch = given.get("arch") or protocol["arch"]
+        protocol.update(ARCHS[arch])
+        protocol.update(arch_overrides.get(arch, {}))  # a dataset's word on one arch (ISIC's SGD)
+        if given.get("no_pretrained"):  # nothing pretrained: one learning rate, BatchNorm learns from the data
+            protocol.update(backbone_lr_mult=1.0, freeze_bn=False)
+    protocol.update(args_class.PER_DATASET.get(dataset, {}), **args_class.PER_PROTOCOL.get(name, {}))
     args = args_class(**{**protocol, **given})
     if args.num_workers is None:
         args.num_workers = min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
@@ -251,7 +283,25 @@ def resolve(args_class, given):
     for name in PATHS:
         if getattr(args, name, None):
             setattr(args, name, str(Path(getattr(args, name)).expanduser().resolve()))
+    if args.protocol == "unimatch":
+        unimatch_split(args, "n_labeled" in given)
     return args
+
+UNIMATCH_SPLITS = Path(__file__).resolve().parent / "cutmixseg" / "splits" / "unimatch"
+
+def unimatch_split(args, count_given):
+    """--protocol unimatch: --n-labeled N picks UniMatch's list of N labeled images (cutmixseg/splits/unimatch/);
+    a --split-file (any list in UniMatch's format, e.g. U2PL's) is used whole unless --n-labeled cuts it."""
+    if args.split_file or args.n_labeled == -1:  # -1: every training image labeled
+        if args.split_file and not count_given:
+            args.n_labeled = len(prepare.read_lines(args.split_file))
+        return
+    folder = UNIMATCH_SPLITS / ("pascal" if args.dataset == "pascal_aug" else args.dataset)
+    lists = {len(prepare.read_lines(f)): f for f in sorted(folder.glob("*/labeled.txt")) if "u2pl" not in f.parent.name}
+    if args.n_labeled not in lists:
+        raise UserError(f"--n-labeled {args.n_labeled}: UniMatch's {args.dataset} lists hold {sorted(lists)} labeled "
+                        f"images; give one of these counts, or the labeled images in --split-file")
+    args.split_file = str(lists[args.n_labeled])
 
 # ---- 2. Reproducibility and device ----------------------------------------------------------------
 def seed_everything(seed, deterministic=False):
@@ -327,29 +377,34 @@ class Split(torch.utils.data.Dataset):
 Data = collections.namedtuple("Data", "train val num_classes class_names labeled unlabeled")
 
 def load_dataset(name, root=None, n_labeled=-1, split_seed=12345, split_file=None, num_classes=None,
-                 cache_dir=None, unlabeled_dir=None, with_unlabeled=True):
+                 cache_dir=None, unlabeled_dir=None, with_unlabeled=True, protocol="paper"):
     """The dataset `name` (section 8 reads each), its labeled subset and its unlabeled images: the training
-    set, then the images without masks of ROOT/unlabeled/ (folder) and unlabeled_dir (unlabeled_split)."""
+    set (the paper's: labeled images too, as the original; today's protocol: the rest of it, as UniMatch's
+    unlabeled.txt), then the images without masks of ROOT/unlabeled/ (folder) and unlabeled_dir."""
     if unlabeled_dir and not Path(unlabeled_dir).expanduser().is_dir():
         raise UserError(f"--unlabeled-dir {unlabeled_dir}: no such folder")
     folders = [Path(unlabeled_dir).expanduser()] if unlabeled_dir and with_unlabeled else []
     if name == "demo":  # generated (cutmixseg/demo.py)
-        (train, val), num_classes, class_names = [Split(*s) for s in demo.demo_splits()], len(demo.DEMO_CLASSES), demo.DEMO_CLASSES
+        (train, val), class_names = [Split(*s) for s in demo.demo_splits()], demo.DEMO_CLASSES
+        num_classes = len(class_names)
         cache = cache_folder(folders[0], cache_dir) if folders else None
     else:
         root = require_root(root, name)
         cache = cache_folder(root, cache_dir)
         read = dict(folder=functools.partial(folder_dataset, num_classes=num_classes), cityscapes=cityscapes_dataset,
                     pascal_aug=functools.partial(pascal_aug_dataset, split_file=split_file),
-                    isic2017=isic2017_dataset)[name]
-        train, val, num_classes, class_names = read(root, cache)
+                    isic2017=isic2017_dataset) if protocol == "paper" else dict(
+                    cityscapes=cityscapes_full_dataset, pascal_aug=pascal_unimatch_dataset)
+        train, val, num_classes, class_names = read[name](root, cache)
         own = root / "unlabeled"  # folder's images without masks
         folders = [own] * (name == "folder" and with_unlabeled and own.is_dir()) + folders
-    extra = unlabeled_split(name, folders, cache, unlabeled_dir) if folders else None
-    unlabeled = train if extra is None else Split(  # the training images first: the paper's stream, unchanged
-        train.names + extra.names, lambda i: train.load(i) if i < len(train) else extra.load(i - len(train)),
-        train.sizes + extra.sizes)
     labeled = choose_labeled(train.names, n_labeled, split_seed, split_file)
+    rest = np.setdiff1d(np.arange(len(train)), labeled) if protocol == "unimatch" else np.arange(len(train))
+    stream = Split([train.names[i] for i in rest], lambda i: train.load(rest[i]), [train.sizes[i] for i in rest])
+    extra = unlabeled_split(name, folders, cache, unlabeled_dir, protocol) if folders else None
+    unlabeled = stream if extra is None else Split(  # the training images first: the paper's stream, unchanged
+        stream.names + extra.names, lambda i: stream.load(i) if i < len(stream) else extra.load(i - len(stream)),
+        stream.sizes + extra.sizes)
     return Data(train, val, num_classes, class_names, labeled, unlabeled if with_unlabeled else None)
 
 def default_crop(sizes):
@@ -419,6 +474,42 @@ def resize(t, size, mode):
     out = F.interpolate(t[None].float(), size=size, mode=mode, **({} if mode == "nearest" else
                                                                    dict(align_corners=False)))[0]
     return out.round().clamp(0, 255).to(torch.uint8)
+
+def _long_side_size(size, long_side):
+    """(w, h) with the long side `long_side` and the short side rounded half up, as UniMatch's resize."""
+    w, h = size
+    short = int(1.0 * min(w, h) * long_side / max(w, h) + 0.5)
+    return (long_side, short) if w >= h else (short, long_side)
+
+def scale_crop_flip(image, mask, long_side, x, y, flip, crop, fill=IGNORE):
+    """UniMatch's weak view for given draws (weak_view_draws): resize, pad, crop, flip, on PIL images.
+
+    image RGB, mask L/P or None -> (crop x crop image, mask or None). The long side becomes `long_side`
+    (image bilinear, mask nearest); padding on the right and bottom only, up to `crop` (image 0, mask
+    `fill`: 255 for labels; UniMatch marks unlabeled padding with 254); then the box (x, y, x+crop, y+crop)
+    and a left-right flip if `flip`."""
+    size = _long_side_size(image.size, long_side)
+    padded = (max(size[0], crop), max(size[1], crop))
+
+    def view(im, resample, value):
+        canvas = Image.new(im.mode, padded, value)
+        if im.mode == "P":  # a new P image gets a default palette: keep the mask's colours
+            canvas.putpalette(im.getpalette())
+        canvas.paste(im.resize(size, resample), (0, 0))
+        im = canvas.crop((x, y, x + crop, y + crop))
+        return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im
+
+    return (view(image, Image.Resampling.BILINEAR, 0),
+            view(mask, Image.Resampling.NEAREST, fill) if mask is not None else None)
+
+def weak_view_draws(size, crop, rng):
+    """(long_side, x, y, flip) for scale_crop_flip, drawn in UniMatch's order and ranges (ends included)
+    from a numpy Generator: long side 0.5-2.0 x the original's (size = PIL's (w, h)), a crop anywhere
+    in the resized image padded up to `crop`, a flip with probability 0.5."""
+    long_side = int(rng.integers(int(max(size) * 0.5), int(max(size) * 2.0), endpoint=True))
+    w, h = (max(s, crop) for s in _long_side_size(size, long_side))
+    x, y = (int(rng.integers(0, s - crop, endpoint=True)) for s in (w, h))
+    return long_side, x, y, bool(rng.random() < 0.5)
 
 class TrainSet(torch.utils.data.Dataset):
     """Augmented crops, indexed by (sample index, augmentation seed): every crop is fixed by its stream
@@ -590,6 +681,32 @@ def supervised_loss(logits, labels):
     labeled = (labels != IGNORE).any()  # on the device, no sync; a mean over no pixel would be 0/0 = NaN
     return F.cross_entropy(logits.float(), torch.where(labeled, labels, 0), ignore_index=IGNORE) * labeled
 
+def ohem_loss(logits, labels, thresh=0.7, min_kept=200_000, per_images=None):
+    """UniMatch's OHEM cross-entropy (ProbOhemCrossEntropy2d), fp32: the mean over the hard labeled pixels.
+
+    logits (B, K, H, W), labels (B, H, W) with 255 = ignore. Hard: the true class's probability is <= the
+    threshold, `thresh` or, when higher, the min_kept-th smallest of those probabilities, so that at least
+    min_kept pixels count; with fewer than min_kept labeled pixels all count. UniMatch applies it on each
+    GPU to that GPU's 2 images (4 GPUs x 2); per_images=2 keeps that meaning on fewer, larger processes:
+    the rule per chunk of 2 images, the chunks' losses averaged, as DDP averages the 4 GPUs' gradients.
+    per_images=None: the whole batch is one chunk. 0 (no gradient) for a chunk without a labeled pixel."""
+    if per_images is not None and len(logits) > per_images:
+        chunks = zip(logits.split(per_images), labels.split(per_images))
+        return torch.stack([ohem_loss(lo, la, thresh, min_kept) for lo, la in chunks]).mean()
+    logits = logits.float()
+    valid = labels != IGNORE  # (B, H, W)
+    target = torch.where(valid, labels, 0)
+    p_true = logits.softmax(1).gather(1, target[:, None])[:, 0]  # (B, H, W) probability of the true class
+    k = min(min_kept, p_true.numel())
+    if k > 0:  # ignored pixels count as probability 1, as the original: with fewer than k labeled pixels the
+        # k-th smallest is such a 1 (or the largest probability), and every labeled pixel is kept
+        kth = p_true.masked_fill(~valid, 1).flatten().kthvalue(k).values
+        valid &= p_true <= kth.clamp(min=thresh)  # le() and the k-th smallest, as the original; ties all kept
+    else:
+        valid &= p_true <= thresh
+    loss = F.cross_entropy(logits, target, reduction="none")  # (B, H, W)
+    return torch.where(valid, loss, 0).sum() / valid.sum().clamp(min=1)  # no kept pixel: 0, not 0/0
+
 # ---- 5. Metrics and evaluation --------------------------------------------------------------------
 def confusion_matrix(pred, target, num_classes):
     """(num_classes, num_classes) counts, rows = truth, columns = prediction; 255 ignored."""
@@ -629,6 +746,25 @@ def evaluate(net, loader, device, num_classes, amp="off", lesion_scoring=False):
             conf += confusion_matrix(pred, labels.to(device, non_blocking=True), num_classes)
     iou = iou_from_confusion(all_reduce_sum(conf).cpu()) * 100
     return iou.mean().item(), iou.tolist(), conf.cpu()
+
+def sliding_window(net, images, window):
+    """The summed softmax (B, K, H, W) over square windows, UniMatch's Cityscapes evaluation; argmax it.
+
+    Windows start at 0, stride, 2 stride, ... (stride = 2/3 of the side) while inside the image; one at the
+    border is cut short there, not shifted back (1024x2048, window 801: rows 0, 534, columns 0, 534, 1068,
+    1602, 8 windows, the last ones 490 high and 446 wide). The caller sets eval mode and autocast."""
+    h, w = images.shape[-2:]
+    stride = int(window * 2 / 3)
+    total = None
+    with torch.no_grad():
+        for row in range(0, h, stride):
+            for col in range(0, w, stride):
+                box = (slice(None), slice(None), slice(row, row + window), slice(col, col + window))
+                prob = net(images[box]).float().softmax(1)  # (B, K, h, w) of this window, fp32
+                if total is None:  # K is known from the first window
+                    total = prob.new_zeros(*prob.shape[:2], h, w)
+                total[box] += prob
+    return total
 
 # ---- 6. Run: the run folder, its log, metrics, checkpoints and results ----------------------------
 def run_folder(script, dataset, n_labeled, seed, split_seed=12345, arch=None):
@@ -691,8 +827,7 @@ class Run:
 
     def __init__(self, args, method, unlabeled=True):
         self.args, self.method, self.unlabeled, (self.rank, self.world) = args, method, unlabeled, process_group()
-        self.main, self.log_every = self.rank == 0, max(1, min(100, args.eval_every // 5))
-        self.log_file = self.metrics_file = self.last_eval = None
+        self.main, self.log_file, self.metrics_file, self.last_eval = self.rank == 0, None, None, None
         script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else f"train_{method}"
         args.out = args.out or str(run_folder(script, args.dataset, args.n_labeled, args.seed, args.split_seed,
                                               args.arch))
@@ -708,9 +843,12 @@ class Run:
         if a.unlabeled_dir and not self.unlabeled:
             print(f"--unlabeled-dir {a.unlabeled_dir}: ignored, {self.method} trains on labeled images only")
         data = load_dataset(a.dataset, a.data_root, a.n_labeled, a.split_seed, a.split_file, a.num_classes,
-                            a.cache_dir, a.unlabeled_dir, self.unlabeled)
+                            a.cache_dir, a.unlabeled_dir, self.unlabeled, a.protocol)
         a.crop_size = a.crop_size or default_crop(data.train.sizes)
+        if a.epochs:  # today's protocol counts epochs
+            epochs_to_iters(a, len(data.unlabeled) if self.unlabeled else len(data.labeled), self.world)
         check_batchnorm_values(a, self.world)
+        self.log_every = max(1, min(100, a.eval_every // 5))
         return data
 
     def start(self, data, device, student, teacher, optimizer, scaler, generator=None):
@@ -804,7 +942,7 @@ class Run:
         miou, per_class, _ = score(self.nets["teacher"])
         self.last_eval = dict(miou=miou, per_class_iou=per_class)
         line = f"eval it {done} | teacher mIoU {miou:.2f}"
-        if done == args.iters:
+        if done == args.iters or args.student_every_eval:
             self.last_eval["student_miou"] = score(self.nets["student"])[0]
             line += f" | student mIoU {self.last_eval['student_miou']:.2f}"
         if args.lesion_scoring:  # ISIC: the paper reports the lesion IoU, pooled over the set
@@ -849,8 +987,8 @@ class Run:
         self.bar.close()
         if self.last_eval is None:  # resumed from a checkpoint written at the very end
             self.evaluate(self.args.iters)
-        timer = self.timer.saved()
-        results = dict(self.last_eval, iters=self.args.iters, method=self.method, dataset=self.args.dataset,
+        timer, best = self.timer.saved(), best_evaluations(self.out / "metrics.jsonl") if self.main else {}
+        results = dict(self.last_eval, **best, iters=self.args.iters, method=self.method, dataset=self.args.dataset,
                        n_labeled=len(self.data.labeled), arch=self.args.arch, train_seconds=timer["wall"],
                        seconds_per_iter=timer["seconds"] / max(timer["iters"], 1), resumed_from=self.start_iter,
                        **(dict(world_size=self.world) if self.world > 1 else {}))
@@ -864,10 +1002,29 @@ class Run:
         leave_process_group()
         return results
 
+def epochs_to_iters(args, n_images, world):
+    """--iters and --eval-every where a protocol counts epochs (today's): an epoch is one pass over the unlabeled
+    images (the labeled ones repeated alongside; the supervised baseline: over the labeled images), dealt as
+    UniMatch's DistributedSampler deals them: ceil(n / processes) images per process, in full batches only. One
+    process, batch 8, Cityscapes 186: 2789 unlabeled -> 348 per epoch; 4 processes x 2: 349."""
+    per_epoch = max(1, -(-n_images // world) // (args.batch_size // world))
+    args.iters, args.eval_every = args.iters or args.epochs * per_epoch, args.eval_every or per_epoch
+
+def best_evaluations(metrics_path):
+    """The best teacher and student mIoU of a run's evaluations (metrics.jsonl) and their iterations."""
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    best = {}
+    for key in ("miou", "student_miou"):
+        scored = [r for r in records if key in r]
+        if scored:
+            top = max(scored, key=lambda r: r[key])
+            best.update({f"best_{key}": top[key], f"best_{key}_iter": top["iter"]})
+    return best
+
 def check_batchnorm_values(args, world):
     """One line where a BatchNorm that trains would see one value per channel (it cannot normalise one): a
     batch of 1 with a crop that the network's deepest level shrinks to a single pixel."""
-    deepest = dict(unet_small=8, denseunet161=32).get(args.arch)  # the pooling nets: parse_args checks them
+    deepest = dict(unet_small=8, denseunet161=32, deeplabv3plus_deepstem=16).get(args.arch)  # the pooling nets: parse_args checks them
     h, w = args.crop_size
     if deepest and not args.freeze_bn and args.batch_size // world * -(-h // deepest) * -(-w // deepest) < 2:
         raise UserError(f"--crop-size {h},{w} with --batch-size {args.batch_size}: {args.arch}'s deepest BatchNorm "
@@ -917,11 +1074,14 @@ class Benchmark(Run):
         """The real data, or without --data-root random images of the dataset's shapes and sizes."""
         if self.real_data:
             return super().load_data()
-        (train, val), num_classes = timing.synthetic_splits(self.args.dataset, self.args.num_classes)
-        self.args.crop_size = self.args.crop_size or default_crop(train[2][:1])
+        a = self.args
+        (train, val), num_classes = timing.synthetic_splits(a.dataset, a.num_classes, full=a.protocol == "unimatch")
+        a.crop_size = a.crop_size or default_crop(train[2][:1])
         train = Split(*train)
-        return Data(train, Split(*val), num_classes, [f"class_{c}" for c in range(num_classes)],
-                    choose_labeled(train.names, self.args.n_labeled, self.args.split_seed), train)
+        labeled = choose_labeled(train.names, a.n_labeled, a.split_seed)  # a random subset of the list's size
+        if a.epochs:
+            epochs_to_iters(a, len(train) - len(labeled) if self.unlabeled else len(labeled), self.world)
+        return Data(train, Split(*val), num_classes, [f"class_{c}" for c in range(num_classes)], labeled, train)
 
     def start(self, data, device, student, teacher, optimizer, scaler, generator=None):
         self.data, self.device, self.start_iter, self.nets = data, device, 0, dict(student=student, teacher=teacher)
@@ -1110,16 +1270,16 @@ def prepared_split(root, cache, tag, names, pairs, convert):
     return Split(names, lambda i: (np.array(images[i]), None if labels is None else np.array(labels[i])),
                  [images.shape[1:3]] * len(names))
 
-def unlabeled_split(dataset, folders, cache, unlabeled_dir=None):
+def unlabeled_split(dataset, folders, cache, unlabeled_dir=None, protocol="paper"):
     """The images in `folders` (image_files) as a Split of (image, None), prepared as the dataset's training
-    images: Cityscapes halved, ISIC at 248x248 (cached), others decoded on the fly once checked; or None."""
+    images: the paper's Cityscapes halved, ISIC at 248x248 (cached), others decoded on the fly once checked."""
     paths = [p for d in folders for p in image_files(d)]
     if not paths and unlabeled_dir:
         raise UserError(f"--unlabeled-dir {unlabeled_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
     if not paths:
         return None
     names = [p.relative_to(next(d for d in folders if p.is_relative_to(d))).as_posix() for p in paths]
-    if dataset in ("cityscapes", "isic2017"):
+    if dataset in ("cityscapes", "isic2017") and protocol == "paper":
         convert = dict(cityscapes=prepare.halve_cityscapes, isic2017=prepare.shrink_isic)[dataset]
         return prepared_split(folders[0], cache, f"{dataset}_unlabeled", names, [(p,) for p in paths], convert)
     split = checked_splits({"unlabeled": [(p,) for p in paths]}, cache)["unlabeled"]
@@ -1154,18 +1314,44 @@ CITYSCAPES_CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "
                       "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
                       "bicycle"]
 
+def cityscapes_images(folder):
+    """leftImg8bit/<split>/<city>/*_leftImg8bit.png sorted by <city>/<name>: the original's order, which the
+    paper's labeled subsets index."""
+    return sorted(folder.glob("*/*_leftImg8bit.png"), key=lambda p: p.relative_to(folder).as_posix())
+
 def cityscapes_dataset(root, cache):
     """Cityscapes: 2975 train / 500 val street scenes of 2048x1024, 19 classes, used at half size (1024x512),
     halved once into the cache (about 7 GB; any even size works); test, _color, _instanceIds etc. ignored."""
     splits = []
     for split in ("train", "val"):
         label_dir = root / "gtFine" / split
-        pairs = split_pairs(  # sorted by <city>/<name>: the original's order, which the labeled subsets index
-            root, "cityscapes", root / "leftImg8bit" / split, label_dir,
-            lambda d: sorted(d.glob("*/*_leftImg8bit.png"), key=lambda p: p.relative_to(d).as_posix()),
-            lambda p: label_dir / p.parent.name / p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png"))
+        pairs = split_pairs(root, "cityscapes", root / "leftImg8bit" / split, label_dir, cityscapes_images,
+                            lambda p: label_dir / p.parent.name / p.name.replace("_leftImg8bit", "_gtFine_labelIds"))
         names = [p.name[:-len("_leftImg8bit.png")] for p, _ in pairs]
         splits.append(prepared_split(root, cache, f"cityscapes_{split}", names, pairs, prepare.halve_cityscapes))
+    return splits[0], splits[1], len(CITYSCAPES_CLASSES), CITYSCAPES_CLASSES
+
+def cityscapes_full_dataset(root, cache=None):
+    """Cityscapes at full size (today's protocol), decoded on the fly: a cache of arrays would take ~25 GB (README
+    'Under today's protocol' measures the decoding). Train ids from _gtFine_labelTrainIds.png where present
+    (cityscapesScripts' createTrainIdLabelImgs.py makes them; UniMatch's lists name them), else from labelIds."""
+    splits = []
+    for split in ("train", "val"):
+        label_dir = root / "gtFine" / split
+        def label_of(p, label_dir=label_dir):
+            ids = label_dir / p.parent.name / p.name.replace("_leftImg8bit", "_gtFine_labelIds")
+            train_ids = ids.with_name(ids.name.replace("_labelIds", "_labelTrainIds"))
+            return train_ids if train_ids.is_file() else ids
+        pairs = split_pairs(root, "cityscapes", root / "leftImg8bit" / split, label_dir, cityscapes_images, label_of)
+        def load(i, pairs=pairs):
+            (image_path, label_path), image = pairs[i], read_image(pairs[i][0])
+            label = read_mask(label_path)
+            if label.shape != image.shape[:2]:
+                raise UserError(f"mask {label_path} is {label.shape[1]}x{label.shape[0]} but its image {image_path} "
+                                f"is {image.shape[1]}x{image.shape[0]}; they must match")
+            return image, label if label_path.name.endswith("_labelTrainIds.png") else prepare.CITYSCAPES_TRAIN_ID[label]
+        names = [p.name[:-len("_leftImg8bit.png")] for p, _ in pairs]
+        splits.append(Split(names, load, [image_size(p) for p, _ in pairs]))
     return splits[0], splits[1], len(CITYSCAPES_CLASSES), CITYSCAPES_CLASSES
 
 # ---- pascal_aug: VOC 2012 with the SBD-augmented labels (SegmentationClassAug) ------------------------
@@ -1208,6 +1394,24 @@ def pascal_aug_dataset(root, cache, split_file=None):
                                                 lambda d: [d / f"{n}.jpg" for n in names],
                                                 lambda p: labels / f"{p.stem}.png")
                              for split, names in (("train", train), ("val", val))}, cache, len(PASCAL_CLASSES))
+    return splits["train"], splits["val"], len(PASCAL_CLASSES), PASCAL_CLASSES
+
+def pascal_unimatch_dataset(root, cache):
+    """Pascal VOC 2012 augmented as today's protocol reads it: UniMatch's train_aug.txt (10,582) and val.txt
+    (1,449) lists (cutmixseg/splits/unimatch/pascal/), images in JPEGImages/, masks in SegmentationClassAug/ (the
+    usual VOC2012 layout) or, failing that, SegmentationClass/ (UniMatch's download, which holds all 10,582)."""
+    voc = voc2012_folder(root)
+    if voc is None:
+        raise layout_error(root, "pascal_aug", "no JPEGImages/ in it, in VOC2012/ or in VOCdevkit/VOC2012/")
+    labels = next((d for d in (voc / "SegmentationClassAug", voc / "SegmentationClass") if d.is_dir()), None)
+    if labels is None:
+        raise layout_error(root, "pascal_aug", f"neither {voc / 'SegmentationClassAug'} nor {voc / 'SegmentationClass'}")
+    lists = UNIMATCH_SPLITS / "pascal"
+    splits = checked_splits({split: split_pairs(root, "pascal_aug", voc / "JPEGImages", labels,
+                                                lambda d: [d / Path(n).name for _, n in prepare.read_lines(path)],
+                                                lambda p: labels / f"{p.stem}.png")
+                             for split, path in (("train", lists / "train_aug.txt"), ("val", lists / "val.txt"))},
+                            cache, len(PASCAL_CLASSES))
     return splits["train"], splits["val"], len(PASCAL_CLASSES), PASCAL_CLASSES
 
 # ---- isic2017: the official ISIC 2017 Part 1 folders, prepared once at 248x248 -------------------------

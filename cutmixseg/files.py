@@ -61,6 +61,15 @@ def read_image(path):
         raise UserError(f"cannot read image {path}: {e}")
 
 
+def image_size(path):
+    """(H, W) of an image file from its header alone (nothing decoded)."""
+    try:
+        with Image.open(path) as im:
+            return im.size[::-1]
+    except Exception as e:
+        raise UserError(f"cannot read image {path}: {e}")
+
+
 def read_mask(path):
     """A single-channel PNG of class indices (255 = ignore) as a uint8 (H, W) array."""
     try:

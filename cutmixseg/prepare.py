@@ -127,6 +127,22 @@ def fill_arrays(folder, pairs, convert, tag):
 
 
 # ---- --split-file: the labeled subset named by a list, or the original's pickled permutation ----------
+def read_lines(path):
+    """[(line number, first word)] of the non-empty lines of a text list (UTF-8, a byte-order mark allowed,
+    any line ends): a --split-file, or UniMatch's "image mask" lists."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--split-file {path}: no such file")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark is no part of the first name
+    except UnicodeDecodeError:
+        text = "\0"
+    if "\0" in text:
+        raise UserError(f"--split-file {path}: neither a text list of image names (UTF-8, one per line) nor a "
+                        f"pickled index array")
+    return [(n, line.split()[0]) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
 def read_split_file(path, names):
     """Indices into `names` of a --split-file, told apart by content: a pickled index permutation of the
     training order (the original's data/splits/pascal_aug/split_0.pkl, whatever its suffix), else UTF-8
@@ -138,20 +154,10 @@ def read_split_file(path, names):
     raw = path.read_bytes()
     if path.suffix == ".pkl" or raw[:1] == b"\x80":  # pickle protocols 2 and later begin with 0x80
         return read_permutation(path, len(names))
-    try:
-        text = raw.decode("utf-8-sig")  # a byte-order mark is no part of the first name
-    except UnicodeDecodeError:
-        text = "\0"
-    if "\0" in text:
-        raise UserError(f"--split-file {path}: neither a text list of image names (UTF-8, one per line) nor a "
-                        f"pickled index array")
     index = {**{name: i for i, name in enumerate(names)}, **{Path(name).stem: i for i, name in enumerate(names)}}
     chosen = {}  # index -> line number
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        name = line.split()[0]
-        key = name if name in index else Path(name).stem
+    for line_no, name in read_lines(path):
+        key = name if name in index else Path(name).stem.removesuffix("_leftImg8bit")  # UniMatch's Cityscapes lines
         if key not in index:
             raise UserError(f"--split-file {path}, line {line_no}: {name!r} is not a training image of this dataset")
         if index[key] in chosen:

@@ -35,10 +35,12 @@ def peak_tflops(device, amp):
     return None
 
 
-def synthetic_splits(dataset, num_classes=None):
+def synthetic_splits(dataset, num_classes=None, full=False):
     """([(names, load, sizes) of the training images, the same of the validation images], class count):
-    random images and labels of the dataset's shapes, generated per sample (seeded by its index)."""
+    random images and labels of the dataset's shapes (full: Cityscapes at full size, as today's protocol trains
+    on it), generated per sample (seeded by its index)."""
     size, n_train, n_val, classes = SYNTHETIC[dataset]
+    size = (1024, 2048) if full and dataset == "cityscapes" else size
     num_classes = num_classes or classes
 
     def load(i):
