@@ -27,7 +27,6 @@ import collections
 import contextlib
 import copy
 import dataclasses
-import errno
 import functools
 import hashlib
 import itertools
@@ -35,7 +34,6 @@ import json
 import math
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -51,31 +49,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cutmixseg import demo, guard, nets, pictures, prepare, timing
-from cutmixseg.files import (IGNORE, IMAGE_SUFFIXES, UserError, atomic_write, image_files, image_size,  # noqa: F401
-                             read_image, read_mask)
+from cutmixseg.files import (CHECKPOINTED, IGNORE, IMAGE_SUFFIXES, UserError, atomic_write, excepthook,  # noqa: F401
+                             image_files, image_size, read_image, read_mask)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # ---- 1. Arguments and protocols -------------------------------------------------------------------
-CHECKPOINTED = {}  # {"iter": the iteration of a running Run's last checkpoint, or None}: said when a run fails
-
-def _excepthook(kind, value, tb):
-    if hasattr(signal, "SIGCHLD"):  # first: torch's handler raises again in here as each dead worker is reaped
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    resume = ("" if not CHECKPOINTED else "; no checkpoint yet: the same command starts the run afresh"
-              if CHECKPOINTED["iter"] is None else f"; --resume continues from iteration {CHECKPOINTED['iter']}")
-    if issubclass(kind, UserError):
-        sys.stderr.write(f"error: {value}\n")
-    elif issubclass(kind, KeyboardInterrupt):
-        sys.stderr.write(f"interrupted{resume}\n")
-    elif issubclass(kind, OSError) and value.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
-        sys.stderr.write(f"error: cannot write {value.filename or 'a file'}: {value.strerror} (disk full?){resume}\n")
-    elif issubclass(kind, RuntimeError) and "DataLoader worker" in str(value):
-        sys.stderr.write(f"error: a data loading worker died (out of memory? try fewer --num-workers){resume}\n")
-    else:
-        sys.__excepthook__(kind, value, tb)
-
 def arg(default=None, help="", **kw):
     """A dataclass field that is a command-line option (--kebab-case), with its help and choices."""
     return field(default=default, metadata=dict(help=help, cli=True, **kw))
@@ -115,21 +95,6 @@ ARCHS = {
     "pspnet101": dict(lr=1e-4, backbone_lr_mult=0.1, freeze_bn=True),
     "deeplabv3plus_deepstem": dict(lr=0.01, backbone_lr_mult=0.1, freeze_bn=False),  # today's protocol's (UNIMATCH)
 }
-# Today's protocol (--protocol unimatch): UniMatch's (LiheYoung/UniMatch at 0324f3d), on which every semi-supervised
-# segmentation paper since 2021 reports. DeepLab v3+ on a deep-stem ResNet-101 (output stride 16, BatchNorm trained),
-# SGD (momentum 0.9, weight decay 1e-4 on every parameter) with the poly rate set after each step, 8 labeled + 8
-# unlabeled crops per iteration, UniMatch's weak view (long side 0.5-2x, crop, flip), epochs of the unlabeled images,
-# an evaluation every epoch. lr: the head's, UniMatch's base rate x its lr_multi (Pascal 0.001 x 10, Cityscapes
-# 0.005 x 1); the backbone runs at the base rate. The method itself (EMA teacher, masks, weights) stays the paper's.
-UNIMATCH = {
-    "cityscapes": dict(n_labeled=186, crop_size=(801, 801), epochs=240, lr=0.005, backbone_lr_mult=1.0,
-                       ohem=dict(thresh=0.7, min_kept=200_000, per_images=2), eval_window=801),
-    "pascal_aug": dict(n_labeled=92, crop_size=(321, 321), epochs=80, lr=0.01, backbone_lr_mult=0.1),
-}
-UNIMATCH_ALL = dict(arch="deeplabv3plus_deepstem", batch_size=8, iters=None, eval_every=None, optimizer="sgd",
-                    momentum=0.9, weight_decay=1e-4, lr_schedule="poly_after", poly_power=0.9, freeze_bn=False,
-                    aug=dict(weak_view=True), student_every_eval=True)
-
 @dataclass
 class TrainArgs:
     """Options shared by every train_*.py, in the same order everywhere; None = from the protocol."""
@@ -143,7 +108,9 @@ class TrainArgs:
     arch: str = arg(None, "network (default: the dataset's)", choices=list(ARCHS))
     no_pretrained: bool = arg(False, "random initialisation instead of ImageNet weights")
     backbone_weights: str = arg(None, "deeplabv3plus_deepstem's ImageNet weights: UniMatch's pretrained/resnet101.pth")
-    iters: int = arg(None, "training iterations (default: the dataset's)")
+    iters: int = arg(None, "training iterations (default: the dataset's; today's protocol: --epochs')")
+    epochs: int = arg(None, "today's protocol: passes over the unlabeled images (default: UniMatch's 80 Pascal, 240 "
+                            "Cityscapes); --iters wins")
     batch_size: int = arg(None, "images per labeled batch and per unlabeled batch (default: the dataset's)")
     lr: float = arg(None, "learning rate of the head; the pretrained backbone's is the arch's share of it (1/10 for "
                           "deeplabv2, denseunet161, pspnet101) (default: the arch's)")
@@ -179,7 +146,7 @@ class TrainArgs:
     freeze_bn: bool = resolved()          # BatchNorm frozen: statistics fixed, in eval mode
     pretrained: bool = resolved(True)     # ImageNet weights: not with --no-pretrained, nor --benchmark (random)
     lesion_scoring: bool = resolved(False)  # ISIC: the predicted lesion hole-filled, its IoU reported
-    epochs: int = resolved()              # unimatch: --iters = epochs x iterations per epoch (epochs_to_iters)
+    iters_per_epoch: int = resolved()     # today's protocol: as UniMatch's sampler deals them (epochs_to_iters)
     ohem: dict = resolved()               # unimatch, Cityscapes: the labeled loss is OHEM (ohem_loss's keywords)
     eval_window: int = resolved()         # unimatch, Cityscapes: evaluation by sliding windows of this side
     student_every_eval: bool = resolved(False)  # the student evaluated every time, not at the end only
@@ -200,7 +167,7 @@ def parse_size(text, option="--crop-size"):
 def command_line(args_class, argv=None):
     """{field: value} of the options given on the command line, one --kebab-case option per arg() field;
     bad input ends as one line, never a traceback."""
-    sys.excepthook = _excepthook
+    sys.excepthook = excepthook
     parser = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n")[0],
                                      argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(args_class):
@@ -215,8 +182,8 @@ def command_line(args_class, argv=None):
 
 # Values out of range stop a run before anything is written: (field, test, what the option expects)
 # (the methods' own options too, and toy2d.py's and patch_analysis.py's, where declared; NaN fails every test)
-LIMITS = [*[(name, lambda v: v >= 1, "must be at least 1") for name in ("iters", "batch_size", "eval_every", "n_boxes",
-                                                                       "steps", "seeds", "grid", "n_anchors")],
+LIMITS = [*[(name, lambda v: v >= 1, "must be at least 1") for name in ("iters", "epochs", "batch_size", "eval_every",
+                                                                       "n_boxes", "steps", "seeds", "grid", "n_anchors")],
           ("n_labeled", lambda v: v == -1 or v > 0, "must be a positive count or -1 (all)"),
           ("teacher_alpha", lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
           ("conf_thresh", lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
@@ -268,8 +235,10 @@ def resolve(args_class, given):
         if dataset not in UNIMATCH:
             raise UserError(f"--protocol unimatch covers --dataset {' and '.join(UNIMATCH)}, not {dataset}")
         arch = given.get("arch") or UNIMATCH_ALL["arch"]
-        protocol.update(ARCHS[arch], **UNIMATCH_ALL, **UNIMATCH[dataset], arch=arch)
+        protocol.update({**ARCHS[arch], **UNIMATCH_ALL, **UNIMATCH[dataset], "arch": arch})
     else:
+        if given.get("epochs"):
+            raise UserError("--epochs counts today's protocol's epochs (--protocol unimatch); the paper's counts --iters")
         arch = given.get("arch") or protocol["arch"]
         protocol.update(ARCHS[arch])
         protocol.update(arch_overrides.get(arch, {}))  # a dataset's word on one arch (ISIC's SGD)
@@ -284,24 +253,8 @@ def resolve(args_class, given):
         if getattr(args, name, None):
             setattr(args, name, str(Path(getattr(args, name)).expanduser().resolve()))
     if args.protocol == "unimatch":
-        unimatch_split(args, "n_labeled" in given)
+        resolve_unimatch(args, "n_labeled" in given)
     return args
-
-UNIMATCH_SPLITS = Path(__file__).resolve().parent / "cutmixseg" / "splits" / "unimatch"
-
-def unimatch_split(args, count_given):
-    """--protocol unimatch: --n-labeled N picks UniMatch's list of N labeled images (cutmixseg/splits/unimatch/);
-    a --split-file (any list in UniMatch's format, e.g. U2PL's) is used whole unless --n-labeled cuts it."""
-    if args.split_file or args.n_labeled == -1:  # -1: every training image labeled
-        if args.split_file and not count_given:
-            args.n_labeled = len(prepare.read_lines(args.split_file))
-        return
-    folder = UNIMATCH_SPLITS / ("pascal" if args.dataset == "pascal_aug" else args.dataset)
-    lists = {len(prepare.read_lines(f)): f for f in sorted(folder.glob("*/labeled.txt")) if "u2pl" not in f.parent.name}
-    if args.n_labeled not in lists:
-        raise UserError(f"--n-labeled {args.n_labeled}: UniMatch's {args.dataset} lists hold {sorted(lists)} labeled "
-                        f"images; give one of these counts, or the labeled images in --split-file")
-    args.split_file = str(lists[args.n_labeled])
 
 # ---- 2. Reproducibility and device ----------------------------------------------------------------
 def seed_everything(seed, deterministic=False):
@@ -311,19 +264,6 @@ def seed_everything(seed, deterministic=False):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic = True
-
-def rng_state():
-    """Every global RNG's state, in types that torch.load(weights_only=True) accepts."""
-    kind, keys, *rest = np.random.get_state()
-    return dict(python=random.getstate(), numpy=(kind, torch.from_numpy(keys.astype(np.int64)), *rest),
-                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
-def set_rng_state(state):
-    kind, keys, *rest = state["numpy"]
-    random.setstate(state["python"]), np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 def resolve_device(name, world=1):
     """--device auto (CUDA when present), cpu, cuda, cuda:N -> torch.device, or one clear error; under
@@ -434,6 +374,8 @@ def augment(image, label, rng, crop, aug):
     image (H, W, 3) uint8, label (H, W) uint8 or None -> image (3, h, w) uint8, label (h, w) uint8 (255
     where padded), valid (h, w) uint8 (255 = image content, 0 = padding). Crops, rotations and scalings
     pull in pixels from outside the image: `valid` marks them, so that they carry no loss."""
+    if aug.get("weak_view"):  # today's protocol: UniMatch's resize -> pad -> crop -> flip (section 10)
+        return weak_view(image, label, rng, crop[0])
     img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     lab = torch.from_numpy(np.ascontiguousarray(label)) if label is not None else None
     valid = torch.full(img.shape[1:], 255, dtype=torch.uint8)
@@ -474,42 +416,6 @@ def resize(t, size, mode):
     out = F.interpolate(t[None].float(), size=size, mode=mode, **({} if mode == "nearest" else
                                                                    dict(align_corners=False)))[0]
     return out.round().clamp(0, 255).to(torch.uint8)
-
-def _long_side_size(size, long_side):
-    """(w, h) with the long side `long_side` and the short side rounded half up, as UniMatch's resize."""
-    w, h = size
-    short = int(1.0 * min(w, h) * long_side / max(w, h) + 0.5)
-    return (long_side, short) if w >= h else (short, long_side)
-
-def scale_crop_flip(image, mask, long_side, x, y, flip, crop, fill=IGNORE):
-    """UniMatch's weak view for given draws (weak_view_draws): resize, pad, crop, flip, on PIL images.
-
-    image RGB, mask L/P or None -> (crop x crop image, mask or None). The long side becomes `long_side`
-    (image bilinear, mask nearest); padding on the right and bottom only, up to `crop` (image 0, mask
-    `fill`: 255 for labels; UniMatch marks unlabeled padding with 254); then the box (x, y, x+crop, y+crop)
-    and a left-right flip if `flip`."""
-    size = _long_side_size(image.size, long_side)
-    padded = (max(size[0], crop), max(size[1], crop))
-
-    def view(im, resample, value):
-        canvas = Image.new(im.mode, padded, value)
-        if im.mode == "P":  # a new P image gets a default palette: keep the mask's colours
-            canvas.putpalette(im.getpalette())
-        canvas.paste(im.resize(size, resample), (0, 0))
-        im = canvas.crop((x, y, x + crop, y + crop))
-        return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im
-
-    return (view(image, Image.Resampling.BILINEAR, 0),
-            view(mask, Image.Resampling.NEAREST, fill) if mask is not None else None)
-
-def weak_view_draws(size, crop, rng):
-    """(long_side, x, y, flip) for scale_crop_flip, drawn in UniMatch's order and ranges (ends included)
-    from a numpy Generator: long side 0.5-2.0 x the original's (size = PIL's (w, h)), a crop anywhere
-    in the resized image padded up to `crop`, a flip with probability 0.5."""
-    long_side = int(rng.integers(int(max(size) * 0.5), int(max(size) * 2.0), endpoint=True))
-    w, h = (max(s, crop) for s in _long_side_size(size, long_side))
-    x, y = (int(rng.integers(0, s - crop, endpoint=True)) for s in (w, h))
-    return long_side, x, y, bool(rng.random() < 0.5)
 
 class TrainSet(torch.utils.data.Dataset):
     """Augmented crops, indexed by (sample index, augmentation seed): every crop is fixed by its stream
@@ -628,7 +534,8 @@ class RepeatAdam(torch.optim.Adam):
 
 def param_groups(net, args):
     """Backbone at lr · backbone_lr_mult, the rest (the head) at lr; DeepLab v2's multiplicities kept."""
-    backbone = net.backbone_modules() if args.backbone_lr_mult != 1.0 or args.arch == "deeplabv2" else []
+    wanted = hasattr(net, "backbone_modules") and (args.backbone_lr_mult != 1.0 or args.arch == "deeplabv2")
+    backbone = net.backbone_modules() if wanted else []  # a net without one (unet_small): all at the head's rate
     counts = {}
     for top in backbone:  # the original's walk: every module's recursive .parameters(), duplicates kept
         for m in top.modules():
@@ -651,9 +558,10 @@ def make_optimizer(net, args):
 
 def set_lr(optimizer, args, it):
     """The learning rate of iteration `it`: constant, or poly lr · (1 - it/iters)^0.9 (ISIC), set before
-    each iteration as the original's schedule did."""
-    if args.lr_schedule == "poly":
-        factor = max(0.0, 1 - it / args.iters) ** args.poly_power
+    each iteration as the original's schedule did; poly_after (today's protocol): UniMatch sets the rate after
+    each step, so iteration it runs at it - 1's (iterations 0 and 1 at the base rate)."""
+    if args.lr_schedule in ("poly", "poly_after"):
+        factor = max(0.0, 1 - max(it - (args.lr_schedule == "poly_after"), 0) / args.iters) ** args.poly_power
         for g in optimizer.param_groups:
             g["lr"] = g.setdefault("initial_lr", g["lr"]) * factor
 
@@ -676,36 +584,13 @@ def forward_each(net, *batches):
         return [net(b) for b in batches]
     return net(torch.cat(batches)).split([len(b) for b in batches])
 
-def supervised_loss(logits, labels):
-    """Cross-entropy in fp32, the mean over labeled pixels (255 = ignore); 0 (no gradient) for a batch without."""
+def supervised_loss(logits, labels, ohem=None):
+    """Cross-entropy in fp32, the mean over labeled pixels (255 = ignore); 0 (no gradient) for a batch without.
+    ohem (today's protocol, Cityscapes): ohem_loss's keywords, the hardest pixels only (section 10)."""
+    if ohem:
+        return ohem_loss(logits, labels, **ohem)
     labeled = (labels != IGNORE).any()  # on the device, no sync; a mean over no pixel would be 0/0 = NaN
     return F.cross_entropy(logits.float(), torch.where(labeled, labels, 0), ignore_index=IGNORE) * labeled
-
-def ohem_loss(logits, labels, thresh=0.7, min_kept=200_000, per_images=None):
-    """UniMatch's OHEM cross-entropy (ProbOhemCrossEntropy2d), fp32: the mean over the hard labeled pixels.
-
-    logits (B, K, H, W), labels (B, H, W) with 255 = ignore. Hard: the true class's probability is <= the
-    threshold, `thresh` or, when higher, the min_kept-th smallest of those probabilities, so that at least
-    min_kept pixels count; with fewer than min_kept labeled pixels all count. UniMatch applies it on each
-    GPU to that GPU's 2 images (4 GPUs x 2); per_images=2 keeps that meaning on fewer, larger processes:
-    the rule per chunk of 2 images, the chunks' losses averaged, as DDP averages the 4 GPUs' gradients.
-    per_images=None: the whole batch is one chunk. 0 (no gradient) for a chunk without a labeled pixel."""
-    if per_images is not None and len(logits) > per_images:
-        chunks = zip(logits.split(per_images), labels.split(per_images))
-        return torch.stack([ohem_loss(lo, la, thresh, min_kept) for lo, la in chunks]).mean()
-    logits = logits.float()
-    valid = labels != IGNORE  # (B, H, W)
-    target = torch.where(valid, labels, 0)
-    p_true = logits.softmax(1).gather(1, target[:, None])[:, 0]  # (B, H, W) probability of the true class
-    k = min(min_kept, p_true.numel())
-    if k > 0:  # ignored pixels count as probability 1, as the original: with fewer than k labeled pixels the
-        # k-th smallest is such a 1 (or the largest probability), and every labeled pixel is kept
-        kth = p_true.masked_fill(~valid, 1).flatten().kthvalue(k).values
-        valid &= p_true <= kth.clamp(min=thresh)  # le() and the k-th smallest, as the original; ties all kept
-    else:
-        valid &= p_true <= thresh
-    loss = F.cross_entropy(logits, target, reduction="none")  # (B, H, W)
-    return torch.where(valid, loss, 0).sum() / valid.sum().clamp(min=1)  # no kept pixel: 0, not 0/0
 
 # ---- 5. Metrics and evaluation --------------------------------------------------------------------
 def confusion_matrix(pred, target, num_classes):
@@ -733,38 +618,21 @@ def inference(net):
         for m, mode in modes:
             m.training = mode
 
-def evaluate(net, loader, device, num_classes, amp="off", lesion_scoring=False):
+def evaluate(net, loader, device, num_classes, amp="off", lesion_scoring=False, window=None):
     """Per-class IoU (percent) of `net` on whole validation images: (mIoU, list, confusion matrix).
-    lesion_scoring (ISIC): the predicted lesion (class 1) is hole-filled before scoring, as the original."""
+    lesion_scoring (ISIC): the predicted lesion (class 1) is hole-filled before scoring, as the original;
+    window (today's protocol, Cityscapes): predicted by sliding windows of that side (section 10)."""
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     with inference(net):
         for images, labels in loader:
             with autocast(amp, device):
-                pred = net(normalise(images, device)).argmax(1)
+                x = normalise(images, device)
+                pred = (sliding_window(net, x, window) if window else net(x)).argmax(1)
             if lesion_scoring:
                 pred = fill_holes(pred == 1).long()
             conf += confusion_matrix(pred, labels.to(device, non_blocking=True), num_classes)
     iou = iou_from_confusion(all_reduce_sum(conf).cpu()) * 100
     return iou.mean().item(), iou.tolist(), conf.cpu()
-
-def sliding_window(net, images, window):
-    """The summed softmax (B, K, H, W) over square windows, UniMatch's Cityscapes evaluation; argmax it.
-
-    Windows start at 0, stride, 2 stride, ... (stride = 2/3 of the side) while inside the image; one at the
-    border is cut short there, not shifted back (1024x2048, window 801: rows 0, 534, columns 0, 534, 1068,
-    1602, 8 windows, the last ones 490 high and 446 wide). The caller sets eval mode and autocast."""
-    h, w = images.shape[-2:]
-    stride = int(window * 2 / 3)
-    total = None
-    with torch.no_grad():
-        for row in range(0, h, stride):
-            for col in range(0, w, stride):
-                box = (slice(None), slice(None), slice(row, row + window), slice(col, col + window))
-                prob = net(images[box]).float().softmax(1)  # (B, K, h, w) of this window, fp32
-                if total is None:  # K is known from the first window
-                    total = prob.new_zeros(*prob.shape[:2], h, w)
-                total[box] += prob
-    return total
 
 # ---- 6. Run: the run folder, its log, metrics, checkpoints and results ----------------------------
 def run_folder(script, dataset, n_labeled, seed, split_seed=12345, arch=None):
@@ -778,47 +646,6 @@ def make_run(args, method, unlabeled=True):
     """The Run a script reports to (`unlabeled`: does it stream them); under --benchmark a Benchmark, which
     times the same loop instead of training (end of this section)."""
     return (Benchmark if args.benchmark else Run)(args, method, unlabeled)
-
-class Timer:
-    """Seconds per training iteration, each evaluation and each start's first `warmup` iterations left out
-    (allocation, autotuning, compilation), and the run's wall seconds; its state goes into the checkpoint."""
-
-    def __init__(self, device, state=None, warmup=5):
-        self.device, self.warmup, self.pending = device, warmup, 0
-        self.state = dict(dict(iters=0, seconds=0.0, wall=0.0), **(state or {}))
-        self.started = self.mark = time.perf_counter()
-
-    def sync(self):
-        if self.device.type == "cuda":  # the GPU's queue drained: its work is done when the clock is read
-            torch.cuda.synchronize(self.device)
-
-    def tick(self):
-        """One iteration done (its kernels may still run)."""
-        self.pending += not self.warmup
-        if self.warmup:
-            self.warmup -= 1
-            if not self.warmup:
-                self.sync()
-                self.mark = time.perf_counter()
-
-    def rate(self):
-        """Seconds per iteration since the last evaluation, for the log line."""
-        return (time.perf_counter() - self.mark) / max(self.pending, 1)
-
-    def pause(self):
-        """Before an evaluation: the iterations since the last one join the total (unless still warming up)."""
-        self.sync()
-        if not self.warmup:
-            self.state["seconds"] += time.perf_counter() - self.mark
-            self.state["iters"] += self.pending
-        self.pending = 0
-
-    def go(self):
-        self.mark = time.perf_counter()
-
-    def saved(self):
-        """The state to checkpoint: the wall seconds until now included."""
-        return dict(self.state, wall=self.state["wall"] + time.perf_counter() - self.started)
 
 class Run:
     """One training run and its folder: args.json, labeled.txt, log.txt, metrics.jsonl, checkpoint.pt,
@@ -863,14 +690,15 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
             self.log_file, self.metrics_file = open(self.out / "log.txt", "a"), open(self.out / "metrics.jsonl", "a")
         if self.resume:  # cutmixseg/guard.py: one line for a checkpoint that cannot be read or does not fit
-            self.start_iter, self.timer_state = guard.restore(self, self.tracked, set_rng_state)
+            self.start_iter, self.timer_state = guard.restore(self, self.tracked)
         else:
             record = dict(dataclasses.asdict(self.args), method=self.method)
             if self.main:
                 atomic_write(self.out / "args.json", json.dumps(record, indent=2, default=str))
                 atomic_write(self.out / "labeled.txt", "".join(data.train.names[i] + "\n" for i in data.labeled))
             self.print("settings: " + " ".join(f"{k}={v}" for k, v in sorted(record.items())))
-            unlabeled = (f"{len(data.unlabeled)} unlabeled ({len(data.unlabeled) - len(data.train)} without masks)"
+            in_train = len(data.train) - len(data.labeled) * (self.args.protocol == "unimatch")  # the rest, or all
+            unlabeled = (f"{len(data.unlabeled)} unlabeled ({len(data.unlabeled) - in_train} without masks)"
                          if data.unlabeled else "no unlabeled stream")
             self.print(f"data: {len(data.train)} train ({len(data.labeled)} labeled), {unlabeled}, {len(data.val)} "
                        f"val, {data.num_classes} classes; labeled: {data.labeled.tolist()[:20]}"
@@ -906,7 +734,7 @@ class Run:
             self.compile()
         self.bar = tqdm(range(self.start_iter, self.args.iters), initial=self.start_iter, total=self.args.iters,
                         desc=self.method, dynamic_ncols=True, leave=False, disable=not self.main)
-        self.timer = Timer(self.device, self.timer_state)
+        self.timer = timing.Timer(self.device, self.timer_state)
         yield from self.bar
 
     def end_iteration(self, it, **scalars):
@@ -938,7 +766,7 @@ class Run:
         pass over Cityscapes' validation set costs ~200 training iterations): logged, and kept in last_eval."""
         data, args = self.data, self.args
         score = functools.partial(evaluate, loader=self.val_loader, device=self.device, num_classes=data.num_classes,
-                                  amp=args.amp, lesion_scoring=args.lesion_scoring)
+                                  amp=args.amp, lesion_scoring=args.lesion_scoring, window=args.eval_window)
         miou, per_class, _ = score(self.nets["teacher"])
         self.last_eval = dict(miou=miou, per_class_iou=per_class)
         line = f"eval it {done} | teacher mIoU {miou:.2f}"
@@ -957,7 +785,7 @@ class Run:
         if self.main:
             state = {name: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
                      for name, obj in self.tracked.items()}
-            state.update(iter=done, class_names=self.data.class_names, rng=rng_state(), timer=self.timer.saved())
+            state.update(iter=done, class_names=self.data.class_names, rng=guard.rng_state(), timer=self.timer.saved())
             atomic_write(self.checkpoint_path, state)
             CHECKPOINTED["iter"] = done
 
@@ -987,7 +815,7 @@ class Run:
         self.bar.close()
         if self.last_eval is None:  # resumed from a checkpoint written at the very end
             self.evaluate(self.args.iters)
-        timer, best = self.timer.saved(), best_evaluations(self.out / "metrics.jsonl") if self.main else {}
+        timer, best = self.timer.saved(), guard.best_evaluations(self.out / "metrics.jsonl") if self.main else {}
         results = dict(self.last_eval, **best, iters=self.args.iters, method=self.method, dataset=self.args.dataset,
                        n_labeled=len(self.data.labeled), arch=self.args.arch, train_seconds=timer["wall"],
                        seconds_per_iter=timer["seconds"] / max(timer["iters"], 1), resumed_from=self.start_iter,
@@ -1002,29 +830,10 @@ class Run:
         leave_process_group()
         return results
 
-def epochs_to_iters(args, n_images, world):
-    """--iters and --eval-every where a protocol counts epochs (today's): an epoch is one pass over the unlabeled
-    images (the labeled ones repeated alongside; the supervised baseline: over the labeled images), dealt as
-    UniMatch's DistributedSampler deals them: ceil(n / processes) images per process, in full batches only. One
-    process, batch 8, Cityscapes 186: 2789 unlabeled -> 348 per epoch; 4 processes x 2: 349."""
-    per_epoch = max(1, -(-n_images // world) // (args.batch_size // world))
-    args.iters, args.eval_every = args.iters or args.epochs * per_epoch, args.eval_every or per_epoch
-
-def best_evaluations(metrics_path):
-    """The best teacher and student mIoU of a run's evaluations (metrics.jsonl) and their iterations."""
-    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    best = {}
-    for key in ("miou", "student_miou"):
-        scored = [r for r in records if key in r]
-        if scored:
-            top = max(scored, key=lambda r: r[key])
-            best.update({f"best_{key}": top[key], f"best_{key}_iter": top["iter"]})
-    return best
-
 def check_batchnorm_values(args, world):
     """One line where a BatchNorm that trains would see one value per channel (it cannot normalise one): a
     batch of 1 with a crop that the network's deepest level shrinks to a single pixel."""
-    deepest = dict(unet_small=8, denseunet161=32, deeplabv3plus_deepstem=16).get(args.arch)  # the pooling nets: parse_args checks them
+    deepest = dict(unet_small=8, denseunet161=32).get(args.arch)  # the pooling nets: parse_args checks them
     h, w = args.crop_size
     if deepest and not args.freeze_bn and args.batch_size // world * -(-h // deepest) * -(-w // deepest) < 2:
         raise UserError(f"--crop-size {h},{w} with --batch-size {args.batch_size}: {args.arch}'s deepest BatchNorm "
@@ -1057,106 +866,6 @@ def load_model(run_dir, net="teacher", device="cpu"):
     return model.eval(), dict(class_names=names, num_classes=len(names), mean=IMAGENET_MEAN, std=IMAGENET_STD,
                               preprocess=preprocess, dataset=saved["dataset"], arch=saved["arch"],
                               iteration=state["iter"], lesion_scoring=saved.get("lesion_scoring", False))
-
-class Benchmark(Run):
-    """--benchmark N: the script's own loop timed instead of trained, with the same methods as Run and no
-    folder, no files. The loop runs on two cached batches per stream, so that it times the training step:
-    one iteration under torch's FLOP counter, a few warm-up iterations, N timed ones; then the evaluation's
-    speed and, on real data, the loader's throughput. One summary and a `BENCHMARK {json}` line
-    (cutmixseg/timing.py; `python -m tools costs` runs it for a table)."""
-
-    def __init__(self, args, method, unlabeled=True):
-        self.args, self.method, self.unlabeled, (self.rank, self.world) = args, method, unlabeled, process_group()
-        self.main, self.images, self.log_file, self.metrics_file = self.rank == 0, 0, None, None
-        self.real_data = args.dataset == "demo" or args.data_root is not None
-
-    def load_data(self):
-        """The real data, or without --data-root random images of the dataset's shapes and sizes."""
-        if self.real_data:
-            return super().load_data()
-        a = self.args
-        (train, val), num_classes = timing.synthetic_splits(a.dataset, a.num_classes, full=a.protocol == "unimatch")
-        a.crop_size = a.crop_size or default_crop(train[2][:1])
-        train = Split(*train)
-        labeled = choose_labeled(train.names, a.n_labeled, a.split_seed)  # a random subset of the list's size
-        if a.epochs:
-            epochs_to_iters(a, len(train) - len(labeled) if self.unlabeled else len(labeled), self.world)
-        return Data(train, Split(*val), num_classes, [f"class_{c}" for c in range(num_classes)], labeled, train)
-
-    def start(self, data, device, student, teacher, optimizer, scaler, generator=None):
-        self.data, self.device, self.start_iter, self.nets = data, device, 0, dict(student=student, teacher=teacher)
-        self.print("settings: " + " ".join(f"{k}={v}" for k, v in sorted(vars(self.args).items())))
-        return 0
-
-    def stream(self, split, indices, stream_id, with_label=True, dataset=None, per_iteration=1):
-        """Two batches of the real stream, cycled: the benchmark times the training step, not the loader."""
-        batches = list(itertools.islice(super().stream(split, indices, stream_id, with_label, dataset), 2))
-        for i in itertools.count():
-            self.images += len(batches[i % 2][0])
-            yield batches[i % 2]
-
-    def iterations(self):
-        from torch.utils.flop_counter import FlopCounterMode
-        args, timer = self.args, Timer(self.device)
-        self.loading = self.loader_throughput() if self.real_data else None
-        counter = FlopCounterMode(display=False)
-        with counter:  # FLOPs of one iteration (forward and backward passes), counted once
-            yield 0
-        self.flops = counter.get_total_flops() * self.world  # all processes
-        if args.compile:
-            self.compile()
-        warmup = (3 if self.device.type == "cuda" else 1) + (3 if args.compile else 0)
-        yield from range(1, 1 + warmup)  # allocation, cudnn autotuning, compilation: not timed
-        timer.sync()
-        self.warmup_seconds = time.perf_counter() - timer.started
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        timer.go()
-        images = self.images
-        yield from range(1 + warmup, 1 + warmup + args.benchmark)
-        timer.sync()
-        self.seconds_per_iter = (time.perf_counter() - timer.mark) / args.benchmark
-        self.images_per_iter = (self.images - images) // args.benchmark * self.world  # all processes
-
-    def end_iteration(self, it, **scalars):
-        pass
-
-    def loader_throughput(self):
-        """Images/s that the real training loader delivers (reading, augmentation, collation) with
-        --num-workers workers, summed over the processes."""
-        a = self.args
-        batches = train_loader(TrainSet(self.data.train, a.crop_size, a.aug), np.arange(len(self.data.train)),
-                               a.batch_size, a.seed, 99, 0, a.num_workers)
-        next(batches)  # worker start-up is not counted
-        n, started = max(10, 4 * a.num_workers), time.perf_counter()
-        for _ in range(n):
-            next(batches)
-        del batches
-        return n * a.batch_size / (time.perf_counter() - started)
-
-    def eval_seconds(self):
-        """Seconds to evaluate the whole validation set once (timed on a few batches)."""
-        a, val, timer = self.args, self.data.val, Timer(self.device)
-        n = min(len(val), a.batch_size * (4 if self.device.type == "cuda" else 1) * self.world)
-        subset = val_loader(Split(val.names[:n], val.load, val.sizes[:n]), a.batch_size, a.num_workers)
-        score = lambda: evaluate(self.nets["teacher"], subset, self.device, self.data.num_classes,  # noqa: E731
-                                 a.amp, a.lesion_scoring)
-        if self.device.type == "cuda":
-            score()  # cudnn autotuning for the new shapes
-        timer.sync()
-        timer.go()
-        score()
-        timer.sync()
-        return (time.perf_counter() - timer.mark) / n * len(val)
-
-    def finish(self):
-        """Prints the numbers and one `BENCHMARK {json}` line; returns the record."""
-        record = timing.record(self, eval_seconds=self.eval_seconds())
-        if self.main:
-            print("\n".join(timing.report(record, len(self.data.val))), flush=True)
-            print("BENCHMARK " + json.dumps(record), flush=True)
-        leave_process_group()
-        return record
 
 # ---- 7. torchrun: several processes, one run (BatchNorm across processes: section 9, sync_batchnorm) ---
 def process_group():
@@ -1331,29 +1040,6 @@ def cityscapes_dataset(root, cache):
         splits.append(prepared_split(root, cache, f"cityscapes_{split}", names, pairs, prepare.halve_cityscapes))
     return splits[0], splits[1], len(CITYSCAPES_CLASSES), CITYSCAPES_CLASSES
 
-def cityscapes_full_dataset(root, cache=None):
-    """Cityscapes at full size (today's protocol), decoded on the fly: a cache of arrays would take ~25 GB (README
-    'Under today's protocol' measures the decoding). Train ids from _gtFine_labelTrainIds.png where present
-    (cityscapesScripts' createTrainIdLabelImgs.py makes them; UniMatch's lists name them), else from labelIds."""
-    splits = []
-    for split in ("train", "val"):
-        label_dir = root / "gtFine" / split
-        def label_of(p, label_dir=label_dir):
-            ids = label_dir / p.parent.name / p.name.replace("_leftImg8bit", "_gtFine_labelIds")
-            train_ids = ids.with_name(ids.name.replace("_labelIds", "_labelTrainIds"))
-            return train_ids if train_ids.is_file() else ids
-        pairs = split_pairs(root, "cityscapes", root / "leftImg8bit" / split, label_dir, cityscapes_images, label_of)
-        def load(i, pairs=pairs):
-            (image_path, label_path), image = pairs[i], read_image(pairs[i][0])
-            label = read_mask(label_path)
-            if label.shape != image.shape[:2]:
-                raise UserError(f"mask {label_path} is {label.shape[1]}x{label.shape[0]} but its image {image_path} "
-                                f"is {image.shape[1]}x{image.shape[0]}; they must match")
-            return image, label if label_path.name.endswith("_labelTrainIds.png") else prepare.CITYSCAPES_TRAIN_ID[label]
-        names = [p.name[:-len("_leftImg8bit.png")] for p, _ in pairs]
-        splits.append(Split(names, load, [image_size(p) for p, _ in pairs]))
-    return splits[0], splits[1], len(CITYSCAPES_CLASSES), CITYSCAPES_CLASSES
-
 # ---- pascal_aug: VOC 2012 with the SBD-augmented labels (SegmentationClassAug) ------------------------
 PASCAL_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                   "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -1394,24 +1080,6 @@ def pascal_aug_dataset(root, cache, split_file=None):
                                                 lambda d: [d / f"{n}.jpg" for n in names],
                                                 lambda p: labels / f"{p.stem}.png")
                              for split, names in (("train", train), ("val", val))}, cache, len(PASCAL_CLASSES))
-    return splits["train"], splits["val"], len(PASCAL_CLASSES), PASCAL_CLASSES
-
-def pascal_unimatch_dataset(root, cache):
-    """Pascal VOC 2012 augmented as today's protocol reads it: UniMatch's train_aug.txt (10,582) and val.txt
-    (1,449) lists (cutmixseg/splits/unimatch/pascal/), images in JPEGImages/, masks in SegmentationClassAug/ (the
-    usual VOC2012 layout) or, failing that, SegmentationClass/ (UniMatch's download, which holds all 10,582)."""
-    voc = voc2012_folder(root)
-    if voc is None:
-        raise layout_error(root, "pascal_aug", "no JPEGImages/ in it, in VOC2012/ or in VOCdevkit/VOC2012/")
-    labels = next((d for d in (voc / "SegmentationClassAug", voc / "SegmentationClass") if d.is_dir()), None)
-    if labels is None:
-        raise layout_error(root, "pascal_aug", f"neither {voc / 'SegmentationClassAug'} nor {voc / 'SegmentationClass'}")
-    lists = UNIMATCH_SPLITS / "pascal"
-    splits = checked_splits({split: split_pairs(root, "pascal_aug", voc / "JPEGImages", labels,
-                                                lambda d: [d / Path(n).name for _, n in prepare.read_lines(path)],
-                                                lambda p: labels / f"{p.stem}.png")
-                             for split, path in (("train", lists / "train_aug.txt"), ("val", lists / "val.txt"))},
-                            cache, len(PASCAL_CLASSES))
     return splits["train"], splits["val"], len(PASCAL_CLASSES), PASCAL_CLASSES
 
 # ---- isic2017: the official ISIC 2017 Part 1 folders, prepared once at 248x248 -------------------------
@@ -1476,11 +1144,293 @@ def build_net(args, num_classes, device):
     train use the global batch's statistics."""
     net = dict(deeplabv2=functools.partial(nets.DeepLabV2, aspp_all_branches=args.aspp_all_branches),
                unet_small=nets.UNetSmall, deeplabv3plus=nets.DeepLabV3Plus, denseunet161=nets.DenseUNet161,
-               pspnet101=nets.PSPNet101)[args.arch](num_classes)
-    if args.pretrained and hasattr(net, "load_imagenet"):
+               pspnet101=nets.PSPNet101, deeplabv3plus_deepstem=nets.DeepLabV3PlusDeepStem)[args.arch](num_classes)
+    if args.pretrained and hasattr(net, "load_backbone"):  # today's protocol: UniMatch's own ImageNet weights
+        if not args.backbone_weights:
+            raise UserError(f"--arch {args.arch} needs --backbone-weights: {nets.UNIMATCH_RESNET101}; or --no-pretrained")
+        net.load_backbone(args.backbone_weights)
+    elif args.pretrained and hasattr(net, "load_imagenet"):
         net.load_imagenet()
     net = (nets.sync_batchnorm(net, device) if process_group()[1] > 1 else net).to(device)
     return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
+
+# ---- 10. Today's protocol (--protocol unimatch): UniMatch's, for modern tables (README) -----------------
+# Today's protocol (--protocol unimatch): UniMatch's (LiheYoung/UniMatch at 0324f3d), on which every semi-supervised
+# segmentation paper since 2021 reports. DeepLab v3+ on a deep-stem ResNet-101 (output stride 16, BatchNorm trained),
+# SGD (momentum 0.9, weight decay 1e-4 on every parameter) with the poly rate set after each step, 8 labeled + 8
+# unlabeled crops per iteration, UniMatch's weak view (long side 0.5-2x, crop, flip), epochs of the unlabeled images,
+# an evaluation every epoch. lr: the head's, UniMatch's base rate x its lr_multi (Pascal 0.001 x 10, Cityscapes
+# 0.005 x 1); the backbone runs at the base rate. The method itself (EMA teacher, masks, weights) stays the paper's.
+UNIMATCH = {
+    "cityscapes": dict(n_labeled=186, crop_size=(801, 801), epochs=240, lr=0.005, backbone_lr_mult=1.0,
+                       ohem=dict(thresh=0.7, min_kept=200_000, per_images=2), eval_window=801),
+    "pascal_aug": dict(n_labeled=92, crop_size=(321, 321), epochs=80, lr=0.01, backbone_lr_mult=0.1),
+}
+
+UNIMATCH_ALL = dict(arch="deeplabv3plus_deepstem", batch_size=8, iters=None, eval_every=None, optimizer="sgd",
+                    momentum=0.9, nesterov=False, weight_decay=1e-4, lr_schedule="poly_after", poly_power=0.9,
+                    freeze_bn=False, aug=dict(weak_view=True), student_every_eval=True)
+
+UNIMATCH_SPLITS = Path(__file__).resolve().parent / "cutmixseg" / "splits" / "unimatch"
+
+def resolve_unimatch(args, count_given):
+    """--protocol unimatch: --n-labeled N picks UniMatch's list of N labeled images (cutmixseg/splits/unimatch/);
+    a --split-file (any list in UniMatch's format, e.g. U2PL's) is used whole unless --n-labeled cuts it."""
+    if args.crop_size[0] != args.crop_size[1]:
+        raise UserError(f"--crop-size {args.crop_size[0]},{args.crop_size[1]}: today's protocol crops squares, as UniMatch")
+    if args.split_file or args.n_labeled == -1:  # -1: every training image labeled
+        if args.split_file and not count_given:
+            args.n_labeled = len(prepare.read_lines(args.split_file))
+        return
+    folder = UNIMATCH_SPLITS / ("pascal" if args.dataset == "pascal_aug" else args.dataset)
+    lists = {len(prepare.read_lines(f)): f for f in sorted(folder.glob("*/labeled.txt")) if "u2pl" not in f.parent.name}
+    if args.n_labeled not in lists:
+        raise UserError(f"--n-labeled {args.n_labeled}: UniMatch's {args.dataset} lists hold {sorted(lists)} labeled "
+                        f"images; give one of these counts, or the labeled images in --split-file")
+    args.split_file = str(lists[args.n_labeled])
+
+def epochs_to_iters(args, n_images, world):
+    """--iters and --eval-every where a protocol counts epochs (today's): an epoch is one pass over the unlabeled
+    images (the labeled ones repeated alongside; the supervised baseline: over the labeled images), dealt as
+    UniMatch's DistributedSampler deals them: ceil(n / processes) images per process, in full batches only. One
+    process, batch 8, Cityscapes 186: 2789 unlabeled -> 348 per epoch; 4 processes x 2: 349."""
+    args.iters_per_epoch = per_epoch = max(1, -(-n_images // world) // (args.batch_size // world))
+    args.iters, args.eval_every = args.iters or args.epochs * per_epoch, args.eval_every or per_epoch
+
+def _long_side_size(size, long_side):
+    """(w, h) with the long side `long_side` and the short side rounded half up, as UniMatch's resize."""
+    w, h = size
+    short = int(1.0 * min(w, h) * long_side / max(w, h) + 0.5)
+    return (long_side, short) if w >= h else (short, long_side)
+
+def scale_crop_flip(image, mask, long_side, x, y, flip, crop, fill=IGNORE):
+    """UniMatch's weak view for given draws (weak_view_draws): resize, pad, crop, flip, on PIL images.
+
+    image RGB, mask L/P or None -> (crop x crop image, mask or None). The long side becomes `long_side`
+    (image bilinear, mask nearest); padding on the right and bottom only, up to `crop` (image 0, mask
+    `fill`: 255 for labels; UniMatch marks unlabeled padding with 254); then the box (x, y, x+crop, y+crop)
+    and a left-right flip if `flip`."""
+    size = _long_side_size(image.size, long_side)
+    padded = (max(size[0], crop), max(size[1], crop))
+
+    def view(im, resample, value):
+        canvas = Image.new(im.mode, padded, value)
+        if im.mode == "P":  # a new P image gets a default palette: keep the mask's colours
+            canvas.putpalette(im.getpalette())
+        canvas.paste(im.resize(size, resample), (0, 0))
+        im = canvas.crop((x, y, x + crop, y + crop))
+        return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im
+
+    return (view(image, Image.Resampling.BILINEAR, 0),
+            view(mask, Image.Resampling.NEAREST, fill) if mask is not None else None)
+
+def weak_view(image, label, rng, crop):
+    """augment() under today's protocol: scale_crop_flip with draws from rng, as tensors: image (3, crop, crop)
+    uint8, label (crop, crop) uint8 (255 where padded) or None, valid (255 = image content, 0 = padding, which
+    carries no loss: UniMatch marked unlabeled padding 254 to ignore it)."""
+    pil = Image.fromarray(image)
+    long_side, x, y, flip = weak_view_draws(pil.size, crop, rng)
+    img, lab = scale_crop_flip(pil, None if label is None else Image.fromarray(label), long_side, x, y, flip, crop)
+    (w, h), valid = _long_side_size(pil.size, long_side), np.zeros((crop, crop), np.uint8)
+    valid[:max(h - y, 0), :max(w - x, 0)] = 255  # the resized image's part of the crop
+    img, lab = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous(), None if lab is None else torch.from_numpy(np.array(lab))
+    return img, lab, torch.from_numpy(np.ascontiguousarray(valid[:, ::-1] if flip else valid))
+
+def weak_view_draws(size, crop, rng):
+    """(long_side, x, y, flip) for scale_crop_flip, drawn in UniMatch's order and ranges (ends included)
+    from a numpy Generator: long side 0.5-2.0 x the original's (size = PIL's (w, h)), a crop anywhere
+    in the resized image padded up to `crop`, a flip with probability 0.5."""
+    long_side = int(rng.integers(int(max(size) * 0.5), int(max(size) * 2.0), endpoint=True))
+    w, h = (max(s, crop) for s in _long_side_size(size, long_side))
+    x, y = (int(rng.integers(0, s - crop, endpoint=True)) for s in (w, h))
+    return long_side, x, y, bool(rng.random() < 0.5)
+
+def ohem_loss(logits, labels, thresh=0.7, min_kept=200_000, per_images=None):
+    """UniMatch's OHEM cross-entropy (ProbOhemCrossEntropy2d), fp32: the mean over the hard labeled pixels.
+
+    logits (B, K, H, W), labels (B, H, W) with 255 = ignore. Hard: the true class's probability is <= the
+    threshold, `thresh` or, when higher, the min_kept-th smallest of those probabilities, so that at least
+    min_kept pixels count; with fewer than min_kept labeled pixels all count. UniMatch applies it on each
+    GPU to that GPU's 2 images (4 GPUs x 2); per_images=2 keeps that meaning on fewer, larger processes:
+    the rule per chunk of 2 images, the chunks' losses averaged, as DDP averages the 4 GPUs' gradients.
+    per_images=None: the whole batch is one chunk. 0 (no gradient) for a chunk without a labeled pixel."""
+    if per_images is not None and len(logits) > per_images:
+        chunks = zip(logits.split(per_images), labels.split(per_images))
+        return torch.stack([ohem_loss(lo, la, thresh, min_kept) for lo, la in chunks]).mean()
+    logits = logits.float()
+    valid = labels != IGNORE  # (B, H, W)
+    target = torch.where(valid, labels, 0)
+    p_true = logits.softmax(1).gather(1, target[:, None])[:, 0]  # (B, H, W) probability of the true class
+    k = min(min_kept, p_true.numel())
+    if k > 0:  # ignored pixels count as probability 1, as the original: with fewer than k labeled pixels the
+        # k-th smallest is such a 1 (or the largest probability), and every labeled pixel is kept
+        kth = p_true.masked_fill(~valid, 1).flatten().kthvalue(k).values
+        valid &= p_true <= kth.clamp(min=thresh)  # le() and the k-th smallest, as the original; ties all kept
+    else:
+        valid &= p_true <= thresh
+    loss = F.cross_entropy(logits, target, reduction="none")  # (B, H, W)
+    return torch.where(valid, loss, 0).sum() / valid.sum().clamp(min=1)  # no kept pixel: 0, not 0/0
+
+def sliding_window(net, images, window):
+    """The summed softmax (B, K, H, W) over square windows, UniMatch's Cityscapes evaluation; argmax it.
+
+    Windows start at 0, stride, 2 stride, ... (stride = 2/3 of the side) while inside the image; one at the
+    border is cut short there, not shifted back (1024x2048, window 801: rows 0, 534, columns 0, 534, 1068,
+    1602, 8 windows, the last ones 490 high and 446 wide). The caller sets eval mode and autocast."""
+    h, w = images.shape[-2:]
+    stride = int(window * 2 / 3)
+    total = None
+    with torch.no_grad():
+        for row in range(0, h, stride):
+            for col in range(0, w, stride):
+                box = (slice(None), slice(None), slice(row, row + window), slice(col, col + window))
+                prob = net(images[box]).float().softmax(1)  # (B, K, h, w) of this window, fp32
+                if total is None:  # K is known from the first window
+                    total = prob.new_zeros(*prob.shape[:2], h, w)
+                total[box] += prob
+    return total
+
+def cityscapes_full_dataset(root, cache=None):
+    """Cityscapes at full size (today's protocol), decoded on the fly: a cache of arrays would take ~25 GB (README
+    'Under today's protocol' measures the decoding). Train ids from _gtFine_labelTrainIds.png where present
+    (cityscapesScripts' createTrainIdLabelImgs.py makes them; UniMatch's lists name them), else from labelIds."""
+    splits = []
+    for split in ("train", "val"):
+        label_dir = root / "gtFine" / split
+        def label_of(p, label_dir=label_dir):
+            ids = label_dir / p.parent.name / p.name.replace("_leftImg8bit", "_gtFine_labelIds")
+            train_ids = ids.with_name(ids.name.replace("_labelIds", "_labelTrainIds"))
+            return train_ids if train_ids.is_file() else ids
+        pairs = split_pairs(root, "cityscapes", root / "leftImg8bit" / split, label_dir, cityscapes_images, label_of)
+        def load(i, pairs=pairs):
+            (image_path, label_path), image = pairs[i], read_image(pairs[i][0])
+            label = read_mask(label_path)
+            if label.shape != image.shape[:2]:
+                raise UserError(f"mask {label_path} is {label.shape[1]}x{label.shape[0]} but its image {image_path} "
+                                f"is {image.shape[1]}x{image.shape[0]}; they must match")
+            return image, label if label_path.name.endswith("_labelTrainIds.png") else prepare.CITYSCAPES_TRAIN_ID[label]
+        names = [p.name[:-len("_leftImg8bit.png")] for p, _ in pairs]
+        splits.append(Split(names, load, [image_size(p) for p, _ in pairs]))
+    return splits[0], splits[1], len(CITYSCAPES_CLASSES), CITYSCAPES_CLASSES
+
+def pascal_unimatch_dataset(root, cache):
+    """Pascal VOC 2012 augmented as today's protocol reads it: UniMatch's train_aug.txt (10,582) and val.txt
+    (1,449) lists (cutmixseg/splits/unimatch/pascal/), images in JPEGImages/, masks in SegmentationClassAug/ (the
+    usual VOC2012 layout) or, failing that, SegmentationClass/ (UniMatch's download, which holds all 10,582)."""
+    voc = voc2012_folder(root)
+    if voc is None:
+        raise layout_error(root, "pascal_aug", "no JPEGImages/ in it, in VOC2012/ or in VOCdevkit/VOC2012/")
+    labels = next((d for d in (voc / "SegmentationClassAug", voc / "SegmentationClass") if d.is_dir()), None)
+    if labels is None:
+        raise layout_error(root, "pascal_aug", f"neither {voc / 'SegmentationClassAug'} nor {voc / 'SegmentationClass'}")
+    lists = UNIMATCH_SPLITS / "pascal"
+    splits = checked_splits({split: split_pairs(root, "pascal_aug", voc / "JPEGImages", labels,
+                                                lambda d: [d / Path(n).name for _, n in prepare.read_lines(path)],
+                                                lambda p: labels / f"{p.stem}.png")
+                             for split, path in (("train", lists / "train_aug.txt"), ("val", lists / "val.txt"))},
+                            cache, len(PASCAL_CLASSES))
+    return splits["train"], splits["val"], len(PASCAL_CLASSES), PASCAL_CLASSES
+
+# ---- 11. --benchmark: the loop timed instead of trained (README 'Speed') -----------------------------
+class Benchmark(Run):
+    """--benchmark N: the script's own loop timed instead of trained, with the same methods as Run and no
+    folder, no files. The loop runs on two cached batches per stream, so that it times the training step:
+    one iteration under torch's FLOP counter, a few warm-up iterations, N timed ones; then the evaluation's
+    speed and, on real data, the loader's throughput. One summary and a `BENCHMARK {json}` line
+    (cutmixseg/timing.py; `python -m tools costs` runs it for a table)."""
+
+    def __init__(self, args, method, unlabeled=True):
+        self.args, self.method, self.unlabeled, (self.rank, self.world) = args, method, unlabeled, process_group()
+        self.main, self.images, self.log_file, self.metrics_file = self.rank == 0, 0, None, None
+        self.real_data = args.dataset == "demo" or args.data_root is not None
+
+    def load_data(self):
+        """The real data, or without --data-root random images of the dataset's shapes and sizes."""
+        if self.real_data:
+            return super().load_data()
+        a = self.args
+        (train, val), num_classes = timing.synthetic_splits(a.dataset, a.num_classes, full=a.protocol == "unimatch")
+        a.crop_size = a.crop_size or default_crop(train[2][:1])
+        train = Split(*train)
+        labeled = choose_labeled(train.names, a.n_labeled, a.split_seed)  # a random subset of the list's size
+        if a.epochs:
+            epochs_to_iters(a, len(train) - len(labeled) if self.unlabeled else len(labeled), self.world)
+        return Data(train, Split(*val), num_classes, [f"class_{c}" for c in range(num_classes)], labeled, train)
+
+    def start(self, data, device, student, teacher, optimizer, scaler, generator=None):
+        self.data, self.device, self.start_iter, self.nets = data, device, 0, dict(student=student, teacher=teacher)
+        self.print("settings: " + " ".join(f"{k}={v}" for k, v in sorted(vars(self.args).items())))
+        return 0
+
+    def stream(self, split, indices, stream_id, with_label=True, dataset=None, per_iteration=1):
+        """Two batches of the real stream, cycled: the benchmark times the training step, not the loader."""
+        batches = list(itertools.islice(super().stream(split, indices, stream_id, with_label, dataset), 2))
+        for i in itertools.count():
+            self.images += len(batches[i % 2][0])
+            yield batches[i % 2]
+
+    def iterations(self):
+        from torch.utils.flop_counter import FlopCounterMode
+        args, timer = self.args, timing.Timer(self.device)
+        self.loading = self.loader_throughput() if self.real_data else None
+        counter = FlopCounterMode(display=False)
+        with counter:  # FLOPs of one iteration (forward and backward passes), counted once
+            yield 0
+        self.flops = counter.get_total_flops() * self.world  # all processes
+        if args.compile:
+            self.compile()
+        warmup = (3 if self.device.type == "cuda" else 1) + (3 if args.compile else 0)
+        yield from range(1, 1 + warmup)  # allocation, cudnn autotuning, compilation: not timed
+        timer.sync()
+        self.warmup_seconds = time.perf_counter() - timer.started
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        timer.go()
+        images = self.images
+        yield from range(1 + warmup, 1 + warmup + args.benchmark)
+        timer.sync()
+        self.seconds_per_iter = (time.perf_counter() - timer.mark) / args.benchmark
+        self.images_per_iter = (self.images - images) // args.benchmark * self.world  # all processes
+
+    def end_iteration(self, it, **scalars):
+        pass
+
+    def loader_throughput(self):
+        """Images/s that the real training loader delivers (reading, augmentation, collation) with
+        --num-workers workers, summed over the processes."""
+        a = self.args
+        batches = train_loader(TrainSet(self.data.train, a.crop_size, a.aug), np.arange(len(self.data.train)),
+                               a.batch_size, a.seed, 99, 0, a.num_workers)
+        next(batches)  # worker start-up is not counted
+        n, started = max(10, 4 * a.num_workers), time.perf_counter()
+        for _ in range(n):
+            next(batches)
+        del batches
+        return n * a.batch_size / (time.perf_counter() - started)
+
+    def eval_seconds(self):
+        """Seconds to evaluate the whole validation set once (timed on a few batches)."""
+        a, val, timer = self.args, self.data.val, timing.Timer(self.device)
+        n = min(len(val), a.batch_size * (4 if self.device.type == "cuda" else 1) * self.world)
+        subset = val_loader(Split(val.names[:n], val.load, val.sizes[:n]), a.batch_size, a.num_workers)
+        score = lambda: evaluate(self.nets["teacher"], subset, self.device, self.data.num_classes,  # noqa: E731
+                                 a.amp, a.lesion_scoring)
+        if self.device.type == "cuda":
+            score()  # cudnn autotuning for the new shapes
+        timer.sync()
+        timer.go()
+        score()
+        timer.sync()
+        return (time.perf_counter() - timer.mark) / n * len(val)
+
+    def finish(self):
+        """Prints the numbers and one `BENCHMARK {json}` line; returns the record."""
+        record = timing.record(self, eval_seconds=self.eval_seconds())
+        if self.main:
+            print("\n".join(timing.report(record, len(self.data.val))), flush=True)
+            print("BENCHMARK " + json.dumps(record), flush=True)
+        leave_process_group()
+        return record
 
 # ---- `python common.py TOOL ...`: a shortcut to `python -m tools TOOL ...`, run as its own program --------
 if __name__ == "__main__":  # this file imports nothing of tools/: the shortcut starts a new process

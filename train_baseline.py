@@ -21,6 +21,8 @@ import common
 class Args(common.TrainArgs):
     # the original ran its ISIC baselines with its std-aug program, whose SGD has Nesterov momentum on
     nesterov: bool = common.resolved(True)
+    # today's protocol: UniMatch's supervised.py, 16 labeled crops per iteration
+    PER_PROTOCOL = {"unimatch": dict(batch_size=16)}
 
 
 def main(args):
@@ -45,7 +47,7 @@ def main(args):
         # 4. the student predicts the labeled batch
         with common.autocast(args.amp, device):
             logits_l = student(x_l)
-        loss = loss_sup = common.supervised_loss(logits_l, y_l)
+        loss = loss_sup = common.supervised_loss(logits_l, y_l, args.ohem)
 
         # 6. step: one backward pass, gradients averaged over torchrun processes, the teacher follows by EMA
         scaler.scale(loss).backward()

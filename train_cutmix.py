@@ -110,7 +110,7 @@ def main(args):
         x_mix, loss_mask = mix(x_a, x_b, mix_mask), mix(v_a, v_b, mix_mask)
         with common.autocast(args.amp, device):
             logits_l, logits_mix = common.forward_each(student, x_l, x_mix)
-        loss_sup = common.supervised_loss(logits_l, y_l)
+        loss_sup = common.supervised_loss(logits_l, y_l, args.ohem)
         # 5. confidence-modulated consistency loss, added to the supervised one
         loss_cons, conf_weight = consistency_loss(logits_mix.float().softmax(1), p_teacher, loss_mask,
                                                   args.conf_thresh)

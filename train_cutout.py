@@ -116,7 +116,7 @@ def main(args):
         #    mean colour
         with common.autocast(args.amp, device):
             logits_l, logits_cut = common.forward_each(student, x_l, x_u * cut_mask)
-        loss_sup = common.supervised_loss(logits_l, y_l)
+        loss_sup = common.supervised_loss(logits_l, y_l, args.ohem)
         # 5. confidence-modulated consistency loss, only where the student sees real image content
         loss_cons, conf_weight = consistency_loss(logits_cut.float().softmax(1), p_teacher, cut_mask * v_u,
                                                   args.conf_thresh)

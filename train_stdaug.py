@@ -226,7 +226,7 @@ def main(args):
         # 4. the student predicts the labeled batch and its own views
         with common.autocast(args.amp, device):
             logits_l, logits_s = common.forward_each(student, x_l, x_s)
-        loss_sup = common.supervised_loss(logits_l, y_l)
+        loss_sup = common.supervised_loss(logits_l, y_l, args.ohem)
         # 5. confidence-modulated consistency loss, added to the supervised one
         loss_cons, conf_weight = consistency_loss(logits_s.float().softmax(1), p_teacher, loss_mask, args.conf_thresh)
         loss = loss_sup + args.cons_weight * loss_cons

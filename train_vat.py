@@ -143,7 +143,7 @@ def main(args):
         # 4. the student predicts the labeled batch and the perturbed images
         with common.autocast(args.amp, device):
             logits_l, logits_adv = common.forward_each(student, x_l, x_u + r_adv)
-        loss_sup = common.supervised_loss(logits_l, y_l)
+        loss_sup = common.supervised_loss(logits_l, y_l, args.ohem)
         # 5. confidence-modulated KL consistency loss, added to the supervised one
         loss_cons, conf_weight = consistency_loss(logits_adv.float(), p_teacher, v_u, args.conf_thresh)
         loss = loss_sup + args.cons_weight * loss_cons

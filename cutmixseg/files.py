@@ -1,7 +1,10 @@
-"""The bottom of the kit: bad input as one line (UserError), files written atomically, images and masks read
-from disk. Imports nothing of the kit; everything else stands on it."""
+"""The bottom of the kit: bad input as one line (UserError, excepthook), files written atomically, images and
+masks read from disk. Imports nothing of the kit; everything else stands on it."""
+import errno
 import io
 import os
+import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,6 +20,28 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 class UserError(Exception):
     """Bad input (a path, a file, an option): reported as one clear line, never as a traceback."""
+
+
+CHECKPOINTED = {}  # {"iter": the iteration of a running Run's last checkpoint, or None}: said when a run fails
+
+
+def excepthook(kind, value, tb):
+    """sys.excepthook of every command: bad input, Ctrl-C, a full disk, a dead loader worker in one line each,
+    saying how to go on from the last checkpoint; anything else as Python prints it."""
+    if hasattr(signal, "SIGCHLD"):  # first: torch's handler raises again in here as each dead worker is reaped
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    resume = ("" if not CHECKPOINTED else "; no checkpoint yet: the same command starts the run afresh"
+              if CHECKPOINTED["iter"] is None else f"; --resume continues from iteration {CHECKPOINTED['iter']}")
+    if issubclass(kind, UserError):
+        sys.stderr.write(f"error: {value}\n")
+    elif issubclass(kind, KeyboardInterrupt):
+        sys.stderr.write(f"interrupted{resume}\n")
+    elif issubclass(kind, OSError) and value.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+        sys.stderr.write(f"error: cannot write {value.filename or 'a file'}: {value.strerror} (disk full?){resume}\n")
+    elif issubclass(kind, RuntimeError) and "DataLoader worker" in str(value):
+        sys.stderr.write(f"error: a data loading worker died (out of memory? try fewer --num-workers){resume}\n")
+    else:
+        sys.__excepthook__(kind, value, tb)
 
 
 def brief(error):

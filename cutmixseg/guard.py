@@ -5,10 +5,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .files import UserError, atomic_write, brief
@@ -21,7 +23,7 @@ except ImportError:  # Windows: no lock
 RUN_FILES = {"args.json", "labeled.txt", "log.txt", "metrics.jsonl", "preview.png", "curves.png"}
 # Options a resumed run may change: how it executes, where it writes, how long it runs and how often it
 # evaluates. Every other option defines the run (its data, network, method and their settings).
-MAY_CHANGE = {"device", "num_workers", "amp", "compile", "compile_mode", "deterministic", "cache_dir", "out",
+MAY_CHANGE = {"epochs", "device", "num_workers", "amp", "compile", "compile_mode", "deterministic", "cache_dir", "out",
               "resume", "benchmark", "iters", "eval_every"}
 PATHS = {"data_root", "split_file", "unlabeled_dir"}
 
@@ -55,6 +57,8 @@ def resume_settings(args_class, given, out):
                             f"{saved[name]} ({Path(out) / 'args.json'}); a resumed run keeps its settings: leave the "
                             f"option out, or start a new run with another --out")
     kept = {name: saved[name] for name in fields if name in saved and name not in MAY_CHANGE - {"iters", "eval_every"}}
+    if "epochs" in given and "iters" not in given and saved.get("iters_per_epoch"):  # today's protocol
+        kept["iters"] = given["epochs"] * saved["iters_per_epoch"]
     if isinstance(kept.get("crop_size"), list):
         kept["crop_size"] = tuple(kept["crop_size"])
     return {**kept, **given, "out": str(out)}
@@ -117,9 +121,9 @@ def claim(run):
             (out / name).unlink()
 
 
-def restore(run, tracked, set_rng_state):
+def restore(run, tracked):
     """Load the run's checkpoint into the `tracked` objects ({name: object with load_state_dict, or a
-    torch.Generator}) and the global RNGs (set_rng_state); returns (its iteration, its timer's state). A
+    torch.Generator}) and the global RNGs; returns (its iteration, its timer's state). A
     changed --iters is said and recorded."""
     path, args = run.checkpoint_path, run.args
     try:
@@ -141,8 +145,8 @@ def restore(run, tracked, set_rng_state):
     record = read_json(run.out / "args.json", "record of the run's settings")
     if run.main and record.get("iters") != args.iters:
         run.print(f"--iters {args.iters}: the run goes on to iteration {args.iters}, not {record.get('iters')} "
-                  f"(recorded in args.json" + ("; the poly schedule follows it)" if args.lr_schedule == "poly" else ")"))
-        atomic_write(run.out / "args.json", json.dumps(dict(record, iters=args.iters), indent=2))
+                  f"(recorded in args.json" + ("; the poly schedule follows it)" if args.lr_schedule.startswith("poly") else ")"))
+        atomic_write(run.out / "args.json", json.dumps(dict(record, iters=args.iters, epochs=args.epochs), indent=2))
     run.print(f"resumed from iteration {done} of {run.out}" + (f" with {run.world} processes" if run.world > 1 else ""))
     return done, timer
 
@@ -158,3 +162,30 @@ def fresh_folder(out, create=True):
     if create:
         out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def rng_state():
+    """Every global RNG's state, in types that torch.load(weights_only=True) accepts."""
+    kind, keys, *rest = np.random.get_state()
+    return dict(python=random.getstate(), numpy=(kind, torch.from_numpy(keys.astype(np.int64)), *rest),
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(state):
+    kind, keys, *rest = state["numpy"]
+    random.setstate(state["python"]), np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def best_evaluations(metrics_path):
+    """The best teacher and student mIoU of a run's evaluations (metrics.jsonl) and their iterations."""
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    best = {}
+    for key in ("miou", "student_miou"):
+        scored = [r for r in records if key in r]
+        if scored:
+            top = max(scored, key=lambda r: r[key])
+            best.update({f"best_{key}": top[key], f"best_{key}_iter": top["iter"]})
+    return best

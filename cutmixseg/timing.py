@@ -1,7 +1,8 @@
-"""What --benchmark reports (common.Benchmark times the loop): the device's peak FLOP rate, random data of each
+"""The clock of a run (Timer) and what --benchmark reports (common.Benchmark times the loop): the device's peak FLOP rate, random data of each
 dataset's shapes, and the record and summary it prints. `python -m tools costs` turns records into a table."""
 import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +97,45 @@ def report(r, n_val):
         lines.append(f"  loader: {r['loader_images_per_s']:.1f} images/s with {r['num_workers']} workers per process, "
                      f"the step needs {images / s:.1f}: {bound} bounds the run")
     return lines
+
+
+class Timer:
+    """Seconds per training iteration, each evaluation and each start's first `warmup` iterations left out
+    (allocation, autotuning, compilation), and the run's wall seconds; its state goes into the checkpoint."""
+
+    def __init__(self, device, state=None, warmup=5):
+        self.device, self.warmup, self.pending = device, warmup, 0
+        self.state = dict(dict(iters=0, seconds=0.0, wall=0.0), **(state or {}))
+        self.started = self.mark = time.perf_counter()
+
+    def sync(self):
+        if self.device.type == "cuda":  # the GPU's queue drained: its work is done when the clock is read
+            torch.cuda.synchronize(self.device)
+
+    def tick(self):
+        """One iteration done (its kernels may still run)."""
+        self.pending += not self.warmup
+        if self.warmup:
+            self.warmup -= 1
+            if not self.warmup:
+                self.sync()
+                self.mark = time.perf_counter()
+
+    def rate(self):
+        """Seconds per iteration since the last evaluation, for the log line."""
+        return (time.perf_counter() - self.mark) / max(self.pending, 1)
+
+    def pause(self):
+        """Before an evaluation: the iterations since the last one join the total (unless still warming up)."""
+        self.sync()
+        if not self.warmup:
+            self.state["seconds"] += time.perf_counter() - self.mark
+            self.state["iters"] += self.pending
+        self.pending = 0
+
+    def go(self):
+        self.mark = time.perf_counter()
+
+    def saved(self):
+        """The state to checkpoint: the wall seconds until now included."""
+        return dict(self.state, wall=self.state["wall"] + time.perf_counter() - self.started)
