@@ -703,7 +703,7 @@ class Run:
             self.print(f"data: {len(data.train)} train ({len(data.labeled)} labeled), {unlabeled}, {len(data.val)} "
                        f"val, {data.num_classes} classes; labeled: {data.labeled.tolist()[:20]}"
                        f"{' ...' if len(data.labeled) > 20 else ''}")
-        CHECKPOINTED["iter"] = self.start_iter or None
+        CHECKPOINTED.update(iter=self.start_iter or None, batch=self.args.batch_size, crop=self.args.crop_size)
         if self.world > 1:
             for net in self.nets.values():  # one set of weights on every process, from process 0
                 for t in net.state_dict().values():

@@ -22,7 +22,8 @@ class UserError(Exception):
     """Bad input (a path, a file, an option): reported as one clear line, never as a traceback."""
 
 
-CHECKPOINTED = {}  # {"iter": the iteration of a running Run's last checkpoint, or None}: said when a run fails
+# {"iter": a running Run's last checkpointed iteration or None, "batch", "crop": its sizes}: said when a run fails
+CHECKPOINTED = {}
 
 
 def excepthook(kind, value, tb):
@@ -38,6 +39,11 @@ def excepthook(kind, value, tb):
         sys.stderr.write(f"interrupted{resume}\n")
     elif issubclass(kind, OSError) and value.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
         sys.stderr.write(f"error: cannot write {value.filename or 'a file'}: {value.strerror} (disk full?){resume}\n")
+    elif issubclass(kind, torch.OutOfMemoryError) and "batch" in CHECKPOINTED:  # activations ~ batch x crop area
+        (b, (h, w)), first = (CHECKPOINTED[k] for k in ("batch", "crop")), str(value).split(".")[0]
+        sys.stderr.write(f"error: out of GPU memory at --batch-size {b} --crop-size {h},{w} ({first}); about half "
+                         f"of it fits: --batch-size {max(b // 2, 1)}, or --crop-size {round(0.7 * h)},{round(0.7 * w)}, "
+                         f"or the same batch over more GPUs with torchrun{resume}\n")
     elif issubclass(kind, RuntimeError) and "DataLoader worker" in str(value):
         sys.stderr.write(f"error: a data loading worker died (out of memory? try fewer --num-workers){resume}\n")
     else:
