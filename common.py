@@ -210,8 +210,10 @@ def parse_args(args_class, argv=None):
     the run's own settings (its args.json) complete those given (cutmixseg/guard.py)."""
     given = command_line(args_class, argv)
     if given.get("resume"):  # the folder to resume: --out, or where these options write by default
-        a, script = resolve(args_class, given), sys.argv[0] if sys.argv[0].endswith(".py") else None
-        out = given.get("out") or script and run_folder(script, a.dataset, a.n_labeled, a.seed, a.split_seed, a.arch)
+        out, script = given.get("out"), sys.argv[0] if sys.argv[0].endswith(".py") else None
+        if not out and script:
+            a = resolve(args_class, given)
+            out = run_folder(script, a.dataset, a.n_labeled, a.seed, a.split_seed, a.arch)
         given = guard.resume_settings(args_class, given, out)
     args = resolve(args_class, given)
     world = process_group()[1]
@@ -644,7 +646,7 @@ def run_folder(script, dataset, n_labeled, seed, split_seed=12345, arch=None):
 
 def make_run(args, method, unlabeled=True):
     """The Run a script reports to (`unlabeled`: does it stream them); under --benchmark a Benchmark, which
-    times the same loop instead of training (end of this section)."""
+    times the same loop instead of training (section 11)."""
     return (Benchmark if args.benchmark else Run)(args, method, unlabeled)
 
 class Run:
@@ -830,16 +832,6 @@ class Run:
         leave_process_group()
         return results
 
-def check_batchnorm_values(args, world):
-    """One line where a BatchNorm that trains would see one value per channel (it cannot normalise one): a
-    batch of 1 with a crop that the network's deepest level shrinks to a single pixel."""
-    deepest = dict(unet_small=8, denseunet161=32).get(args.arch)  # the pooling nets: parse_args checks them
-    h, w = args.crop_size
-    if deepest and not args.freeze_bn and args.batch_size // world * -(-h // deepest) * -(-w // deepest) < 2:
-        raise UserError(f"--crop-size {h},{w} with --batch-size {args.batch_size}: {args.arch}'s deepest BatchNorm "
-                        f"would see one value per channel (it shrinks the crop {deepest} times); give a crop over "
-                        f"{deepest} pixels on one side, or --batch-size {2 * world} or more")
-
 def load_model(run_dir, net="teacher", device="cpu"):
     """(network in eval mode on `device`, info) from a run folder's args.json and checkpoint.pt, as Run.save
     wrote them. info: class_names, num_classes, mean and std (of normalisation), preprocess ("halve" for
@@ -914,7 +906,7 @@ LAYOUTS = {
                   "val.txt, optionally ImageSets/SegmentationAug/train_aug.txt}, i.e. VOCtrainval_11-May-2012.tar "
                   "from http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ plus SegmentationClassAug.zip (as distributed "
                   "by Hung et al.'s AdvSemiSeg) unzipped inside VOC2012, or the labels built from SBD with "
-                  "`python common.py sbd-to-aug SBD_ROOT VOC2012` (README 'Datasets')",
+                  "`python -m tools sbd-to-aug SBD_ROOT VOC2012` from the whole kit (README 'Datasets')",
     "isic2017": "ROOT/ISIC-2017_Training_Data/ISIC_NNNNNNN.jpg, ROOT/ISIC-2017_Training_Part1_GroundTruth/"
                 "ISIC_NNNNNNN_segmentation.png and the same for ISIC-2017_Validation_*, i.e. the ISIC 2017 Part 1 "
                 "zips from https://challenge.isic-archive.com/data/#2017 unzipped into ROOT",
@@ -1138,6 +1130,16 @@ def fill_holes(mask):
         outside = grown
 
 # ---- 9. Networks: build_net (the networks themselves, each taking any input size: cutmixseg/nets.py) ---
+def check_batchnorm_values(args, world):
+    """One line where a BatchNorm that trains would see one value per channel (it cannot normalise one): a
+    batch of 1 with a crop that the network's deepest level shrinks to a single pixel."""
+    deepest = dict(unet_small=8, denseunet161=32).get(args.arch)  # the pooling nets: parse_args checks them
+    h, w = args.crop_size
+    if deepest and not args.freeze_bn and args.batch_size // world * -(-h // deepest) * -(-w // deepest) < 2:
+        raise UserError(f"--crop-size {h},{w} with --batch-size {args.batch_size}: {args.arch}'s deepest BatchNorm "
+                        f"would see one value per channel (it shrinks the crop {deepest} times); give a crop over "
+                        f"{deepest} pixels on one side, or --batch-size {2 * world} or more")
+
 def build_net(args, num_classes, device):
     """The student network for --arch on `device` (channels-last on CUDA, where convolutions run faster
     that way), with ImageNet weights where args.pretrained; under torchrun its BatchNorm layers that
