@@ -61,7 +61,8 @@ def record(bench, eval_seconds):
         import resource  # Unix only
         memory, memory_kind, reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "peak RSS", None
     peak, achieved = peak_tflops(device, args.amp), bench.flops / s / 1e12
-    evals = math.ceil(args.iters / args.eval_every) + 1  # the teacher's, and the student's at the end
+    evals = math.ceil(args.iters / args.eval_every)  # the teacher's; the student's at the end, or every time
+    evals = 2 * evals if args.student_every_eval else evals + 1
     return dict(script=Path(sys.argv[0]).name, method=bench.method, dataset=args.dataset, arch=args.arch,
                 device=device_name(device), amp=args.amp, compile=args.compile_mode if args.compile else None,
                 world_size=bench.world, batch_size=args.batch_size, crop_size=list(args.crop_size),
