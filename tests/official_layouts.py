@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tools.pictures import palette
+from cutmixseg.pictures import palette
 
 CITIES = ("aachen", "bochum", "bremen")
 

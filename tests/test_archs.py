@@ -11,7 +11,9 @@ import torch.nn as nn
 import torchvision
 
 import common
+from cutmixseg import nets
 
+pytestmark = pytest.mark.xdist_group("archs")  # one worker builds each network once (module fixture)
 ARCHS = ["deeplabv3plus", "denseunet161", "pspnet101"]
 BN = nn.modules.batchnorm._BatchNorm
 
@@ -24,7 +26,7 @@ def offline(weights):
 def net(request):
     torch.manual_seed(0)
     with pytest.MonkeyPatch.context() as mp:  # --no-pretrained must never reach for the weights
-        mp.setattr(common, "load_torchvision_weights", offline)
+        mp.setattr(nets, "load_torchvision_weights", offline)
         args = SimpleNamespace(arch=request.param, pretrained=False, aspp_all_branches=False)
         return common.build_net(args, num_classes=5, device=torch.device("cpu"))
 
@@ -41,8 +43,8 @@ def test_logits_at_input_size_for_odd_and_even_sizes(net):
 
 
 def test_one_training_step_moves_the_weights_and_freezes_only_the_backbone_bn(net):
-    arch = {common.DeepLabV3Plus: "deeplabv3plus", common.DenseUNet161: "denseunet161",
-            common.PSPNet101: "pspnet101"}[type(net)]
+    arch = {nets.DeepLabV3Plus: "deeplabv3plus", nets.DenseUNet161: "denseunet161",
+            nets.PSPNet101: "pspnet101"}[type(net)]
     args = protocol(arch)
     assert args.freeze_bn
     optimizer = common.make_optimizer(net, args)
@@ -69,8 +71,8 @@ def test_one_training_step_moves_the_weights_and_freezes_only_the_backbone_bn(ne
 @pytest.mark.parametrize("arch, head_lr, backbone_lr", [("deeplabv3plus", 1e-5, None), ("denseunet161", 3e-4, 3e-5),
                                                         ("pspnet101", 1e-4, 1e-5)])
 def test_parameter_groups_have_table_5_learning_rates(net, arch, head_lr, backbone_lr):
-    if arch != {common.DeepLabV3Plus: "deeplabv3plus", common.DenseUNet161: "denseunet161",
-                common.PSPNet101: "pspnet101"}[type(net)]:
+    if arch != {nets.DeepLabV3Plus: "deeplabv3plus", nets.DenseUNet161: "denseunet161",
+                nets.PSPNet101: "pspnet101"}[type(net)]:
         pytest.skip("another arch")
     args = protocol(arch)
     assert args.optimizer == "adam" and args.lr == head_lr
@@ -96,7 +98,7 @@ def test_isic_defaults_to_the_dense_unet_with_sgd_and_no_frozen_bn():
 
 
 def test_a_net_without_frozen_bn_modules_freezes_every_bn():  # DeepLab v2's behaviour, unchanged
-    unet = common.UNetSmall(num_classes=3)
+    unet = nets.UNetSmall(num_classes=3)
     common.set_train_mode(unet, freeze_bn=True)
     assert all(not m.training for m in unet.modules() if isinstance(m, BN))
 
@@ -108,10 +110,10 @@ def fake_state(model):
             for k, v in state.items()}
 
 
-@pytest.mark.parametrize("cls", [common.DeepLabV3Plus, common.PSPNet101])
+@pytest.mark.parametrize("cls", [nets.DeepLabV3Plus, nets.PSPNet101])
 def test_every_torchvision_resnet101_key_loads(cls, monkeypatch):
     fake = fake_state(torchvision.models.resnet101(weights=None))
-    monkeypatch.setattr(common, "load_torchvision_weights", lambda weights: fake)
+    monkeypatch.setattr(nets, "load_torchvision_weights", lambda weights: fake)
     model = cls(num_classes=5)
     loaded = model.load_imagenet()
     assert set(loaded) == {k for k in fake if not k.startswith("fc.")}
@@ -124,8 +126,8 @@ def test_every_torchvision_densenet161_key_loads_with_the_files_old_names(monkey
     # the downloaded file names a dense layer's parts "norm.1", "conv.2", ... (torchvision renames them)
     fake = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v for k, v in fake.items()}
     assert "features.denseblock2.denselayer3.norm.1.weight" in fake
-    monkeypatch.setattr(common, "load_torchvision_weights", lambda weights: fake)
-    model = common.DenseUNet161(num_classes=2)
+    monkeypatch.setattr(nets, "load_torchvision_weights", lambda weights: fake)
+    model = nets.DenseUNet161(num_classes=2)
     loaded = model.load_imagenet()
     assert len(loaded) == len([k for k in fake if k.startswith("features.")])
     assert torch.equal(model.features.denseblock2.denselayer3.norm1.weight,
@@ -134,12 +136,12 @@ def test_every_torchvision_densenet161_key_loads_with_the_files_old_names(monkey
 
 
 def test_dense_unet_skips_and_channels_follow_reference_5_3(net):
-    if not isinstance(net, common.DenseUNet161):
+    if not isinstance(net, nets.DenseUNet161):
         pytest.skip("Dense U-Net only")
     seen = {}
     hooks = [getattr(net.features, name).register_forward_pre_hook(
         lambda m, inp, name=name: seen.__setitem__(name, tuple(inp[0].shape[1:])))
-        for name in common.DenseUNet161.TAPS]
+        for name in nets.DenseUNet161.TAPS]
     hooks.append(net.features.norm5.register_forward_hook(lambda m, i, out: seen.__setitem__("norm5", out.shape[1:])))
     net.eval()
     with torch.no_grad():
@@ -157,7 +159,7 @@ def test_dense_unet_skips_and_channels_follow_reference_5_3(net):
 
 
 def test_pspnet_pyramid_follows_reference_5_5(net):
-    if not isinstance(net, common.PSPNet101):
+    if not isinstance(net, nets.PSPNet101):
         pytest.skip("PSPNet only")
     assert [b[0].output_size for b in net.ppm] == [1, 2, 3, 6]
     for b in net.ppm:
@@ -168,12 +170,12 @@ def test_pspnet_pyramid_follows_reference_5_5(net):
     assert not [n for n, _ in net.named_modules() if "aux" in n or "deepsup" in n]  # no auxiliary head
     assert net.backbone.layer4[1].conv2.dilation == (4, 4) and net.backbone.layer3[1].conv2.dilation == (2, 2)
     assert net.backbone.conv1.out_channels == 64  # torchvision's standard stem (MIT's deep stem: a deviation)
-    fresh = common.PSPNet101(num_classes=5)  # MIT's init of the new layers (the fixture has trained a step)
+    fresh = nets.PSPNet101(num_classes=5)  # MIT's init of the new layers (the fixture has trained a step)
     assert all(torch.all(b[2].bias == 1e-4) and torch.all(b[2].weight == 1) for b in fresh.ppm)
 
 
 def test_deeplabv3plus_head_follows_reference_5_2(net):
-    if not isinstance(net, common.DeepLabV3Plus):
+    if not isinstance(net, nets.DeepLabV3Plus):
         pytest.skip("DeepLab v3+ only")
     rates = [m.convs[i][0].dilation[0] for m in [net.aspp] for i in (1, 2, 3)]
     assert rates == [12, 24, 36]
@@ -181,5 +183,5 @@ def test_deeplabv3plus_head_follows_reference_5_2(net):
     assert net.project[0].out_channels == 48 and net.classifier[0].in_channels == 304
     assert net.backbone_modules() == [] and net.frozen_bn_modules() == [net.backbone]
     with torch.no_grad():
-        low, high = common.resnet_features(net.backbone.eval(), torch.randn(1, 3, 64, 64))
+        low, high = nets.resnet_features(net.backbone.eval(), torch.randn(1, 3, 64, 64))
     assert low.shape[1:] == (256, 16, 16) and high.shape[1:] == (2048, 8, 8)  # output stride 8

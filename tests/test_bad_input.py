@@ -11,16 +11,34 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FAST, make_folder_dataset, run_script
+import common
+import conftest
+from conftest import FAST, last_error, make_folder_dataset, run_main, run_script
+from cutmixseg import files, guard, prepare
 
 
 def refused(tmp_path, *args, script="train_cutmix.py"):
-    out = tmp_path / "run"
-    proc = run_script(script, *FAST, *args, "--out", out, check=False)
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert not out.exists(), "a refused run must leave no output folder"
-    return proc.stderr.strip().splitlines()[-1]
+    """The line a user reads for a run these options stop (conftest.refused: in this process)."""
+    return conftest.refused(script, *FAST, *args, out=tmp_path / "run")
+
+
+# ---- the promise, kept by the program itself: one line on stderr, no traceback, exit status 1 ---------
+@pytest.mark.parametrize("case", ["missing data root", "option out of range", "unet_small batch of one",
+                                  "out in /proc"])
+def test_bad_input_ends_the_program_with_one_line_and_exit_status_1(case, tmp_path):
+    """A few refusals from each place a run checks its input (options, the data, the network, --out), run as
+    the program a user starts: every other refusal in this file is checked in process, as the UserError
+    whose message common's excepthook prints."""
+    args, words = {"missing data root": (["--dataset", "folder", "--data-root", tmp_path / "nowhere"], "no such folder"),
+                   "option out of range": (["--iters", "0"], "--iters must be at least 1"),
+                   "unet_small batch of one": (["--batch-size", "1", "--crop-size", "8"], "--batch-size 1"),
+                   "out in /proc": ([], "cannot make folders in")}[case]
+    if case == "out in /proc" and not Path("/proc").is_dir():
+        pytest.skip("no /proc on this system")
+    out = Path("/proc/x/run") if case == "out in /proc" else tmp_path / "run"
+    proc = run_script("train_cutmix.py", *FAST, *args, "--out", out, check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and not out.exists()
+    assert last_error(proc).startswith("error: ") and words in last_error(proc)
 
 
 def folder(tmp_path, **kw):
@@ -110,7 +128,6 @@ SPLIT_NAMES = ["img_000", "img_001", "img_002", "img_003"]
     (".txt", pickle.dumps(np.array([3, 1, 0, 2])), [3, 1, 0, 2]),  # a pickle, told by its content
     (".pkl", pickle.dumps(np.array([1, 0, 3, 2]), protocol=2), [1, 0, 3, 2])])
 def test_split_files_are_read_by_their_content(suffix, content, expected, tmp_path):
-    import common
     path = tmp_path / f"split{suffix}"
     path.write_bytes(content)
     assert common.choose_labeled(SPLIT_NAMES, -1, split_file=str(path)).tolist() == expected
@@ -122,7 +139,6 @@ def test_split_files_are_read_by_their_content(suffix, content, expected, tmp_pa
     (bytes(range(1, 256)), "neither a text list of image names (UTF-8, one per line) nor a pickled index array"),
     (b"img_001\x00\x00\x00", "neither a text list of image names")])
 def test_bad_split_files_are_refused_by_name(content, words, tmp_path):
-    import common
     path = tmp_path / "split.txt"
     path.write_bytes(content)
     with pytest.raises(common.UserError, match=re.escape(f"--split-file {path}")) as refusal:
@@ -139,8 +155,6 @@ def test_a_split_file_naming_an_image_twice_stops_the_script(tmp_path):
 
 
 def test_validation_verdict_is_cached(tmp_path, monkeypatch):
-    import common
-    from tools import prepare
     root = folder(tmp_path)
     cache = common.cache_folder(root)
     pairs = {s: [(p, root / s / "masks" / (p.stem + ".png")) for p in sorted((root / s / "images").iterdir())]
@@ -160,7 +174,6 @@ def test_validation_verdict_is_cached(tmp_path, monkeypatch):
 
 
 def test_an_unwritable_cache_dir_falls_back_to_the_user_cache(tmp_path, monkeypatch, capsys):
-    import common
     root = folder(tmp_path, n_train=4, n_val=2)
     (tmp_path / "file").write_text("x")
     bad, xdg = tmp_path / "file" / "cache", tmp_path / "xdg"  # a --cache-dir that cannot be created
@@ -173,7 +186,6 @@ def test_an_unwritable_cache_dir_falls_back_to_the_user_cache(tmp_path, monkeypa
 
 def test_a_read_only_or_foreign_cache_folder_falls_back_to_the_user_cache(tmp_path, monkeypatch, capsys):
     import os
-    import common
     root = folder(tmp_path, n_train=2, n_val=1)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     (root / ".cutmix_seg_cache").mkdir()  # another user's: this one cannot write it (as root, os.access is told so)
@@ -185,7 +197,6 @@ def test_a_read_only_or_foreign_cache_folder_falls_back_to_the_user_cache(tmp_pa
 
 
 def test_a_corrupt_cached_verdict_is_checked_again(tmp_path, capsys):
-    import common
     root = folder(tmp_path, n_train=3, n_val=2)
     pairs = {s: [(p, root / s / "masks" / (p.stem + ".png")) for p in sorted((root / s / "images").iterdir())]
              for s in ("train", "val")}
@@ -201,17 +212,17 @@ def test_a_corrupt_cached_verdict_is_checked_again(tmp_path, capsys):
 
 
 def test_corrupt_prepared_arrays_are_prepared_again(tmp_path, capsys):
-    from tools import prepare
     images = [tmp_path / f"lesion_{i}.png" for i in range(3)]
     for i, path in enumerate(images):
         Image.fromarray(np.full((30, 40, 3), 60 * i, np.uint8)).save(path)
     (tmp_path / "cache").mkdir()
-    first, _ = prepare.arrays(tmp_path, tmp_path / "cache", "isic2017_unlabeled", [(p,) for p in images], "shrink_isic")
+    first, _ = prepare.arrays(tmp_path, tmp_path / "cache", "isic2017_unlabeled", [(p,) for p in images],
+                              prepare.shrink_isic)
     first = np.array(first)
     stored, = (tmp_path / "cache").glob("isic2017_unlabeled_*/images.npy")
     stored.write_bytes(stored.read_bytes()[:1000])  # a disk that lost the file's end
     again, labels = prepare.arrays(tmp_path, tmp_path / "cache", "isic2017_unlabeled", [(p,) for p in images],
-                                   "shrink_isic")
+                                   prepare.shrink_isic)
     assert f"{stored.parent}: prepared data that cannot be read" in capsys.readouterr().out
     assert labels is None and np.array_equal(np.array(again), first) and first.shape == (3, 248, 248, 3)
 
@@ -221,8 +232,7 @@ def test_sbd_to_aug_names_a_bad_mat_file(case, tmp_path, monkeypatch):
     """SBD's .mat labels: one that scipy cannot read, or one without GTcls, is named (scipy stands in when
     it is not installed: it is this step's optional dependency)."""
     import types
-    import common
-    from tools import prepare
+    from tools import sbd
     try:
         from scipy.io import savemat
     except ImportError:
@@ -247,7 +257,7 @@ def test_sbd_to_aug_names_a_bad_mat_file(case, tmp_path, monkeypatch):
     else:
         mat.write_bytes(b"a mat file of another kind")
     with pytest.raises(common.UserError) as refusal:
-        prepare.sbd_to_aug(tmp_path / "sbd", voc)
+        sbd.sbd_to_aug(tmp_path / "sbd", voc)
     assert str(refusal.value).startswith(f"{mat}: ")
     assert ("not a readable .mat file" if case == "corrupt" else "holds no GTcls.Segmentation") in str(refusal.value)
     assert not (voc / "SegmentationClassAug").exists() or not list((voc / "SegmentationClassAug").iterdir())
@@ -275,7 +285,6 @@ def test_batch_of_one_is_refused_where_batchnorm_trains_on_1x1_maps(arch, tmp_pa
 
 # ---- valid but unusual folder data: read correctly, never skipped or misread ------------------------------
 def load_folder(root, **kw):
-    import common
     return common.load_dataset("folder", root, n_labeled=-1, **kw)
 
 
@@ -353,41 +362,65 @@ def test_a_stray_class_is_accepted_when_num_classes_says_so(tmp_path):
 def test_an_out_that_cannot_be_a_folder_is_refused_before_training(case, tmp_path):
     (tmp_path / "file").write_text("x")
     out = tmp_path / "file" if case == "a file" else tmp_path / "file" / "run"
-    proc = run_script("train_cutmix.py", *FAST, "--out", out, check=False)
-    last = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "is a file, not a folder" in last
+    assert "is a file, not a folder" in conftest.refused("train_cutmix.py", *FAST, "--out", out)
     assert (tmp_path / "file").read_text() == "x"
 
 
 def test_an_unwritable_out_is_refused_before_training(tmp_path, monkeypatch):
-    """A read-only parent folder (or file system): the real thing for a user, os.access told so as root."""
+    """A read-only parent folder (or file system): the real thing for a user; as root, who writes anywhere,
+    making a folder there is told to fail as it would."""
+    import errno
     import os
-    import common
-    from tools import guard
+    import tempfile
     parent = tmp_path / "read_only"
     parent.mkdir()
     parent.chmod(0o555)
-    if os.geteuid() == 0:  # root writes anywhere: pretend this folder is read-only
-        access = os.access
-        monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and Path(p) != parent)
+    if os.geteuid() == 0:
+        mkdtemp = tempfile.mkdtemp
+
+        def refusing(*args, dir=None, **kw):
+            if Path(dir) == parent:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            return mkdtemp(*args, dir=dir, **kw)
+        monkeypatch.setattr(guard.tempfile, "mkdtemp", refusing)
     try:
         with pytest.raises(common.UserError) as refusal:
             guard.check_writable(parent / "run")
     finally:
         parent.chmod(0o755)
-    assert str(refusal.value) == f"--out {parent / 'run'}: {parent} is not writable (read-only, or another user's)"
+    assert str(refusal.value) == (f"--out {parent / 'run'}: cannot make folders in {parent} (Permission denied); "
+                                  f"choose a writable --out")
+    assert list(parent.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="no /proc on this system")
+def test_an_out_in_proc_is_refused_in_one_line():
+    """/proc says it is writable and refuses every new folder: refused before anything is loaded."""
+    last = conftest.refused("train_cutmix.py", *FAST, out=Path("/proc/x/run"))
+    assert last.startswith("error: --out /proc/x/run: cannot make folders in /proc (")
+
+
+def test_unet_small_with_one_value_per_channel_in_its_deepest_batchnorm_is_refused(tmp_path):
+    """A batch of 1 with a crop of 8: unet_small's deepest level (1/8) holds one pixel per channel, which
+    BatchNorm cannot normalise; a crop of 9 (2x2 there) or a batch of 2 trains."""
+    last = refused(tmp_path, "--batch-size", "1", "--crop-size", "8")
+    assert last.startswith("error: --crop-size 8,8 with --batch-size 1: unet_small's deepest BatchNorm would see "
+                           "one value per channel")
+    for args in (["--batch-size", "1", "--crop-size", "9"], ["--batch-size", "2", "--crop-size", "8"]):
+        proc = run_main("train_baseline.py", "--iters", "1", "--eval-every", "1", "--num-workers", "0", *args,
+                        "--out", tmp_path / f"b{args[1]}_c{args[3]}")
+        assert proc.stdout.rstrip().splitlines()[-1].startswith("FINAL mIoU=")
 
 
 def test_files_written_atomically_follow_the_umask_like_the_log(tmp_path):
     import os
-    import common
     common.atomic_write(tmp_path / "results.json", "{}")
     common.atomic_write(tmp_path / "preview.png", np.zeros((4, 4), np.uint8))
     common.atomic_write(tmp_path / "checkpoint.pt", {"iter": 1})
     (tmp_path / "log.txt").write_text("")
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
-    assert set(modes.values()) == {0o666 & ~common.UMASK}, modes
-    assert common.UMASK == os.umask(common.UMASK)
+    assert set(modes.values()) == {0o666 & ~files.UMASK}, modes
+    assert files.UMASK == os.umask(files.UMASK)
 
 
 def test_a_run_stopped_before_its_first_checkpoint_starts_afresh_with_the_same_command(tmp_path):
@@ -396,24 +429,25 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_afresh_with_the_same_c
     (out / "args.json").write_text("{}")
     (out / "log.txt").write_text("settings: ...\n")
     (out / "checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint")  # a write killed half-way
-    proc = run_script("train_cutmix.py", *FAST, "--out", out)
+    proc = run_main("train_cutmix.py", *FAST, "--out", out)
     assert "before its first checkpoint; starting afresh" in proc.stdout
     assert not list(out.glob("*.tmp")) and (out / "results.json").is_file()
     assert json.loads((out / "args.json").read_text())["iters"] == 6
-    assert run_script("train_cutmix.py", *FAST, "--out", out, "--resume").stdout.rstrip().splitlines()[-1].startswith(
-        "FINAL mIoU=")  # finished: said again
+    # finished: the same command with --resume says FINAL again and exits 0 (a program of its own: it ends by sys.exit)
+    again = run_script("train_cutmix.py", *FAST, "--out", out, "--resume")
+    assert again.stdout.rstrip().splitlines()[-1] == proc.stdout.rstrip().splitlines()[-1]
 
 
 def test_a_folder_of_other_files_is_refused(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "my_notes.txt").write_text("mine")
-    proc = run_script("train_cutmix.py", *FAST, "--out", out, check=False)
-    assert proc.returncode != 0 and "my_notes.txt" in proc.stderr.strip().splitlines()[-1]
+    assert "my_notes.txt" in conftest.refused("train_cutmix.py", *FAST, "--out", out)
     assert (out / "my_notes.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
 
 
 def test_a_second_run_on_the_same_out_is_refused_while_the_first_writes(tmp_path):
+    """The first run is another process holding the folder's lock; the second is refused in this one."""
     import subprocess
     import sys
     import time
@@ -426,8 +460,8 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_writes(tmp_path
         deadline = time.time() + 120
         while not (out / "log.txt").is_file() and time.time() < deadline:
             time.sleep(0.2)
-        proc = run_script("train_cutmix.py", *FAST, "--out", out, "--resume", check=False)
-        assert proc.returncode != 0 and "another run is writing there now" in proc.stderr.strip().splitlines()[-1]
+        assert "another run is writing there now" in conftest.refused("train_cutmix.py", *FAST, "--out", out,
+                                                                      "--resume")
     finally:
         first.kill()
         first.wait()

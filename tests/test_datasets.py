@@ -1,6 +1,5 @@
 """The paper's datasets from tiny copies of their official downloads: label mappings, preparation caches,
 splits and seeds on known values, clear errors for wrong layouts, and every script end to end on each."""
-import importlib
 import json
 import os
 import pickle
@@ -14,8 +13,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
-from tools import prepare
-from conftest import ROOT, read_results, run_script
+from cutmixseg import nets
+from cutmixseg import prepare
+from conftest import ROOT, read_results, refused, run_main
 from official_layouts import make_cityscapes, make_isic, make_pascal
 
 
@@ -26,16 +26,13 @@ def args_for(dataset, root, **kw):
 
 def load(args):
     """The data a training run loads with these options (Run.load_data), crop default included."""
-    return common.Run.load_data(types.SimpleNamespace(args=args, unlabeled=True))
+    return common.Run.load_data(types.SimpleNamespace(args=args, unlabeled=True, world=1))
 
 
-@pytest.fixture(scope="module")
-def layouts(tmp_path_factory):
+@pytest.fixture(scope="session")
+def layouts(official):
     """One tiny copy of each download, shared by the tests that only read it (its cache included)."""
-    base = tmp_path_factory.mktemp("official")
-    pascal, train_aug, val = make_pascal(base / "pascal")
-    return dict(cityscapes=make_cityscapes(base / "cityscapes"), pascal_aug=pascal, isic2017=make_isic(base / "isic", n_val=2),
-                pascal_names=(train_aug, val))
+    return official
 
 
 # ---- Cityscapes -------------------------------------------------------------------------------------
@@ -118,7 +115,8 @@ def test_cityscapes_cache_is_reused_and_survives_an_interrupted_preparation(tmp_
     for i in range(5):
         assert all(np.array_equal(a, b) for a, b in zip(data.train.load(i), reference.train.load(i)))
     # a second run decodes nothing
-    monkeypatch.setattr(common, "read_image", lambda path: pytest.fail(f"decoded {path} again"))
+    for module in (common, prepare):
+        monkeypatch.setattr(module, "read_image", lambda path: pytest.fail(f"decoded {path} again"))
     again = load(args_for("cityscapes", root, n_labeled=2))
     assert np.array_equal(again.val.load(1)[1], reference.val.load(1)[1])
 
@@ -200,7 +198,8 @@ def test_sbd_to_aug(tmp_path):
     for name, label in expected.items():  # SBD has no void: its own labels for VOC's images differ
         seg = np.where(label == 255, 0, label) if name not in own else np.full_like(label, 3)
         scipy_io.savemat(cls / f"{name}.mat", {"GTcls": {"Segmentation": seg, "CategoriesPresent": [1]}})
-    prepare.sbd_to_aug(tmp_path / "benchmark_RELEASE", root)
+    from tools import sbd
+    sbd.sbd_to_aug(tmp_path / "benchmark_RELEASE", root)
     for name, label in expected.items():
         written = np.asarray(Image.open(voc / "SegmentationClassAug" / f"{name}.png"))
         want = label if name in own else np.where(label == 255, 0, label)  # VOC's own PNG wins
@@ -340,11 +339,11 @@ def test_the_net_sees_the_mirrored_image_beyond_a_rotated_crop_and_zero_beyond_a
 
 def test_padding_for_the_dense_unet_is_centred_and_cropped_back():
     x = torch.arange(5 * 7, dtype=torch.float32).view(1, 1, 5, 7) + 1
-    padded, crop = common.pad_centred(x, 4)  # 5 -> 8: 1 above, 2 below; 7 -> 8: 0 left, 1 right
+    padded, crop = nets.pad_centred(x, 4)  # 5 -> 8: 1 above, 2 below; 7 -> 8: 0 left, 1 right
     assert padded.shape == (1, 1, 8, 8) and torch.equal(padded[..., 1:6, 0:7], x)
     assert padded.sum() == x.sum() and torch.equal(padded[crop], x)
-    assert common.pad_centred(torch.ones(1, 3, 248, 248), 32)[1][-2:] == (slice(4, 252), slice(4, 252))
-    net = common.DenseUNet161(num_classes=2).eval()  # 40 -> 64, centred: the same as padding by 12 all round
+    assert nets.pad_centred(torch.ones(1, 3, 248, 248), 32)[1][-2:] == (slice(4, 252), slice(4, 252))
+    net = nets.DenseUNet161(num_classes=2).eval()  # 40 -> 64, centred: the same as padding by 12 all round
     image = torch.randn(1, 3, 40, 40)
     with torch.no_grad():
         assert torch.allclose(net(image), net(F.pad(image, (12, 12, 12, 12)))[..., 12:52, 12:52], atol=1e-5)
@@ -397,11 +396,9 @@ def test_wrong_layouts_give_one_clear_message(kind, tmp_path):
 @pytest.mark.parametrize("dataset", ["cityscapes", "pascal_aug", "isic2017"])
 def test_a_wrong_root_stops_the_script_before_any_output(dataset, tmp_path):
     (tmp_path / "empty").mkdir()
-    out = tmp_path / "run"
-    proc = run_script("train_baseline.py", "--dataset", dataset, "--data-root", tmp_path / "empty", "--arch",
-                      "unet_small", "--no-pretrained", "--out", out, check=False)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr and not out.exists()
-    assert "expected layout" in proc.stderr.strip().splitlines()[-1]
+    last = refused("train_baseline.py", "--dataset", dataset, "--data-root", tmp_path / "empty", "--arch", "unet_small",
+                   "--no-pretrained", out=tmp_path / "run")
+    assert "expected layout" in last
 
 
 # ---- every script end to end on each tiny layout ----------------------------------------------------------
@@ -409,28 +406,13 @@ SCRIPTS = sorted(p.name for p in ROOT.glob("train_*.py"))
 CROPS = {"cityscapes": "16,32", "pascal_aug": "24,24", "isic2017": "48,48"}
 
 
-def run(script, *argv, capsys):
-    """The headline scripts as a user runs them; the others through main(parse_args(argv)) in this process,
-    the same code path without an interpreter start-up per run."""
-    if script in ("train_baseline.py", "train_cutmix.py"):
-        return run_script(script, *argv)
-    module, threads = importlib.import_module(script[:-3]), torch.get_num_threads()
-    capsys.readouterr()
-    torch.set_num_threads(1)  # as run_script's runs: faster for tiny workloads
-    try:
-        module.main(common.parse_args(module.Args, [str(a) for a in argv]))
-    finally:
-        torch.set_num_threads(threads)
-    return types.SimpleNamespace(stdout=capsys.readouterr().out)
-
-
 @pytest.mark.parametrize("dataset", ["cityscapes", "pascal_aug", "isic2017"])
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_every_script_end_to_end(script, dataset, layouts, tmp_path, capsys):
+def test_every_script_end_to_end(script, dataset, layouts, tmp_path):
     out = tmp_path / "run"
-    proc = run(script, "--dataset", dataset, "--data-root", layouts[dataset], "--n-labeled", 3, "--arch", "unet_small",
+    proc = run_main(script, "--dataset", dataset, "--data-root", layouts[dataset], "--n-labeled", 3, "--arch", "unet_small",
                "--no-pretrained", "--iters", 4, "--eval-every", 2, "--batch-size", 2, "--num-workers", 0,
-               "--crop-size", CROPS[dataset], "--out", out, capsys=capsys)
+               "--crop-size", CROPS[dataset], "--out", out)
     results = read_results(out)
     assert results["dataset"] == dataset and results["n_labeled"] == 3 and results["iters"] == 4
     assert len(results["per_class_iou"]) == {"cityscapes": 19, "pascal_aug": 21, "isic2017": 2}[dataset]
@@ -442,7 +424,7 @@ def test_every_script_end_to_end(script, dataset, layouts, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("dataset", ["cityscapes", "pascal_aug", "isic2017"])
-def test_unlabeled_dir_joins_each_official_dataset_prepared_as_its_training_images(dataset, layouts, tmp_path, capsys):
+def test_unlabeled_dir_joins_each_official_dataset_prepared_as_its_training_images(dataset, layouts, tmp_path):
     """--unlabeled-dir: Cityscapes' extra images halved and cached like its training images, ISIC's resized
     to 248x248 and cached, Pascal's decoded on the fly; the paper's stream (the training set) comes first."""
     extra, rng = tmp_path / "extra", np.random.default_rng(0)
@@ -460,7 +442,7 @@ def test_unlabeled_dir_joins_each_official_dataset_prepared_as_its_training_imag
         source = np.array(Image.open(extra / "city_1" / "x1.png")).astype(np.uint16)
         assert np.array_equal(image, (source.reshape(16, 2, 32, 2, 3).sum((1, 3)) // 4).astype(np.uint8))
     out = tmp_path / "run"
-    proc = run("train_cutmix.py", "--dataset", dataset, "--data-root", layouts[dataset], "--n-labeled", 3,
+    proc = run_main("train_cutmix.py", "--dataset", dataset, "--data-root", layouts[dataset], "--n-labeled", 3,
                "--unlabeled-dir", extra, "--arch", "unet_small", "--no-pretrained", "--iters", 2, "--eval-every", 2,
-               "--batch-size", 2, "--num-workers", 0, "--crop-size", CROPS[dataset], "--out", out, capsys=capsys)
+               "--batch-size", 2, "--num-workers", 0, "--crop-size", CROPS[dataset], "--out", out)
     assert f"{n + len(shapes[dataset])} unlabeled ({len(shapes[dataset])} without masks)" in proc.stdout

@@ -11,9 +11,10 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from conftest import ENV, ROOT, read_results, run_script
+from conftest import ENV, ROOT, read_results, refused, run_main
 
 import common
+from cutmixseg import nets
 
 # batch 4 = 2 images per process; unet_small's BatchNorm trains, so it goes through GlobalBatchNorm
 SMALL = ["--iters", "6", "--eval-every", "3", "--batch-size", "4", "--num-workers", "0"]
@@ -59,34 +60,38 @@ def assert_same_run(a, b):
         assert torch.allclose(wa[key].float(), wb[key].float(), **tolerance), key
 
 
+pytestmark = pytest.mark.slow
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_two_processes_train_as_one(script, tmp_path):
-    run_script(script, *SMALL, "--out", tmp_path / "one")
+def test_two_processes_train_as_one(script, tmp_path, shared_run):
+    one, _ = shared_run(script, *SMALL)  # the single process's run, through main()
     proc = torchrun(script, *SMALL, "--out", tmp_path / "two")
-    assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert_same_run(one, tmp_path / "two")
     assert read_results(tmp_path / "two")["world_size"] == 2
     assert proc.stdout.count("FINAL mIoU=") == 1  # one process prints and writes
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in one.iterdir())
     log = (tmp_path / "two" / "log.txt").read_text()
     assert log.count("eval it 6") == 1
 
 
-def test_resume_with_another_number_of_processes(tmp_path):
-    run_script("train_cutmix.py", *SMALL, "--out", tmp_path / "whole")
+def test_resume_with_another_number_of_processes(tmp_path, shared_run):
+    whole, _ = shared_run("train_cutmix.py", *SMALL)
     # two processes train 3 iterations and checkpoint; without results.json the folder is what a kill
     # after that checkpoint leaves; one process finishes the run
     torchrun("train_cutmix.py", *SMALL[:1], "3", *SMALL[2:], "--out", tmp_path / "split")
     (tmp_path / "split" / "results.json").unlink()
-    proc = run_script("train_cutmix.py", *SMALL, "--out", tmp_path / "split", "--resume")
+    proc = run_main("train_cutmix.py", *SMALL, "--out", tmp_path / "split", "--resume")
     assert "resumed from iteration 3" in proc.stdout
-    assert_same_run(tmp_path / "whole", tmp_path / "split")
+    assert_same_run(whole, tmp_path / "split")
 
 
-def test_global_batch_must_split_evenly(tmp_path):
-    proc = torchrun("train_baseline.py", *SMALL[:4], "--batch-size", "3", "--out", tmp_path / "x", check=False)
-    assert proc.returncode != 0
-    assert "--batch-size 3 is the global batch of all 2 processes: it must be divisible by 2" in proc.stderr
-    assert not (tmp_path / "x").exists()
+def test_global_batch_must_split_evenly(tmp_path, monkeypatch):
+    """What torchrun's two processes read (WORLD_SIZE=2), given in this process: refused before anything runs."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    last = refused("train_baseline.py", *SMALL[:4], "--batch-size", "3", out=tmp_path / "x")
+    assert last == "error: --batch-size 3 is the global batch of all 2 processes: it must be divisible by 2"
 
 
 def free_port():
@@ -96,9 +101,19 @@ def free_port():
 
 
 def batchnorm_worker(rank, port, x, weight, queue):
+    """One process's share of the batch through GlobalBatchNorm; an error goes back to the test as its text."""
+    try:
+        batchnorm_step(rank, port, x, weight, queue)
+    except BaseException:
+        import traceback
+        queue.put((rank, traceback.format_exc()))
+        raise
+
+
+def batchnorm_step(rank, port, x, weight, queue):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    bn = common.GlobalBatchNorm(3, momentum=0.5)
+    bn = nets.GlobalBatchNorm(3, momentum=0.5)
     bn.weight.data.copy_(weight)
     share = x[rank * 2:(rank + 1) * 2].clone().requires_grad_(True)
     y = bn(share)
@@ -120,9 +135,12 @@ def test_global_batchnorm_equals_batchnorm_on_the_whole_batch():
     procs = [ctx.Process(target=batchnorm_worker, args=(r, port, x, weight, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict((r[0], [torch.from_numpy(a) for a in r[1:]]) for r in (queue.get(timeout=120) for _ in procs))
+    replies = [queue.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(timeout=60)
+    errors = [reply[1] for reply in replies if isinstance(reply[1], str)]
+    assert not errors, errors[0]
+    results = {r[0]: [torch.from_numpy(a) for a in r[1:]] for r in replies}
     reference = nn.BatchNorm2d(3, momentum=0.5)
     reference.weight.data.copy_(weight)
     whole = x.clone().requires_grad_(True)

@@ -1,16 +1,12 @@
 """Cutout, ICT, VAT and std-aug end to end, as a user runs them: the demo, a folder dataset, tiny copies
 of each official download (protocol defaults included), and an exact resume."""
-import importlib
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-import common
-import official_layouts
-from conftest import read_results, run_script
+from conftest import read_results, run_main, run_script
 from test_scripts import check_outputs
 
 METHODS = {"train_cutout.py": "cutout", "train_ict.py": "ict", "train_vat.py": "vat", "train_stdaug.py": "stdaug"}
@@ -34,8 +30,9 @@ def check_training_log(out):
 
 @pytest.mark.parametrize("script", METHODS)
 def test_demo_end_to_end(script, tmp_path):
+    """As a user runs it: a subprocess, its stdout's last line."""
     proc = run_script(script, *SHORT, "--out", tmp_path / "run")
-    results = check_outputs(tmp_path / "run", proc, num_classes=5, iters=2)
+    results = check_outputs(tmp_path / "run", proc.stdout, num_classes=5, iters=2)
     assert results["dataset"] == "demo" and results["arch"] == "unet_small" and results["method"] == METHODS[script]
     check_training_log(tmp_path / "run")
 
@@ -53,16 +50,16 @@ def test_folder_end_to_end_and_exact_resume(script, folder_data, tmp_path):
     is CutMix's, whose resume tests/test_scripts.py covers: it skips the resume to save time."""
     common_args = ["--dataset", "folder", "--data-root", folder_data, "--arch", "unet_small", "--n-labeled", 4,
                    "--eval-every", 3, "--batch-size", 2, "--num-workers", 0, "--deterministic"]
-    proc = run_script(script, *common_args, "--iters", 6, "--out", tmp_path / "ref")
-    reference = check_outputs(tmp_path / "ref", proc, num_classes=3)
+    proc = run_main(script, *common_args, "--iters", 6, "--out", tmp_path / "ref")
+    reference = check_outputs(tmp_path / "ref", proc.stdout, num_classes=3)
     assert reference["n_labeled"] == 4 and reference["method"] == METHODS[script]
     check_training_log(tmp_path / "ref")
     if script == "train_cutout.py":
         return
 
-    run_script(script, *common_args, "--iters", 3, "--out", tmp_path / "split")
+    run_main(script, *common_args, "--iters", 3, "--out", tmp_path / "split")
     (tmp_path / "split" / "results.json").unlink()
-    resumed = run_script(script, *common_args, "--iters", 6, "--out", tmp_path / "split", "--resume")
+    resumed = run_main(script, *common_args, "--iters", 6, "--out", tmp_path / "split", "--resume")
     results = read_results(tmp_path / "split")
     assert results["resumed_from"] == 3 and results["iters"] == 6
     for key in ("miou", "student_miou", "per_class_iou"):
@@ -76,34 +73,16 @@ def test_folder_end_to_end_and_exact_resume(script, folder_data, tmp_path):
     assert logged_after_resume(tmp_path / "split") == logged_after_resume(tmp_path / "ref") != []
 
 
-@pytest.fixture(scope="module")
-def official(tmp_path_factory):
-    """Each official layout once per module: preparing them (halving, resizing) is cached beside them."""
-    root = tmp_path_factory.mktemp("official")
-    return {"cityscapes": official_layouts.make_cityscapes(root / "cityscapes"),
-            "pascal_aug": official_layouts.make_pascal(root / "pascal")[0],
-            "isic2017": official_layouts.make_isic(root / "isic")}
-
-
-def run_in_process(script, *argv, capsys):
-    """main(parse_args(argv)) in this process: the command line's code path without the interpreter's
-    start-up, which costs more than a one-iteration run. Returns what it printed, as a run's stdout."""
-    module = importlib.import_module(script[:-3])
-    capsys.readouterr()
-    module.main(common.parse_args(module.Args, [str(a) for a in argv]))
-    return SimpleNamespace(stdout=capsys.readouterr().out)
-
-
 @pytest.mark.parametrize("dataset", PROTOCOLS)
 @pytest.mark.parametrize("script", METHODS)
-def test_official_layouts_end_to_end_with_the_method_defaults(script, dataset, official, tmp_path, capsys):
+def test_official_layouts_end_to_end_with_the_method_defaults(script, dataset, official, tmp_path):
     # small square crops keep it fast and still run each dataset's own augmentation: Pascal's Hung scale,
     # ISIC's rotations and all flips (std-aug: both of the original's pair schemes)
     out = tmp_path / "run"
-    proc = run_in_process(script, "--dataset", dataset, "--data-root", official[dataset], "--arch", "unet_small",
-                          "--n-labeled", 2, "--iters", 1, "--eval-every", 1, "--batch-size", 2, "--num-workers", 0,
-                          "--crop-size", "32,32", "--out", out, capsys=capsys)
-    results = check_outputs(out, proc, num_classes=PROTOCOLS[dataset], iters=1)
+    proc = run_main(script, "--dataset", dataset, "--data-root", official[dataset], "--arch", "unet_small",
+                    "--n-labeled", 2, "--iters", 1, "--eval-every", 1, "--batch-size", 2, "--num-workers", 0,
+                    "--crop-size", "32,32", "--out", out)
+    results = check_outputs(out, proc.stdout, num_classes=PROTOCOLS[dataset], iters=1)
     assert results["dataset"] == dataset and results["method"] == METHODS[script]
     args = json.loads((out / "args.json").read_text())
     method = METHODS[script]

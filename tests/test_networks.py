@@ -5,12 +5,16 @@ import torch
 import torchvision
 
 import common
+from cutmixseg import nets
+
+
+pytestmark = pytest.mark.xdist_group("networks")  # one worker builds the network once (module fixture)
 
 
 @pytest.fixture(scope="module")
 def deeplab():
     torch.manual_seed(0)
-    return common.DeepLabV2(num_classes=21).eval()
+    return nets.DeepLabV2(num_classes=21).eval()
 
 
 def test_deeplabv2_321_input_gives_41x41_head_and_full_size_logits(deeplab):
@@ -37,15 +41,15 @@ def test_deeplabv2_aspp_sums_only_the_rate_6_and_12_branches(deeplab):
         assert deeplab.n_branches == 2
         got = sum(b(features) for b in deeplab.aspp[:deeplab.n_branches])
         assert torch.allclose(got, expected)
-        fixed = common.DeepLabV2(num_classes=21, aspp_all_branches=True)
+        fixed = nets.DeepLabV2(num_classes=21, aspp_all_branches=True)
         assert fixed.n_branches == 4
 
 
 def test_every_torchvision_resnet101_key_loads(monkeypatch):
     reference = torchvision.models.resnet101(weights=None).state_dict()
     fake = {k: torch.randn_like(v.float()).to(v.dtype) for k, v in reference.items()}
-    monkeypatch.setattr(common, "load_torchvision_weights", lambda weights: fake)
-    net = common.DeepLabV2(num_classes=19)
+    monkeypatch.setattr(nets, "load_torchvision_weights", lambda weights: fake)
+    net = nets.DeepLabV2(num_classes=19)
     matched = net.load_imagenet()
     assert set(matched) == {k for k in reference if not k.startswith("fc.")}
     assert torch.equal(net.layer3[5].conv2.weight, fake["layer3.5.conv2.weight"])
@@ -59,7 +63,7 @@ def test_missing_weights_give_one_clear_message(monkeypatch):
         raise OSError("network unreachable")
     monkeypatch.setattr(type(ResNet101_Weights.IMAGENET1K_V1), "get_state_dict", offline)
     with pytest.raises(common.UserError) as err:
-        common.load_torchvision_weights(ResNet101_Weights.IMAGENET1K_V1)
+        nets.load_torchvision_weights(ResNet101_Weights.IMAGENET1K_V1)
     text = str(err.value)
     assert "resnet101-63fe2227.pth" in text and "--no-pretrained" in text and "checkpoints" in text
 
@@ -95,7 +99,7 @@ def test_dedupe_params_steps_every_weight_once(deeplab):
 
 @pytest.mark.parametrize("size", [(64, 64), (37, 50), (1, 1)])
 def test_unet_small_any_size(size):
-    net = common.UNetSmall(num_classes=3)
+    net = nets.UNetSmall(num_classes=3)
     x = torch.randn(2, 3, *size)
     out = net(x)
     assert out.shape == (2, 3, *size)

@@ -1,8 +1,11 @@
-"""`python common.py predict`: a finished run applied to new images (palette PNGs at the images' own sizes,
-folder structure kept, --tile, --overlay, --masks scoring as training's evaluation), load_model, bad input."""
+"""`python -m tools predict` (and its shortcut `python common.py predict`): a finished run applied to new
+images (palette PNGs at the images' own sizes, folder structure kept, --tile, --overlay, --masks scoring as
+training's evaluation), load_model, bad input."""
 import json
+import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,24 +13,32 @@ import torch
 from PIL import Image
 
 import common
-from conftest import ENV, FAST, ROOT, make_folder_dataset, read_results, run_script
-from tools import pictures
+from conftest import ENV, FAST, ROOT, kit_state, make_folder_dataset, read_results
+from cutmixseg import nets, pictures
 from tools import predict as P
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A finished folder run (unet_small) and its data."""
-    base = tmp_path_factory.mktemp("predict")
-    root = make_folder_dataset(base / "data", n_train=8, n_val=5, size=(24, 32))
-    run_script("train_cutmix.py", *FAST, "--dataset", "folder", "--data-root", root, "--arch", "unet_small",
-               "--out", base / "run")
-    return base / "run", root
+@pytest.fixture(scope="session")
+def trained(shared_run, shared_folder_data):
+    """A finished folder run (unet_small) and its data: the one tests/test_scripts.py checks."""
+    run, _ = shared_run("train_cutmix.py", "--dataset", "folder", "--data-root", shared_folder_data, "--arch",
+                        "unet_small", "--n-labeled", 4, *FAST)
+    return run, shared_folder_data
 
 
 def common_py(*argv, cwd):
+    """`python common.py COMMAND ...`, the shortcut that starts `python -m tools COMMAND ...`."""
     return subprocess.run([sys.executable, str(ROOT / "common.py"), *map(str, argv)], cwd=cwd, env=ENV,
                           capture_output=True, text=True, timeout=300)
+
+
+def predict_main(*argv, cwd, capsys):
+    """`python -m tools predict ARGV` in this process: (stdout; a UserError propagates)."""
+    capsys.readouterr()
+    with kit_state(), pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        P.main("predict", [str(a) for a in argv])
+    return SimpleNamespace(stdout=capsys.readouterr().out)
 
 
 def test_predicting_the_validation_images_reproduces_the_runs_miou(trained, tmp_path):
@@ -36,7 +47,8 @@ def test_predicting_the_validation_images_reproduces_the_runs_miou(trained, tmp_
                      root / "val" / "masks", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     results = json.loads((tmp_path / "pred" / "results.json").read_text())
-    assert results["n_images"] == 5 and len(results["per_class_iou"]) == 3
+    assert results["n_images"] == len(list((root / "val" / "images").iterdir())) == 4
+    assert len(results["per_class_iou"]) == 3
     assert results["miou"] == pytest.approx(read_results(run)["miou"], abs=1e-9)
     assert proc.stdout.rstrip().splitlines()[-1] == f"FINAL mIoU={read_results(run)['miou']:.2f}"
     for image in (root / "val" / "images").iterdir():
@@ -45,16 +57,16 @@ def test_predicting_the_validation_images_reproduces_the_runs_miou(trained, tmp_
         assert out.getpalette()[:9] == pictures.palette()[:3].flatten().tolist()
 
 
-def test_folders_keep_their_structure_images_keep_their_size_and_overlays_are_written(trained, tmp_path):
+def test_folders_keep_their_structure_images_keep_their_size_and_overlays_are_written(trained, tmp_path, capsys):
     run, _ = trained
     rng = np.random.default_rng(0)
     (tmp_path / "photos" / "sub").mkdir(parents=True)
     sizes = {"photos/a.jpg": (30, 50), "photos/sub/b.PNG": (17, 23), "single.webp": (40, 28)}
     for name, (h, w) in sizes.items():
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
-    proc = common_py("predict", run, tmp_path / "photos", tmp_path / "single.webp", "--out", tmp_path / "out",
-                     "--overlay", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    proc = predict_main(run, tmp_path / "photos", tmp_path / "single.webp", "--out", tmp_path / "out", "--overlay",
+                        cwd=tmp_path, capsys=capsys)
+    assert proc.stdout.rstrip().splitlines()[-1].startswith(f"3 predicted masks in {tmp_path / 'out'} (teacher of ")
     for name, target in (("photos/a.jpg", "a"), ("photos/sub/b.PNG", "sub/b"), ("single.webp", "single")):
         mask = Image.open(tmp_path / "out" / f"{target}.png")
         assert mask.size == Image.open(tmp_path / name).size and mask.mode == "P"
@@ -74,11 +86,11 @@ def test_tiles_agree_with_whole_images_up_to_their_borders(trained):
     assert (whole == tiled).float().mean() > 0.6
 
 
-def test_load_model_gives_the_runs_teacher(trained):
-    run, _ = trained
+def test_load_model_gives_the_runs_teacher_which_scores_the_runs_miou(trained):
+    run, root = trained
     net, info = common.load_model(run)
     assert info["class_names"] == ["0", "1", "2"] and info["preprocess"] is None and not net.training
-    teacher = common.UNetSmall(3)
+    teacher = nets.UNetSmall(3)
     teacher.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=True)["teacher"])
     x = torch.randn(2, 3, 24, 32)
     with torch.no_grad():
@@ -86,6 +98,10 @@ def test_load_model_gives_the_runs_teacher(trained):
     student, _ = common.load_model(run, net="student")
     with torch.no_grad():
         assert not torch.equal(student(x), net(x))
+    val = common.load_dataset("folder", root, with_unlabeled=False).val
+    miou, per_class, _ = common.evaluate(net, common.val_loader(val, 2), torch.device("cpu"), info["num_classes"])
+    assert miou == pytest.approx(read_results(run)["miou"], abs=1e-9)
+    assert per_class == pytest.approx(read_results(run)["per_class_iou"], abs=1e-9)
 
 
 def test_preprocessing_follows_the_dataset():
@@ -99,7 +115,7 @@ def test_preprocessing_follows_the_dataset():
 
 @pytest.mark.parametrize("case", ["no run", "no checkpoint", "unreadable image", "missing mask", "mask size",
                                   "one output twice", "no images"])
-def test_bad_input_gets_one_line(case, trained, tmp_path):
+def test_bad_input_gets_one_line(case, trained, tmp_path, capsys):
     run, root = trained
     images, masks = tmp_path / "images", tmp_path / "masks"
     images.mkdir(), masks.mkdir()
@@ -131,11 +147,12 @@ def test_bad_input_gets_one_line(case, trained, tmp_path):
     else:
         (images / "x.png").unlink()
         words = "no images"
-    proc = common_py("predict", *argv, cwd=tmp_path)
-    last = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr and words in last, proc.stderr
+    with pytest.raises(common.UserError) as refusal:  # `error: ...` on one line, as common's excepthook prints it
+        predict_main(*argv, cwd=tmp_path, capsys=capsys)
+    assert "\n" not in str(refusal.value) and words in str(refusal.value), str(refusal.value)
 
 
+@pytest.mark.slow
 def test_the_readme_walk_through_runs_as_written(tmp_path, monkeypatch):
     """Every command of README's 'From a folder of photos to masks', on generated data (training shortened:
     the options appended to its line win), then its Python lines."""
@@ -155,7 +172,10 @@ def test_the_readme_walk_through_runs_as_written(tmp_path, monkeypatch):
         argv = shlex.split(line.replace("ROOT", str(root)))
         assert argv[0] == "python"
         extra = [*FAST, "--arch", "unet_small", "--no-pretrained"] if argv[1].startswith("train_") else []
-        proc = subprocess.run([sys.executable, str(ROOT / argv[1]), *argv[2:], *extra], cwd=tmp_path, env=ENV,
+        # `python -m tools ...` from the kit's folder: here its path stands in for that folder
+        command = [sys.executable, *argv[1:3]] if argv[1] == "-m" else [sys.executable, str(ROOT / argv[1])]
+        env = dict(ENV, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), ENV.get("PYTHONPATH")])))
+        proc = subprocess.run([*command, *argv[2 + (argv[1] == "-m"):], *extra], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, (line, proc.stderr[-2000:])
     assert (tmp_path / "predicted" / "sub" / "p0.png").is_file()

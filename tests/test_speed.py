@@ -1,14 +1,13 @@
 """--benchmark (numbers printed, nothing written, FLOPs counted), --compile, batched teacher passes."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ENV, ROOT, read_results, run_script
+from conftest import once, read_results, refused, run_main, run_script
 
 import common
+from cutmixseg import nets
 
 # images per iteration of each script's streams at batch 8: labeled + unlabeled batches
 IMAGES = {"train_baseline.py": 8, "train_cutmix.py": 24, "train_cutout.py": 16, "train_vat.py": 16,
@@ -16,22 +15,28 @@ IMAGES = {"train_baseline.py": 8, "train_cutmix.py": 24, "train_cutout.py": 16, 
 KEYS = {"script", "method", "dataset", "arch", "device", "amp", "compile", "world_size", "batch_size", "crop_size",
         "data", "ms_per_iter", "iters_per_s", "images_per_s", "peak_memory_gib", "memory_kind", "tflop_per_iter",
         "tflops", "peak_tflops", "mfu", "eval_seconds", "iters", "train_minutes", "run_minutes",
-        "loader_images_per_s", "peak_reserved_gib", "warmup_seconds"}
+        "loader_images_per_s", "peak_reserved_gib", "warmup_seconds", "images_per_iter", "evaluations", "num_workers"}
 
 
 def benchmark(script, *args, cwd):
-    proc = run_script(script, "--benchmark", "2", "--num-workers", "0", *args, cwd=cwd)
+    """`SCRIPT --benchmark 2 ARGS` through main() in this process, from `cwd`: (its BENCHMARK record, stdout)."""
+    proc = run_main(script, "--benchmark", "2", "--num-workers", "0", *args, cwd=cwd)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCHMARK ")]
     assert len(lines) == 1, proc.stdout
-    return json.loads(lines[0][len("BENCHMARK "):]), proc.stdout
+    record = json.loads(lines[0][len("BENCHMARK "):])
+    assert record == proc.result  # main returns what it printed
+    return record, proc.stdout
 
 
-@pytest.fixture(scope="module")
-def demo_benchmarks(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("bench")
-    records = {script: benchmark(script, cwd=cwd) for script in IMAGES}
-    assert list(cwd.iterdir()) == []  # a benchmark writes nothing
-    return records
+@pytest.fixture(scope="session")
+def demo_benchmarks(shared_root):
+    """Each script's demo benchmark, once per session (all workers)."""
+    def build(folder):
+        records = {script: benchmark(script, cwd=folder) for script in IMAGES}
+        assert list(folder.iterdir()) == []  # a benchmark writes nothing
+        (folder / "records.json").write_text(json.dumps(records))
+    return {script: tuple(r) for script, r in json.loads((once(shared_root, "demo_benchmarks", build)
+                                                          / "records.json").read_text()).items()}
 
 
 @pytest.mark.parametrize("script", list(IMAGES))
@@ -65,25 +70,33 @@ def test_flop_counts_follow_the_passes_of_each_method(demo_benchmarks):
     assert flops["train_vat.py"] / base == pytest.approx(9 / 3, rel=0.03)
 
 
-def test_joint_student_pass_with_frozen_batchnorm_runs_every_script_and_counts_the_same_flops(tmp_path):
+def deeplabv2_flops(script, cwd):
+    proc = run_main(script, "--arch", "deeplabv2", "--benchmark", "1", "--batch-size", "2", "--crop-size", "32",
+                    "--num-workers", "0", cwd=cwd)
+    assert "freeze_bn=True" in proc.stdout
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("BENCHMARK "))
+    return json.loads(line[len("BENCHMARK "):])["tflop_per_iter"]
+
+
+RATIOS = {"train_cutmix.py": 8 / 3, "train_ict.py": 8 / 3, "train_cutout.py": 7 / 3, "train_stdaug.py": 7 / 3,
+          "train_vat.py": 9 / 3}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", RATIOS)
+def test_joint_student_pass_with_frozen_batchnorm_runs_every_script_and_counts_the_same_flops(
+        script, shared_root, tmp_path):
     """DeepLab v2 (every BatchNorm frozen): the student predicts the labeled and the unlabeled batch in
-    one pass (cat, split); the FLOPs per iteration keep each method's ratio to the baseline."""
-    flops = {}
-    for script in IMAGES:
-        proc = run_script(script, "--arch", "deeplabv2", "--benchmark", "1", "--batch-size", "2", "--crop-size", "32",
-                          "--num-workers", "0", cwd=tmp_path)
-        assert "freeze_bn=True" in proc.stdout
-        line = next(line for line in proc.stdout.splitlines() if line.startswith("BENCHMARK "))
-        flops[script] = json.loads(line[len("BENCHMARK "):])["tflop_per_iter"]
-    base = flops["train_baseline.py"]
-    for script, ratio in {"train_cutmix.py": 8 / 3, "train_ict.py": 8 / 3, "train_cutout.py": 7 / 3,
-                          "train_stdaug.py": 7 / 3, "train_vat.py": 9 / 3}.items():
-        assert flops[script] / base == pytest.approx(ratio, rel=0.01), script
+    one pass (cat, split); the FLOPs per iteration keep each method's ratio to the baseline (measured once)."""
+    baseline = once(shared_root, "deeplabv2_baseline_flops", lambda folder: (folder / "flops.json").write_text(
+        json.dumps(deeplabv2_flops("train_baseline.py", folder))))
+    base = json.loads((baseline / "flops.json").read_text())
+    assert deeplabv2_flops(script, tmp_path) / base == pytest.approx(RATIOS[script], rel=0.01), script
 
 
 def test_flops_of_one_forward_pass_match_the_counted_iteration(demo_benchmarks):
     from torch.utils.flop_counter import FlopCounterMode
-    net = common.UNetSmall(5)
+    net = nets.UNetSmall(5)
     with FlopCounterMode(display=False) as counter:
         net(torch.zeros(8, 3, 48, 48))
     forward = counter.get_total_flops() / 1e12
@@ -99,6 +112,7 @@ def test_benchmark_without_data_uses_the_protocols_shapes(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_benchmark_needs_no_pretrained_weights(tmp_path):
     # deeplabv2 would load ImageNet weights; the benchmark times random ones (this machine has none)
     record, _ = benchmark("train_baseline.py", "--dataset", "cityscapes", "--crop-size", "33,33", "--batch-size",
@@ -107,13 +121,12 @@ def test_benchmark_needs_no_pretrained_weights(tmp_path):
 
 
 def test_negative_benchmark_is_refused():
-    proc = run_script("train_cutmix.py", "--benchmark", "-1", check=False)
-    assert proc.returncode != 0 and "--benchmark expects a number of iterations, got -1" in proc.stderr
+    assert refused("train_cutmix.py", "--benchmark", "-1") == "error: --benchmark expects a number of iterations, got -1"
 
 
 def test_forward_each_batches_only_where_batchnorm_uses_running_statistics():
     torch.manual_seed(0)
-    net = common.UNetSmall(3)
+    net = nets.UNetSmall(3)
     a, b = torch.randn(2, 3, 16, 16), torch.randn(3, 3, 16, 16)
     net.train()  # batch statistics: one pass per batch, as two separate calls
     with torch.no_grad():
@@ -136,7 +149,7 @@ def test_one_student_pass_over_both_batches_gives_the_gradients_of_two():
     x_l, x_u = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
     y_l, target = torch.randint(0, 3, (2, 16, 16)), torch.rand(2, 3, 16, 16)
     for bn_trains in (False, True):
-        net = common.UNetSmall(3).double()
+        net = nets.UNetSmall(3).double()
         net.train()
         if not bn_trains:
             for m in net.modules():
@@ -158,7 +171,7 @@ def test_evaluation_stays_eager_under_compile():
     """--compile compiles the training shapes only: evaluating whole images of other sizes compiles nothing."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
-    net = common.UNetSmall(3)
+    net = nets.UNetSmall(3)
     net.compile(backend="eager", dynamic=False)
     net(torch.randn(2, 3, 16, 16))
     compiled = counters["frames"]["ok"]
@@ -170,9 +183,11 @@ def test_evaluation_stays_eager_under_compile():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_compiled_run_trains_like_the_eager_one(tmp_path):
+    """The compiled run in a process of its own: torch.compile's caches and settings stay there."""
     args = ["--iters", "3", "--eval-every", "3", "--batch-size", "2", "--num-workers", "0"]
-    run_script("train_baseline.py", *args, "--out", tmp_path / "eager")
+    run_main("train_baseline.py", *args, "--out", tmp_path / "eager")
     run_script("train_baseline.py", *args, "--compile", "--out", tmp_path / "compiled", timeout=900)
     eager, compiled = (
         [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
@@ -182,17 +197,22 @@ def test_compiled_run_trains_like_the_eager_one(tmp_path):
             assert c["sup"] == pytest.approx(e["sup"], rel=1e-3)
     # the checkpoint keeps the plain module names: it loads into an uncompiled net
     state = torch.load(tmp_path / "compiled" / "checkpoint.pt", map_location="cpu", weights_only=True)
-    common.UNetSmall(5).load_state_dict(state["student"])
+    nets.UNetSmall(5).load_state_dict(state["student"])
     assert read_results(tmp_path / "compiled")["miou"] == pytest.approx(read_results(tmp_path / "eager")["miou"],
                                                                         abs=0.5)
 
 
-def test_costs_command_prints_one_row_per_cell(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "common.py"), "costs", "--datasets", "demo", "--methods",
-                           "baseline", "cutmix", "--iters", "1", "--", "--num-workers", "0"], cwd=tmp_path, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| demo |")]
+@pytest.mark.slow
+def test_costs_command_prints_one_row_per_cell(tmp_path, capfd, monkeypatch):
+    """`python -m tools costs` in this process; the benchmarks it runs are programs of their own."""
+    from tools import costs
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    costs.main("costs", ["--datasets", "demo", "--methods", "baseline", "cutmix", "--iters", "1", "--", "--num-workers",
+                         "0"])
+    out, err = capfd.readouterr()
+    assert "failed" not in out, err
+    rows = [line for line in out.splitlines() if line.startswith("| demo |")]
     assert [row.split(" | ")[2] for row in rows] == ["baseline", "cutmix"]
     assert all("| unet_small |" in row and "8, 48x48" in row for row in rows)
     assert list(tmp_path.iterdir()) == []

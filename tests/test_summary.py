@@ -4,13 +4,14 @@ import json
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 import common
+from conftest import ENV, FAST, ROOT, kit_state
 from tools import paper
-from conftest import ENV, FAST, ROOT
 
 
 def fake_run(folder, dataset, arch, method, n, score, **args):
@@ -23,11 +24,24 @@ def fake_run(folder, dataset, arch, method, n, score, **args):
 
 
 def common_py(*argv, cwd):
+    """`python common.py COMMAND ...`: the shortcut, as a user runs it."""
     return subprocess.run([sys.executable, str(ROOT / "common.py"), *map(str, argv)], cwd=cwd, env=ENV,
                           capture_output=True, text=True, timeout=300)
 
 
-def test_summary_groups_runs_into_cells_beside_the_papers_values(tmp_path):
+def tool(command, *argv, cwd, capture):
+    """`python -m tools COMMAND ARGV` in this process (capture: capsys, or capfd for the output of the training
+    runs it starts too): its stdout, stderr and exit status; a UserError propagates."""
+    capture.readouterr()
+    with kit_state(), pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        mp.setenv("OMP_NUM_THREADS", "1")  # the runs it starts: one thread, as run_script's
+        status = paper.main(command, [str(a) for a in argv])
+    out, err = capture.readouterr()
+    return SimpleNamespace(stdout=out, stderr=err, returncode=status or 0)
+
+
+def test_summary_groups_runs_into_cells_beside_the_papers_values(tmp_path, capsys):
     runs = tmp_path / "runs"
     for i, score in enumerate([60.0, 61.0, 62.0]):
         fake_run(runs / f"cm_{i}", "cityscapes", "deeplabv2", "cutmix", 372, score, crop_size=[256, 512])
@@ -39,7 +53,7 @@ def test_summary_groups_runs_into_cells_beside_the_papers_values(tmp_path):
     (runs / "unfinished" / "checkpoint.pt").write_bytes(b"")
     (runs / "broken").mkdir()
     (runs / "broken" / "results.json").write_text("{")  # a run killed while writing: skipped
-    proc = common_py("summary", runs, cwd=tmp_path)
+    proc = tool("summary", runs, cwd=tmp_path, capture=capsys)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "broken" in proc.stderr and "unfinished" not in proc.stderr
@@ -63,14 +77,14 @@ def test_every_table_4_cell_has_a_paper_value():
     assert paper.paper_value("cityscapes", "deeplabv2", "cutmix", 100) == "51.20 ± 2.29"
 
 
-def test_seeds_command_lines(tmp_path):
+def test_seeds_command_lines(tmp_path, capsys):
     runs = tmp_path / "runs"
     # each seed's folder is the one the script itself names (the split seed varies: _ss<seed>)
     fake_run(runs / "train_cutmix_cityscapes_372_s1_ss1", "cityscapes", "deeplabv2", "cutmix", 372, 60.0)
     (runs / "train_cutmix_cityscapes_372_s1_ss2").mkdir()
     (runs / "train_cutmix_cityscapes_372_s1_ss2" / "checkpoint.pt").write_bytes(b"")
-    proc = common_py("seeds", "train_cutmix.py", "--seeds", 1, 2, 3, "--runs", runs, "--dry-run", "--",
-                     "--dataset", "cityscapes", "--data-root", "CS", cwd=tmp_path)
+    proc = tool("seeds", "train_cutmix.py", "--seeds", 1, 2, 3, "--runs", runs, "--dry-run", "--",
+                "--dataset", "cityscapes", "--data-root", "CS", cwd=tmp_path, capture=capsys)
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("$ ")]
     assert f"finished: {runs}/train_cutmix_cityscapes_372_s1_ss1" in proc.stdout
@@ -81,22 +95,24 @@ def test_seeds_command_lines(tmp_path):
     assert "| cutmix | 60.00 [1] / 60.34 ± 1.24 |" in proc.stdout  # the finished seed's summary
     # Pascal: the split file fixes the labeled subset, so the seed varies initialisation and sampling; an
     # arch other than the dataset's is named in the folder
-    proc = common_py("seeds", "train_baseline.py", "--seeds", 7, "--dry-run", "--", "--dataset", "pascal_aug",
-                     "--arch", "pspnet101", "--split-file", "split_0.pkl", "--n-labeled", -1, cwd=tmp_path)
+    proc = tool("seeds", "train_baseline.py", "--seeds", 7, "--dry-run", "--", "--dataset", "pascal_aug",
+                "--arch", "pspnet101", "--split-file", "split_0.pkl", "--n-labeled", -1, cwd=tmp_path, capture=capsys)
     assert proc.stdout.splitlines()[0].endswith("--seed 7 --out runs/train_baseline_pascal_aug_pspnet101_-1_s7")
-    proc = common_py("seeds", "train_cutmix.py", "--", "--seed", 3, cwd=tmp_path)
-    assert proc.returncode != 0 and "--seed is set per seed" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(common.UserError, match="--seed is set per seed"):
+        tool("seeds", "train_cutmix.py", "--", "--seed", 3, cwd=tmp_path, capture=capsys)
 
 
-def test_seeds_runs_the_demo_twice_then_skips_both(tmp_path):
-    argv = ["seeds", "train_cutmix.py", "--seeds", 1, 2, "--", *FAST, "--n-labeled", 8]
-    proc = common_py(*argv, cwd=tmp_path)
+@pytest.mark.slow
+def test_seeds_runs_the_demo_twice_then_skips_both(tmp_path, capfd):
+    """The tool in this process; the runs it starts are programs of their own."""
+    argv = ["train_cutmix.py", "--seeds", 1, 2, "--", *FAST, "--n-labeled", 8]
+    proc = tool("seeds", *argv, cwd=tmp_path, capture=capfd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for seed in (1, 2):
         results = json.loads((tmp_path / f"runs/train_cutmix_demo_8_s1_ss{seed}/results.json").read_text())
         assert results["n_labeled"] == 8 and results["iters"] == 6
     assert "demo, unet_small: mIoU" in proc.stdout and "[2] / —" in proc.stdout
-    again = common_py(*argv, cwd=tmp_path)
+    again = tool("seeds", *argv, cwd=tmp_path, capture=capfd)
     assert again.returncode == 0 and again.stdout.count("finished: ") == 2 and "$ " not in again.stdout
 
 
@@ -116,15 +132,15 @@ def test_summary_of_a_missing_folder_or_a_file_is_refused(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == "no finished runs (results.json) found"
 
 
-def test_summary_names_the_file_it_cannot_read(tmp_path):
+def test_summary_names_the_file_it_cannot_read(tmp_path, capsys):
     runs = tmp_path / "runs"
     fake_run(runs / "good", "cityscapes", "deeplabv2", "cutmix", 372, 60.0)
     fake_run(runs / "bad_args", "cityscapes", "deeplabv2", "cutmix", 372, 70.0)
     (runs / "bad_args" / "args.json").write_text('{"crop_size": [256,')
     fake_run(runs / "deep", "cityscapes", "deeplabv2", "cutmix", 372, 80.0)
     (runs / "deep" / "results.json").write_text("[" * 100000 + "]" * 100000)
-    proc = common_py("summary", runs, cwd=tmp_path)
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr
+    proc = tool("summary", runs, cwd=tmp_path, capture=capsys)
+    assert proc.returncode == 0
     assert f"skipped {runs / 'bad_args'}: args.json cannot be read (JSONDecodeError: " in proc.stderr
     assert f"skipped {runs / 'deep'}: results.json cannot be read (RecursionError: nested too deeply)" in proc.stderr
     assert "| cutmix | 60.00 [1] / 60.34 ± 1.24 |" in proc.stdout  # the readable run alone
@@ -151,8 +167,8 @@ def test_seeds_refuses_bad_options_before_any_run(argv, words, tmp_path, monkeyp
     assert not (tmp_path / "runs").exists() and "$ " not in said.out
 
 
-def test_seeds_names_a_failed_run(tmp_path):
-    proc = common_py("seeds", "train_cutmix.py", "--seeds", 5, "--", "--dataset", "folder", cwd=tmp_path)
+def test_seeds_names_a_failed_run(tmp_path, capfd):
+    proc = tool("seeds", "train_cutmix.py", "--seeds", 5, "--", "--dataset", "folder", cwd=tmp_path, capture=capfd)
     assert proc.returncode == 1 and "error: --dataset folder needs --data-root" in proc.stderr
     assert last_line(proc) == ("failed seeds: 5 (exit status 1, runs/train_cutmix_folder_-1_s1_ss5); their errors "
                                "are above")

@@ -11,6 +11,9 @@ from cutmixseg.files import UserError
 BLOCKS = (3, 4, 23, 3)  # ResNet-101
 
 
+pytestmark = pytest.mark.xdist_group("unimatch_net")  # one worker builds the network once (module fixture)
+
+
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
