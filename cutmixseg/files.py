@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ CHECKPOINTED = {}
 def excepthook(kind, value, tb):
     """sys.excepthook of every command: bad input, Ctrl-C, a full disk, a dead loader worker in one line each,
     saying how to go on from the last checkpoint; anything else as Python prints it."""
-    if hasattr(signal, "SIGCHLD"):  # first: torch's handler raises again in here as each dead worker is reaped
+    if hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread():  # first: torch's handler raises again in here as each dead worker is reaped
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     resume = ("" if not CHECKPOINTED else "; no checkpoint yet: the same command starts the run afresh"
               if CHECKPOINTED["iter"] is None else f"; --resume continues from iteration {CHECKPOINTED['iter']}")

@@ -398,9 +398,9 @@ class GlobalBatchNorm(nn.BatchNorm2d):
     def forward(self, x):
         if not (self.training and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
             return super().forward(x)
-        import torch.distributed.nn.functional  # noqa: F401 (all_reduce with a gradient)
+        from torch.distributed.nn.functional import all_reduce  # all_reduce with a gradient
         xf, C = x.float(), x.shape[1]
-        stats = torch.distributed.nn.functional.all_reduce(  # summed; its gradient flows back to every process
+        stats = all_reduce(  # summed; its gradient flows back to every process
             torch.cat([xf.sum((0, 2, 3)), xf.pow(2).sum((0, 2, 3)), xf.new_full((1,), xf.numel() / C)]))
         count, mean = stats[-1], stats[:C] / stats[-1]
         var = (stats[C:2 * C] / count - mean.pow(2)).clamp(min=0)
