@@ -148,7 +148,7 @@ class TrainArgs:
     lesion_scoring: bool = resolved(False)  # ISIC: the predicted lesion hole-filled, its IoU reported
     iters_per_epoch: int = resolved()     # today's protocol: as UniMatch's sampler deals them (epochs_to_iters)
     ohem: dict = resolved()               # unimatch, Cityscapes: the labeled loss is OHEM (ohem_loss's keywords)
-    eval_window: int = resolved()         # unimatch, Cityscapes: evaluation by sliding windows of this side
+    eval_window: int = resolved()         # unimatch, Cityscapes: evaluation by sliding windows, the crop's side
     student_every_eval: bool = resolved(False)  # the student evaluated every time, not at the end only
     PER_DATASET: ClassVar[dict] = {}      # a method's values that differ by dataset: {dataset: {field: value}}
     PER_PROTOCOL: ClassVar[dict] = {}     # the same by protocol: {"unimatch": {field: value}}
@@ -185,8 +185,7 @@ def command_line(args_class, argv=None):
 LIMITS = [*[(name, lambda v: v >= 1, "must be at least 1") for name in ("iters", "epochs", "batch_size", "eval_every",
                                                                        "n_boxes", "steps", "seeds", "grid", "n_anchors")],
           ("n_labeled", lambda v: v == -1 or v > 0, "must be a positive count or -1 (all)"),
-          ("teacher_alpha", lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
-          ("conf_thresh", lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+          *[(name, lambda v: 0 <= v <= 1, "must lie in [0, 1]") for name in ("teacher_alpha", "conf_thresh")],
           ("benchmark", lambda v: v >= 0, "expects a number of iterations"),
           *[(name, lambda v: 0 <= v < 2**32, "must lie in [0, 2**32)") for name in ("seed", "split_seed")],
           ("lr", lambda v: 0 < v < math.inf, "must be a positive number"),
@@ -212,8 +211,7 @@ def parse_args(args_class, argv=None):
     if given.get("resume"):  # the folder to resume: --out, or where these options write by default
         out, script = given.get("out"), sys.argv[0] if sys.argv[0].endswith(".py") else None
         if not out and script:
-            a = resolve(args_class, given)
-            out = run_folder(script, a.dataset, a.n_labeled, a.seed, a.split_seed, a.arch)
+            out = run_folder(script, resolve(args_class, given))
         given = guard.resume_settings(args_class, given, out)
     args = resolve(args_class, given)
     world = process_group()[1]
@@ -637,12 +635,16 @@ def evaluate(net, loader, device, num_classes, amp="off", lesion_scoring=False, 
     return iou.mean().item(), iou.tolist(), conf.cpu()
 
 # ---- 6. Run: the run folder, its log, metrics, checkpoints and results ----------------------------
-def run_folder(script, dataset, n_labeled, seed, split_seed=12345, arch=None):
-    """The default run folder, runs/<script>_<dataset>[_<arch>]_<n_labeled>_s<seed>[_ss<split_seed>]: the
-    arch when it is not the dataset's, the split seed when it is not the default (the paper varies it)."""
-    tag = "" if arch in (None, DATASETS.get(dataset, {}).get("arch")) else f"_{arch}"
-    split = "" if split_seed == 12345 else f"_ss{split_seed}"
-    return Path("runs") / f"{Path(script).stem}_{dataset}{tag}_{n_labeled}_s{seed}{split}"
+def run_folder(script, args):
+    """The default run folder of resolved Args: runs/<script>_<dataset>[_unimatch][_<arch>]_<n_labeled>[_<list>]
+    _s<seed>[_ss<split_seed>]: the arch when not the protocol's; under today's protocol a --split-file that
+    --n-labeled did not pick (its folder's name for a labeled.txt, else its stem); the split seed when not 12345."""
+    today = args.protocol == "unimatch"
+    parts = [Path(script).stem, args.dataset] + (["unimatch"] if today else [])
+    parts += [args.arch] if args.arch != (UNIMATCH_ALL if today else DATASETS[args.dataset])["arch"] else []
+    parts += [args.n_labeled] + ([unimatch_list_name(args)] if today and unimatch_list_name(args) else [])
+    parts += [f"s{args.seed}"] + ([f"ss{args.split_seed}"] if args.split_seed != 12345 else [])
+    return Path("runs") / "_".join(map(str, parts))
 
 def make_run(args, method, unlabeled=True):
     """The Run a script reports to (`unlabeled`: does it stream them); under --benchmark a Benchmark, which
@@ -658,8 +660,7 @@ class Run:
         self.args, self.method, self.unlabeled, (self.rank, self.world) = args, method, unlabeled, process_group()
         self.main, self.log_file, self.metrics_file, self.last_eval = self.rank == 0, None, None, None
         script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else f"train_{method}"
-        args.out = args.out or str(run_folder(script, args.dataset, args.n_labeled, args.seed, args.split_seed,
-                                              args.arch))
+        args.out = args.out or str(run_folder(script, args))
         self.out, self.checkpoint_path = Path(args.out), Path(args.out) / "checkpoint.pt"
         if self.main:  # --out checked and claimed (cutmixseg/guard.py)
             guard.claim(self)
@@ -685,8 +686,8 @@ class Run:
         nets, the optimizer, the loss scaler, the method's generator (masks, probes) and the global RNGs."""
         self.data, self.device, self.start_iter, self.timer_state = data, device, 0, None
         self.nets = dict(student=student, teacher=teacher)
-        self.tracked = dict(self.nets, optimizer=optimizer, scaler=scaler, **({} if generator is None else
-                                                                             dict(generator=generator)))
+        self.tracked = dict(self.nets, optimizer=optimizer, scaler=scaler)
+        self.tracked.update({} if generator is None else dict(generator=generator))
         self.val_loader = val_loader(data.val, self.args.batch_size, self.args.num_workers)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -834,9 +835,9 @@ class Run:
 
 def load_model(run_dir, net="teacher", device="cpu"):
     """(network in eval mode on `device`, info) from a run folder's args.json and checkpoint.pt, as Run.save
-    wrote them. info: class_names, num_classes, mean and std (of normalisation), preprocess ("halve" for
-    Cityscapes, which trains at half size; "resize 248x248" for ISIC; None), dataset, arch, iteration,
-    lesion_scoring."""
+    wrote them. info: class_names, num_classes, mean and std (of normalisation), preprocess ("halve" for the paper's
+    half-size Cityscapes; "resize 248x248" for ISIC; None), eval_window (sliding windows' side, today's protocol's
+    Cityscapes; None: whole images), dataset, arch, iteration, lesion_scoring."""
     run_dir = Path(run_dir)
     if not (run_dir / "args.json").is_file():
         raise UserError(f"{run_dir}: no run there (expected a run folder with args.json and checkpoint.pt)")
@@ -854,9 +855,10 @@ def load_model(run_dir, net="teacher", device="cpu"):
         model.load_state_dict(state[net])
     except Exception as e:  # a truncated or foreign file, a state that does not fit the arch
         raise UserError(f"{run_dir / 'checkpoint.pt'}: cannot load the {net} from it ({type(e).__name__}: {e})")
-    preprocess = {"cityscapes": "halve", "isic2017": "resize 248x248"}.get(saved["dataset"])
+    preprocess = {"cityscapes": "halve", "isic2017": "resize 248x248"}.get(saved["dataset"])  # the paper's sizes
     return model.eval(), dict(class_names=names, num_classes=len(names), mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                              preprocess=preprocess, dataset=saved["dataset"], arch=saved["arch"],
+                              preprocess=None if saved.get("protocol") == "unimatch" else preprocess,
+                              eval_window=saved.get("eval_window"), dataset=saved["dataset"], arch=saved["arch"],
                               iteration=state["iter"], lesion_scoring=saved.get("lesion_scoring", False))
 
 # ---- 7. torchrun: several processes, one run (BatchNorm across processes: section 9, sync_batchnorm) ---
@@ -1180,6 +1182,8 @@ def resolve_unimatch(args, count_given):
     a --split-file (any list in UniMatch's format, e.g. U2PL's) is used whole unless --n-labeled cuts it."""
     if args.crop_size[0] != args.crop_size[1]:
         raise UserError(f"--crop-size {args.crop_size[0]},{args.crop_size[1]}: today's protocol crops squares, as UniMatch")
+    if args.eval_window:  # UniMatch's evaluation windows are its training crops
+        args.eval_window = args.crop_size[0]
     if args.split_file or args.n_labeled == -1:  # -1: every training image labeled
         if args.split_file and not count_given:
             args.n_labeled = len(prepare.read_lines(args.split_file))
@@ -1190,6 +1194,14 @@ def resolve_unimatch(args, count_given):
         raise UserError(f"--n-labeled {args.n_labeled}: UniMatch's {args.dataset} lists hold {sorted(lists)} labeled "
                         f"images; give one of these counts, or the labeled images in --split-file")
     args.split_file = str(lists[args.n_labeled])
+
+def unimatch_list_name(args):
+    """The name of a --split-file that --n-labeled does not pick (its folder's for a labeled.txt, else its stem:
+    U2PL's lists, a user's), None for UniMatch's lists picked by their count; run folders and tables name it."""
+    listed = Path(args.split_file or "")
+    if not args.split_file or (listed.parent.parent.parent == UNIMATCH_SPLITS and "u2pl" not in listed.parent.name):
+        return None
+    return listed.parent.name if listed.name == "labeled.txt" else listed.stem
 
 def epochs_to_iters(args, n_images, world):
     """--iters and --eval-every where a protocol counts epochs (today's): an epoch is one pass over the unlabeled

@@ -122,7 +122,10 @@ def test_no_training_script_imports_another():
 
 
 def test_common_and_each_tool_stay_readable_in_size():
-    assert len((ROOT / "common.py").read_text().splitlines()) <= 1500
+    lines = (ROOT / "common.py").read_text().splitlines()
+    assert len(lines) <= 1500
+    read_first = next(i for i, line in enumerate(lines) if line.startswith("# ====") and "Catalogues" in line)
+    assert read_first <= 900  # what a script's reader needs comes before the catalogues
     tools = sorted((ROOT / "tools").glob("*.py"))
     assert tools
     for path in tools:

@@ -216,10 +216,25 @@ def test_args_carry_their_declared_fields_only_each_of_one_type(dataset):
 
 def test_default_run_folder_is_the_one_the_seeds_tool_names(tmp_path):
     run_main("train_baseline.py", *FAST, "--seed", 3, "--split-seed", 7, cwd=tmp_path)
-    folder = tmp_path / common.run_folder("train_baseline.py", "demo", 60, 3, 7)
+    folder = tmp_path / common.run_folder("train_baseline.py", common.parse_args(
+        common.TrainArgs, ["--seed", "3", "--split-seed", "7"]))
     assert folder.name == "train_baseline_demo_60_s3_ss7" and (folder / "results.json").is_file()
-    assert common.run_folder("x.py", "pascal_aug", 106, 1, arch="pspnet101").name == "x_pascal_aug_pspnet101_106_s1"
-    assert common.run_folder("x.py", "pascal_aug", 106, 1, arch="deeplabv2").name == "x_pascal_aug_106_s1"
+
+    def name(*argv):
+        return common.run_folder("x.py", common.parse_args(common.TrainArgs, list(map(str, argv)))).name
+    assert name("--dataset", "pascal_aug", "--n-labeled", 106, "--arch", "pspnet101") == "x_pascal_aug_pspnet101_106_s1"
+    assert name("--dataset", "pascal_aug", "--n-labeled", 106, "--arch", "deeplabv2") == "x_pascal_aug_106_s1"
+    # today's protocol apart from the paper's; a list that --n-labeled does not pick named by its folder or stem
+    lists = common.UNIMATCH_SPLITS / "cityscapes"
+    assert name("--protocol", "unimatch", "--dataset", "cityscapes") == "x_cityscapes_unimatch_186_s1"
+    assert name("--protocol", "unimatch", "--dataset", "cityscapes", "--arch", "unet_small") == \
+        "x_cityscapes_unimatch_unet_small_186_s1"
+    assert name("--protocol", "unimatch", "--dataset", "cityscapes", "--split-file", lists / "1_8" / "labeled.txt") \
+        == "x_cityscapes_unimatch_372_s1"
+    mine = tmp_path / "my_list.txt"
+    mine.write_text("".join(line + "\n" for line in (lists / "1_8" / "labeled.txt").read_text().splitlines()[:50]))
+    assert name("--protocol", "unimatch", "--dataset", "cityscapes", "--split-file", mine) == \
+        "x_cityscapes_unimatch_50_my_list_s1"
 
 
 def test_evaluation_and_pictures_leave_the_modes_as_they_found_them(tmp_path):

@@ -67,6 +67,26 @@ def test_summary_groups_runs_into_cells_beside_the_papers_values(tmp_path, capsy
     assert "isic2017, denseunet161: lesion IoU" in out and "| cutmix | 74.00 [1] / 74.57 ± 1.03 |" in out
 
 
+def test_summary_puts_todays_protocol_apart_scored_by_the_best_evaluation(tmp_path, capsys):
+    runs, arch = tmp_path / "runs", "deeplabv3plus_deepstem"
+    u2pl = str(common.UNIMATCH_SPLITS / "pascal" / "u2pl_1_16" / "labeled.txt")
+    blended = str(common.UNIMATCH_SPLITS / "pascal" / "1_16" / "labeled.txt")
+    for name, method, n, split_file, crop in (("sup", "baseline", 92, None, [321, 321]),
+                                              ("blended", "cutmix", 662, blended, [321, 321]),
+                                              ("u2pl", "cutmix", 662, u2pl, [513, 513])):
+        fake_run(runs / name, "pascal_aug", arch, method, n, 40.0, protocol="unimatch", split_file=split_file,
+                 crop_size=crop)
+        results = json.loads((runs / name / "results.json").read_text())
+        (runs / name / "results.json").write_text(json.dumps(dict(results, best_miou=n / 10)))
+    fake_run(runs / "paper", "pascal_aug", "deeplabv2", "baseline", 92, 30.0)
+    out = tool("summary", runs, cwd=tmp_path, capture=capsys).stdout
+    assert f"pascal_aug, {arch}, today's protocol: best mIoU (%), ours mean ± std [runs] / UniMatch's table" in out
+    assert "| baseline | 9.20 [1] / 45.1 | — [0] / — |" in out  # columns 92 and 662
+    assert "| cutmix | — [0] / — | 66.20 [1] / — |" in out  # UniMatch's blended list
+    assert "| cutmix, crop 513x513, list u2pl_1_16 | — [0] / — | 66.20 [1] / — |" in out  # U2PL's, apart
+    assert "pascal_aug, deeplabv2: mIoU (%), ours mean ± std [runs] / paper" in out and "| baseline | 30.00 [1]" in out
+
+
 def test_every_table_4_cell_has_a_paper_value():
     for arch in ("deeplabv3plus", "denseunet161", "pspnet101"):
         for method in ("baseline", "cutmix"):
@@ -98,6 +118,13 @@ def test_seeds_command_lines(tmp_path, capsys):
     proc = tool("seeds", "train_baseline.py", "--seeds", 7, "--dry-run", "--", "--dataset", "pascal_aug",
                 "--arch", "pspnet101", "--split-file", "split_0.pkl", "--n-labeled", -1, cwd=tmp_path, capture=capsys)
     assert proc.stdout.splitlines()[0].endswith("--seed 7 --out runs/train_baseline_pascal_aug_pspnet101_-1_s7")
+    # today's protocol: its lists fix the subset (the seed varies); U2PL's list of 662 apart from UniMatch's
+    u2pl = common.UNIMATCH_SPLITS / "pascal" / "u2pl_1_16" / "labeled.txt"
+    for options, folder in ((["--n-labeled", 662], "train_cutmix_pascal_aug_unimatch_662_s7"),
+                            (["--split-file", u2pl], "train_cutmix_pascal_aug_unimatch_662_u2pl_1_16_s7")):
+        proc = tool("seeds", "train_cutmix.py", "--seeds", 7, "--dry-run", "--", "--protocol", "unimatch",
+                    "--dataset", "pascal_aug", *options, cwd=tmp_path, capture=capsys)
+        assert proc.stdout.splitlines()[0].endswith(f"--seed 7 --out runs/{folder}")
     with pytest.raises(common.UserError, match="--seed is set per seed"):
         tool("seeds", "train_cutmix.py", "--", "--seed", 3, cwd=tmp_path, capture=capsys)
 

@@ -61,6 +61,7 @@ def test_settings_of_the_protocol():
                                                                                                False, False)
     assert city.ohem == dict(thresh=0.7, min_kept=200_000, per_images=2) and city.eval_window == 801
     assert city.iters is None and city.n_labeled == 186  # iterations follow the data: epochs_to_iters
+    assert unimatch_args("--dataset", "cityscapes", "--crop-size", 769).eval_window == 769  # windows = crops
     voc = unimatch_args("--dataset", "pascal_aug", "--no-pretrained")
     assert (voc.crop_size, voc.epochs, voc.lr, voc.backbone_lr_mult, voc.ohem, voc.eval_window) == (
         (321, 321), 80, 0.01, 0.1, None, None)  # UniMatch's base 0.001, the head x10
@@ -172,6 +173,16 @@ def test_every_script_runs_the_protocol_end_to_end(official, tmp_path, script):
     assert (out / "labeled.txt").read_text().split() == names[:2]
     settings = json.loads((out / "args.json").read_text())
     assert settings["protocol"] == "unimatch" and settings["iters_per_epoch"] == iters
+    if script == "train_cutmix.py":  # the trained model predicts as it was evaluated: full size, sliding windows
+        from tools.predict import predict
+        net, info = common.load_model(out)
+        assert info["preprocess"] is None and info["eval_window"] == settings["eval_window"] == 40
+        image = common.read_image(sorted((root / "leftImg8bit" / "val").rglob("*.png"))[0])
+        pred = predict(net, info, [image], torch.device("cpu"))[0]
+        with torch.no_grad():
+            expected = common.sliding_window(net, common.normalise(torch.from_numpy(image).permute(2, 0, 1)[None],
+                                                                   torch.device("cpu")), 40)[0].argmax(0)
+        assert pred.shape == image.shape[:2] and torch.equal(pred, expected)
 
 
 @pytest.mark.slow

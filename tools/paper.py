@@ -1,5 +1,6 @@
-"""The paper's tables beside ours: the published numbers (PAPER_RESULTS), one labeled count run with several
-seeds (`python -m tools seeds`), and a summary of finished runs (`python -m tools summary [RUNS]`)."""
+"""The paper's tables beside ours: the published numbers (PAPER_RESULTS; today's protocol: UNIMATCH_PUBLISHED), one
+labeled count run with several seeds (`python -m tools seeds`), and a summary of finished runs
+(`python -m tools summary [RUNS]`)."""
 import argparse
 import contextlib
 import json
@@ -39,23 +40,34 @@ PAPER_RESULTS = {
     ("isic2017", "denseunet161", "cutout"): ((68.76, 4.30), None),
     ("isic2017", "denseunet161", "cutmix"): ((74.57, 1.03), None),
 }
+# Today's protocol (--protocol unimatch): UniMatch's table, supervised R101 rows (its best epoch), the only published
+# numbers under exactly this protocol; CutMix-Seg's modern rows used U2PL's (README "Under today's protocol").
+UNIMATCH_PUBLISHED = {
+    ("pascal_aug", "baseline"): {92: 45.1, 183: 55.3, 366: 64.8, 732: 69.7, 1464: 73.5},
+    ("cityscapes", "baseline"): {186: 66.3, 372: 72.8, 744: 75.0, 1488: 78.0},
+}
+TODAY = "today's protocol"  # the tables' arch column for such runs: "<arch>, today's protocol"
 METHOD_ORDER = ["baseline", "stdaug", "vat", "ict", "cutout", "cutmix"]
 
 
 def run_label(results, args):
-    """The method, tagged with what sets a run apart from the protocol (a crop, several CutMix boxes)."""
-    tags = [results["method"]]
-    default_crop_size = common.DATASETS.get(results["dataset"], {}).get("crop_size")
+    """The method, tagged with what sets a run apart from the protocol (a crop, several CutMix boxes, under
+    today's protocol a list --n-labeled does not pick)."""
+    tags, today = [results["method"]], args.get("protocol") == "unimatch"
+    default_crop_size = (common.UNIMATCH if today else common.DATASETS).get(results["dataset"], {}).get("crop_size")
     if args.get("crop_size") and default_crop_size and tuple(args["crop_size"]) != tuple(default_crop_size):
         tags.append("crop {}x{}".format(*args["crop_size"]))
     if args.get("n_boxes", 1) != 1:
         tags.append(f"{args['n_boxes']} boxes")
+    if today and common.unimatch_list_name(argparse.Namespace(split_file=args.get("split_file"))):
+        tags.append(f"list {common.unimatch_list_name(argparse.Namespace(split_file=args['split_file']))}")
     return ", ".join(tags)
 
 
 def collect_results(paths):
-    """{(dataset, arch, label, n_labeled): [score, ...]} from results.json files (ISIC: the lesion IoU);
-    unreadable or incomplete ones are reported on stderr and skipped."""
+    """{(dataset, arch, label, n_labeled): [score, ...]} from results.json files (ISIC: the lesion IoU; today's
+    protocol: the best evaluation, as UniMatch reports, its arch tagged TODAY); unreadable or incomplete ones are
+    reported on stderr and skipped."""
     cells = {}
     for path in map(Path, paths):
         file = path  # the file being read, named when it cannot be
@@ -63,8 +75,10 @@ def collect_results(paths):
             results, file = json.loads(path.read_text()), path.parent / "args.json"
             args = json.loads(file.read_text()) if file.is_file() else {}
             file = path
-            score = results["lesion_iou" if results["dataset"] == "isic2017" else "miou"]
-            key = (results["dataset"], results["arch"], run_label(results, args), int(results["n_labeled"]))
+            today = args.get("protocol") == "unimatch"
+            score = results["best_miou" if today else "lesion_iou" if results["dataset"] == "isic2017" else "miou"]
+            arch = f"{results['arch']}, {TODAY}" if today else results["arch"]
+            key = (results["dataset"], arch, run_label(results, args), int(results["n_labeled"]))
             cells.setdefault(key, []).append(float(score))
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
             problem = str(e) if not isinstance(e, RecursionError) else "nested too deeply"
@@ -73,6 +87,9 @@ def collect_results(paths):
 
 
 def paper_value(dataset, arch, label, n):
+    if arch.endswith(TODAY):
+        value = UNIMATCH_PUBLISHED.get((dataset, label), {}).get(n)
+        return "—" if value is None else f"{value:.1f}"
     counts, values = PAPER_COUNTS.get(dataset, ()), PAPER_RESULTS.get((dataset, arch, label))
     value = values[counts.index(n)] if values and n in counts else None
     if value is None:
@@ -87,8 +104,9 @@ def summary(cells):
         keys = [key for key in cells if key[:2] == (dataset, arch)]
         order = lambda m: (METHOD_ORDER.index(m.split(",")[0]) if m.split(",")[0] in METHOD_ORDER else 99, m)
         labels, counts = sorted({k[2] for k in keys}, key=order), sorted({k[3] for k in keys})
-        metric = "lesion IoU" if dataset == "isic2017" else "mIoU"
-        lines += [f"{dataset}, {arch}: {metric} (%), ours mean ± std [runs] / paper", "",
+        metric = "best mIoU" if arch.endswith(TODAY) else "lesion IoU" if dataset == "isic2017" else "mIoU"
+        published = "UniMatch's table" if arch.endswith(TODAY) else "paper"
+        lines += [f"{dataset}, {arch}: {metric} (%), ours mean ± std [runs] / {published}", "",
                   "| method | " + " | ".join(map(str, counts)) + " |", "|---" * (len(counts) + 1) + "|"]
         for label in labels:
             row = []
@@ -115,7 +133,8 @@ def run_seeds(argv):
     Runs SCRIPT once per seed into RUNS/, each in the folder the script itself would name (common.run_folder,
     e.g. train_cutmix_cityscapes_372_s1_ss23456): finished runs are skipped,
     unfinished ones resumed. The seed goes to --split-seed (a new labeled subset, as the paper's Cityscapes
-    and ISIC runs) or, when a --split-file fixes the subset (Pascal), to --seed. Then prints the summary."""
+    and ISIC runs) or, when a list fixes the subset (a --split-file; today's protocol), to --seed. Then prints
+    the summary."""
     import shlex
     import subprocess
     parser = argparse.ArgumentParser(prog="python -m tools seeds", description=" ".join(run_seeds.__doc__.split("\n\n")[1].split()))
@@ -140,18 +159,16 @@ def run_seeds(argv):
     known = argparse.ArgumentParser(prog=f"python -m tools seeds {opts.script} ... --", add_help=False,
                                     allow_abbrev=False)
     known.add_argument("--dataset", choices=list(common.DATASETS))
+    known.add_argument("--protocol", choices=["paper", "unimatch"])
     known.add_argument("--arch", choices=list(common.ARCHS))
     known.add_argument("--n-labeled", type=int)
     known.add_argument("--split-file")
-    given = known.parse_known_args(rest)[0]
-    dataset = given.dataset or common.TrainArgs.dataset
-    protocol = common.DATASETS[dataset]
-    arch, n = given.arch or protocol["arch"], protocol["n_labeled"] if given.n_labeled is None else given.n_labeled
-    vary = "seed" if given.split_file else "split-seed"
+    given = {k: v for k, v in vars(known.parse_known_args(rest)[0]).items() if v is not None}
+    vary = "seed" if given.get("split_file") or given.get("protocol") == "unimatch" else "split-seed"
     outs, failed = [], []
-    for seed in opts.seeds:
-        out = Path(opts.runs) / common.run_folder(script, dataset, n, *((seed, 12345) if given.split_file else (1, seed)),
-                                                  arch=arch).name
+    for seed in opts.seeds:  # the folder the script names: its settings resolved as the script resolves them
+        named = common.resolve(common.TrainArgs, {**given, vary.replace("-", "_"): seed})
+        out = Path(opts.runs) / common.run_folder(script, named).name
         outs.append(out)
         if (out / "results.json").is_file():
             print(f"finished: {out}")

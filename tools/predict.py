@@ -36,9 +36,12 @@ def preprocessed(image, preprocess):
     return t
 
 
-def logits_of(net, x, tile):
-    """net(x), or with tile = (h, w) the mean of overlapping windows' logits (stride half a window)."""
+def logits_of(net, x, tile, window=None):
+    """net(x); with tile = (h, w) the mean of overlapping windows' logits (stride half a window); else with
+    window (the run's evaluation under today's protocol) its sliding windows' summed softmax."""
     H, W = x.shape[2:]
+    if tile is None and window:
+        return common.sliding_window(net, x, window)
     if tile is None or (tile[0] >= H and tile[1] >= W):
         return net(x).float()
     th, tw = min(tile[0], H), min(tile[1], W)
@@ -55,7 +58,7 @@ def logits_of(net, x, tile):
 
 def predict(net, info, images, device, amp="off", tile=None, batch_size=4):
     """Class indices (H, W) int64 per image (H, W, 3) uint8, at each image's own size; images of equal size
-    after preprocessing share a batch."""
+    after preprocessing share a batch. Without a tile, a run evaluated by sliding windows predicts by them."""
     inputs = [preprocessed(image, info["preprocess"]) for image in images]
     preds = [None] * len(images)
     order = sorted(range(len(images)), key=lambda i: tuple(inputs[i].shape))
@@ -67,7 +70,8 @@ def predict(net, info, images, device, amp="off", tile=None, batch_size=4):
     with common.inference(net):
         for batch in batches:
             with common.autocast(amp, device):
-                logits = logits_of(net, common.normalise(torch.stack([inputs[i] for i in batch]), device), tile)
+                logits = logits_of(net, common.normalise(torch.stack([inputs[i] for i in batch]), device), tile,
+                                     info.get("eval_window"))
             for i, logit in zip(batch, logits):
                 size = images[i].shape[:2]
                 if logit.shape[1:] != size:  # back to the image's own size
