@@ -821,7 +821,7 @@ class Run:
         timer, best = self.timer.saved(), guard.best_evaluations(self.out / "metrics.jsonl") if self.main else {}
         results = dict(self.last_eval, **best, iters=self.args.iters, method=self.method, dataset=self.args.dataset,
                        n_labeled=len(self.data.labeled), arch=self.args.arch, train_seconds=timer["wall"],
-                       seconds_per_iter=timer["seconds"] / max(timer["iters"], 1), resumed_from=self.start_iter,
+                       seconds_per_iter=self.timer.per_iteration(), resumed_from=self.start_iter,
                        **(dict(world_size=self.world) if self.world > 1 else {}))
         if self.main:
             atomic_write(self.out / "results.json", json.dumps(results, indent=2))

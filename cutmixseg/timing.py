@@ -106,7 +106,7 @@ class Timer:
 
     def __init__(self, device, state=None, warmup=5):
         self.device, self.warmup, self.pending = device, warmup, 0
-        self.state = dict(dict(iters=0, seconds=0.0, wall=0.0), **(state or {}))
+        self.state = dict(dict(iters=0, seconds=0.0, warm_iters=0, warm_seconds=0.0, wall=0.0), **(state or {}))
         self.started = self.mark = time.perf_counter()
 
     def sync(self):
@@ -115,24 +115,30 @@ class Timer:
 
     def tick(self):
         """One iteration done (its kernels may still run)."""
-        self.pending += not self.warmup
+        self.pending += 1
         if self.warmup:
             self.warmup -= 1
-            if not self.warmup:
-                self.sync()
-                self.mark = time.perf_counter()
+            if not self.warmup:  # the warm-up's iterations counted apart
+                self.pause(warm=True)
+                self.go()
 
     def rate(self):
         """Seconds per iteration since the last evaluation, for the log line."""
         return (time.perf_counter() - self.mark) / max(self.pending, 1)
 
-    def pause(self):
-        """Before an evaluation: the iterations since the last one join the total (unless still warming up)."""
+    def pause(self, warm=False):
+        """Before an evaluation: the iterations since the last one join the total (the warm-up's apart)."""
         self.sync()
-        if not self.warmup:
-            self.state["seconds"] += time.perf_counter() - self.mark
-            self.state["iters"] += self.pending
+        prefix = "warm_" if warm or self.warmup else ""
+        self.state[prefix + "seconds"] += time.perf_counter() - self.mark
+        self.state[prefix + "iters"] += self.pending
         self.pending = 0
+
+    def per_iteration(self):
+        """Mean seconds of an iteration, the warm-up left out; over the warm-up's iterations for a run too
+        short to leave any out."""
+        s = self.state
+        return s["seconds"] / s["iters"] if s["iters"] else s["warm_seconds"] / max(s["warm_iters"], 1)
 
     def go(self):
         self.mark = time.perf_counter()

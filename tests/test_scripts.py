@@ -19,7 +19,7 @@ from PIL import Image
 import common
 from conftest import (ENV, FAST, ROOT, copy_run, make_folder_dataset, make_unlabeled, read_results, refused,
                       run_main, run_script)
-from cutmixseg import nets, pictures
+from cutmixseg import nets, pictures, timing
 
 SCRIPTS = ["train_baseline.py", "train_cutmix.py"]
 RESULT_KEYS = {"miou", "student_miou", "per_class_iou", "iters", "train_seconds", "seconds_per_iter",
@@ -47,7 +47,7 @@ def check_outputs(out, stdout, num_classes, iters=6):
     assert len((out / "labeled.txt").read_text().splitlines()) == results["n_labeled"]
     state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert set(state) == CHECKPOINT_KEYS | ({"generator"} if results["method"] in WITH_GENERATOR else set())
-    assert state["iter"] == iters and set(state["timer"]) == {"iters", "seconds", "wall"}
+    assert state["iter"] == iters and set(state["timer"]) == {"iters", "seconds", "warm_iters", "warm_seconds", "wall"}
     with Image.open(out / "preview.png") as im:  # tiles scaled up to >= 192 px, a legend below
         assert min(im.size) >= 192 and im.width % 3 == 0
     with Image.open(out / "curves.png") as im:  # mIoU and one panel per logged loss
@@ -61,6 +61,24 @@ def test_demo_end_to_end(script, shared_run):
     results = check_outputs(out, stdout, num_classes=5)
     assert results["dataset"] == "demo" and results["arch"] == "unet_small" and results["n_labeled"] == 60
     assert results["method"] == script[len("train_"):-3]
+
+
+def test_the_timer_leaves_the_warm_up_out_unless_nothing_else_ran(monkeypatch):
+    clock = iter(range(100))  # perf_counter: 0, 1, 2, ... seconds
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: float(next(clock)))
+    short = timing.Timer(torch.device("cpu"), warmup=5)  # started at 0
+    for _ in range(3):
+        short.tick()
+    short.pause()  # at 1: three iterations in one second, all of them warm-up
+    assert short.state["iters"] == 0 and short.state["warm_iters"] == 3 and short.per_iteration() == 1 / 3
+    long = timing.Timer(torch.device("cpu"), warmup=2)  # started at 2
+    for _ in range(6):
+        long.tick()  # the warm-up ends at the second: 3 (its end) and 4 (the next mark)
+    long.pause()  # at 5: four iterations in 1 second
+    assert (long.state["warm_iters"], long.state["warm_seconds"], long.state["iters"]) == (2, 1.0, 4)
+    assert long.per_iteration() == 0.25
+    resumed = timing.Timer(torch.device("cpu"), {"iters": 10, "seconds": 5.0, "wall": 9.0})  # an older checkpoint
+    assert resumed.per_iteration() == 0.5 and resumed.state["warm_iters"] == 0
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
