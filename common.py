@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from cutmixseg import demo, guard, nets, pictures, prepare, timing
 from cutmixseg.files import (CHECKPOINTED, IGNORE, IMAGE_SUFFIXES, UserError, atomic_write, excepthook,  # noqa: F401
-                             image_files, image_size, read_image, read_mask)
+                             image_files, image_size, read_image, read_mask, unraisablehook)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -167,7 +167,7 @@ def parse_size(text, option="--crop-size"):
 def command_line(args_class, argv=None):
     """{field: value} of the options given on the command line, one --kebab-case option per arg() field;
     bad input ends as one line, never a traceback."""
-    sys.excepthook = excepthook
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
     parser = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n")[0],
                                      argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(args_class):

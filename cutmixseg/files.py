@@ -1,4 +1,4 @@
-"""The bottom of the kit: bad input as one line (UserError, excepthook), files written atomically, images and
+"""The bottom of the kit: bad input as one line (UserError and the hooks), files written atomically, images and
 masks read from disk. Imports nothing of the kit; everything else stands on it."""
 import errno
 import io
@@ -49,6 +49,13 @@ def excepthook(kind, value, tb):
         sys.stderr.write(f"error: a data loading worker died (out of memory? try fewer --num-workers){resume}\n")
     else:
         sys.__excepthook__(kind, value, tb)
+
+
+def unraisablehook(unraisable):
+    """sys.unraisablehook of every command: a second loader worker's death, raised again by torch's handler while
+    the run unwinds (in a generator's cleanup), is left to excepthook's one line; anything else as Python prints it."""
+    if not (isinstance(unraisable.exc_value, RuntimeError) and "DataLoader worker" in str(unraisable.exc_value)):
+        sys.__unraisablehook__(unraisable)
 
 
 def brief(error):

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import common
 from conftest import (ENV, FAST, ROOT, copy_run, last_error, make_folder_dataset, make_unlabeled, read_results,
                       refused, run_main, run_script)
 
@@ -180,6 +181,23 @@ def test_a_killed_data_loading_worker_is_one_line_and_the_run_resumes(tmp_path):
     assert done >= 3 and torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["iter"] == done
     run_script("train_cutmix.py", *args, "--resume", cwd=tmp_path)
     assert read_results(tmp_path / "run")["resumed_from"] == done
+
+
+def test_a_second_dead_worker_reported_during_cleanup_prints_nothing(capsys, monkeypatch):
+    """Two workers die (the labeled and the unlabeled stream's): torch's handler raises again while the loop's
+    generator is closed; that report is left to the excepthook's one line, anything else still printed."""
+    def loop(error):
+        try:
+            yield
+        finally:
+            raise error
+    monkeypatch.setattr(sys, "unraisablehook", common.unraisablehook)
+    for error, printed in ((RuntimeError("DataLoader worker (pid 8122) is killed by signal: Killed. "), False),
+                           (RuntimeError("something else"), True)):
+        generator = loop(error)
+        next(generator)
+        del generator  # closed here: its error is unraisable
+        assert (str(error) in capsys.readouterr().err) == printed
 
 
 def test_paths_are_recorded_absolute_and_a_run_resumes_from_another_folder(tmp_path, monkeypatch):
