@@ -182,8 +182,8 @@ def command_line(args_class, argv=None):
 
 # Values out of range stop a run before anything is written: (field, test, what the option expects)
 # (the methods' own options too, and toy2d.py's and patch_analysis.py's, where declared; NaN fails every test)
-LIMITS = [*[(name, lambda v: v >= 1, "must be at least 1") for name in ("iters", "epochs", "batch_size", "eval_every",
-                                                                       "n_boxes", "steps", "seeds", "grid", "n_anchors")],
+LIMITS = [*[(name, lambda v: v >= 1, "must be at least 1") for name in (
+              "iters", "epochs", "batch_size", "eval_every", "n_boxes", "steps", "seeds", "grid", "n_anchors")],
           ("n_labeled", lambda v: v == -1 or v > 0, "must be a positive count or -1 (all)"),
           *[(name, lambda v: 0 <= v <= 1, "must lie in [0, 1]") for name in ("teacher_alpha", "conf_thresh")],
           ("benchmark", lambda v: v >= 0, "expects a number of iterations"),
@@ -238,7 +238,7 @@ def resolve(args_class, given):
         protocol.update({**ARCHS[arch], **UNIMATCH_ALL, **UNIMATCH[dataset], "arch": arch})
     else:
         if given.get("epochs"):
-            raise UserError("--epochs counts today's protocol's epochs (--protocol unimatch); the paper's counts --iters")
+            raise UserError("--epochs counts today's protocol's epochs (--protocol unimatch); here use --iters")
         arch = given.get("arch") or protocol["arch"]
         protocol.update(ARCHS[arch])
         protocol.update(arch_overrides.get(arch, {}))  # a dataset's word on one arch (ISIC's SGD)
@@ -1063,13 +1063,14 @@ def pascal_aug_dataset(root, cache, split_file=None):
     if train_list.is_file():
         train = read_names(train_list)
     elif split_file and str(split_file).endswith(".pkl"):
-        raise layout_error(root, "pascal_aug", f"--split-file {split_file} indexes the order of {train_list}, "
-                                               f"which is missing (get it from AdvSemiSeg's dataset/voc_list/train_aug.txt)")
+        raise layout_error(root, "pascal_aug", f"--split-file {split_file} indexes the order of {train_list}, which is "
+                                               f"missing (get it from AdvSemiSeg's dataset/voc_list/train_aug.txt)")
     else:
         excluded = set(val)
         train = sorted(p.stem for p in labels.glob("*.png") if p.stem not in excluded)
     if not train or not val:
-        raise layout_error(root, "pascal_aug", f"no training labels in {labels}" if not train else f"{val_list} is empty")
+        raise layout_error(root, "pascal_aug",
+                           f"no training labels in {labels}" if not train else f"{val_list} is empty")
     splits = checked_splits({split: split_pairs(root, "pascal_aug", voc / "JPEGImages", labels,
                                                 lambda d: [d / f"{n}.jpg" for n in names],
                                                 lambda p: labels / f"{p.stem}.png")
@@ -1151,7 +1152,8 @@ def build_net(args, num_classes, device):
                pspnet101=nets.PSPNet101, deeplabv3plus_deepstem=nets.DeepLabV3PlusDeepStem)[args.arch](num_classes)
     if args.pretrained and hasattr(net, "load_backbone"):  # today's protocol: UniMatch's own ImageNet weights
         if not args.backbone_weights:
-            raise UserError(f"--arch {args.arch} needs --backbone-weights: {nets.UNIMATCH_RESNET101}; or --no-pretrained")
+            raise UserError(f"--arch {args.arch} needs --backbone-weights: {nets.UNIMATCH_RESNET101}; "
+                            "or --no-pretrained")
         net.load_backbone(args.backbone_weights)
     elif args.pretrained and hasattr(net, "load_imagenet"):
         net.load_imagenet()
@@ -1181,7 +1183,8 @@ def resolve_unimatch(args, count_given):
     """--protocol unimatch: --n-labeled N picks UniMatch's list of N labeled images (cutmixseg/splits/unimatch/);
     a --split-file (any list in UniMatch's format, e.g. U2PL's) is used whole unless --n-labeled cuts it."""
     if args.crop_size[0] != args.crop_size[1]:
-        raise UserError(f"--crop-size {args.crop_size[0]},{args.crop_size[1]}: today's protocol crops squares, as UniMatch")
+        raise UserError(f"--crop-size {args.crop_size[0]},{args.crop_size[1]}: "
+                        "today's protocol crops squares, as UniMatch")
     if args.eval_window:  # UniMatch's evaluation windows are its training crops
         args.eval_window = args.crop_size[0]
     if args.split_file or args.n_labeled == -1:  # -1: every training image labeled
@@ -1247,7 +1250,8 @@ def weak_view(image, label, rng, crop):
     img, lab = scale_crop_flip(pil, None if label is None else Image.fromarray(label), long_side, x, y, flip, crop)
     (w, h), valid = _long_side_size(pil.size, long_side), np.zeros((crop, crop), np.uint8)
     valid[:max(h - y, 0), :max(w - x, 0)] = 255  # the resized image's part of the crop
-    img, lab = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous(), None if lab is None else torch.from_numpy(np.array(lab))
+    img = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+    lab = None if lab is None else torch.from_numpy(np.array(lab))
     return img, lab, torch.from_numpy(np.ascontiguousarray(valid[:, ::-1] if flip else valid))
 
 def weak_view_draws(size, crop, rng):
@@ -1322,7 +1326,8 @@ def cityscapes_full_dataset(root, cache=None):
             if label.shape != image.shape[:2]:
                 raise UserError(f"mask {label_path} is {label.shape[1]}x{label.shape[0]} but its image {image_path} "
                                 f"is {image.shape[1]}x{image.shape[0]}; they must match")
-            return image, label if label_path.name.endswith("_labelTrainIds.png") else prepare.CITYSCAPES_TRAIN_ID[label]
+            train_ids = label_path.name.endswith("_labelTrainIds.png")
+            return image, label if train_ids else prepare.CITYSCAPES_TRAIN_ID[label]
         names = [p.name[:-len("_leftImg8bit.png")] for p, _ in pairs]
         splits.append(Split(names, load, [image_size(p) for p, _ in pairs]))
     return splits[0], splits[1], len(CITYSCAPES_CLASSES), CITYSCAPES_CLASSES
@@ -1336,7 +1341,8 @@ def pascal_unimatch_dataset(root, cache):
         raise layout_error(root, "pascal_aug", "no JPEGImages/ in it, in VOC2012/ or in VOCdevkit/VOC2012/")
     labels = next((d for d in (voc / "SegmentationClassAug", voc / "SegmentationClass") if d.is_dir()), None)
     if labels is None:
-        raise layout_error(root, "pascal_aug", f"neither {voc / 'SegmentationClassAug'} nor {voc / 'SegmentationClass'}")
+        raise layout_error(root, "pascal_aug",
+                           f"neither {voc / 'SegmentationClassAug'} nor {voc / 'SegmentationClass'}")
     lists = UNIMATCH_SPLITS / "pascal"
     splits = checked_splits({split: split_pairs(root, "pascal_aug", voc / "JPEGImages", labels,
                                                 lambda d: [d / Path(n).name for _, n in prepare.read_lines(path)],

@@ -3,9 +3,9 @@
     L = CE(f_θ(x_l), y_l) + γ · c · mean_pixels Σ_classes ( f_θ(a_s(x)) − warp_{t→s}(g_φ(a_t(x))) )²
 
     a_t, a_s = two affine views of one unlabeled image x (crop, scale, flips; on ISIC also rotation),
-    drawn as the original drew its pairs (seg_transforms_cv.py, transform_pair); warp_{t→s} = the affine map between them,
-    which brings the teacher's probabilities (softmax first, then warp) and its valid-pixel mask into
-    the student's frame; f_θ = student, g_φ = teacher (EMA of the student, α = 0.99); c = share of
+    drawn as the original drew its pairs (seg_transforms_cv.py, transform_pair); warp_{t→s} = the affine map
+    between them, which brings the teacher's probabilities (softmax first, then warp) and its valid-pixel mask
+    into the student's frame; f_θ = student, g_φ = teacher (EMA of the student, α = 0.99); c = share of
     warped teacher pixels in the batch whose confidence reaches τ = 0.97 (Sec. D.4.4); the squared
     error is summed over classes and averaged over all pixels (Sec. D.4.5), counting only pixels valid
     in both views.

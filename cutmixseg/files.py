@@ -30,7 +30,8 @@ CHECKPOINTED = {}
 def excepthook(kind, value, tb):
     """sys.excepthook of every command: bad input, Ctrl-C, a full disk, a dead loader worker in one line each,
     saying how to go on from the last checkpoint; anything else as Python prints it."""
-    if hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread():  # first: torch's handler raises again in here as each dead worker is reaped
+    # first: torch's SIGCHLD handler would raise again in here as each dead worker is reaped
+    if hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     resume = ("" if not CHECKPOINTED else "; no checkpoint yet: the same command starts the run afresh"
               if CHECKPOINTED["iter"] is None else f"; --resume continues from iteration {CHECKPOINTED['iter']}")
@@ -43,7 +44,8 @@ def excepthook(kind, value, tb):
     elif issubclass(kind, torch.OutOfMemoryError) and "batch" in CHECKPOINTED:  # activations ~ batch x crop area
         (b, (h, w)), first = (CHECKPOINTED[k] for k in ("batch", "crop")), str(value).split(".")[0]
         sys.stderr.write(f"error: out of GPU memory at --batch-size {b} --crop-size {h},{w} ({first}); about half "
-                         f"of it fits: --batch-size {max(b // 2, 1)}, or --crop-size {round(0.7 * h)},{round(0.7 * w)}, "
+                         f"of it fits: --batch-size {max(b // 2, 1)}, "
+                         f"or --crop-size {round(0.7 * h)},{round(0.7 * w)}, "
                          f"or the same batch over more GPUs with torchrun{resume}\n")
     elif issubclass(kind, RuntimeError) and "DataLoader worker" in str(value):
         sys.stderr.write(f"error: a data loading worker died (out of memory? try fewer --num-workers){resume}\n")

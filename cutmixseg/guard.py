@@ -144,8 +144,9 @@ def restore(run, tracked):
                         f"network or version")
     record = read_json(run.out / "args.json", "record of the run's settings")
     if run.main and record.get("iters") != args.iters:
+        poly = "; the poly schedule follows it" if args.lr_schedule.startswith("poly") else ""
         run.print(f"--iters {args.iters}: the run goes on to iteration {args.iters}, not {record.get('iters')} "
-                  f"(recorded in args.json" + ("; the poly schedule follows it)" if args.lr_schedule.startswith("poly") else ")"))
+                  f"(recorded in args.json{poly})")
         atomic_write(run.out / "args.json", json.dumps(dict(record, iters=args.iters, epochs=args.epochs), indent=2))
     run.print(f"resumed from iteration {done} of {run.out}" + (f" with {run.world} processes" if run.world > 1 else ""))
     return done, timer

@@ -74,7 +74,8 @@ def curves(metrics_path, width=640, panel=150):
     then each logged loss (at log intervals), each with its range written beside it."""
     records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     series = {"teacher mIoU": [(r["iter"], r["miou"]) for r in records if "miou" in r]}
-    for name in dict.fromkeys(k for r in records if "lr" in r for k in r if k not in ("iter", "lr", "seconds_per_iter")):
+    logged = (k for r in records if "lr" in r for k in r if k not in ("iter", "lr", "seconds_per_iter"))
+    for name in dict.fromkeys(logged):
         series[name] = [(r["iter"], r[name]) for r in records if name in r and "lr" in r]
     last = max((r["iter"] for r in records), default=1)
     font, left, pad = ImageFont.load_default(), 70, 16

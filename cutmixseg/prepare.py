@@ -58,8 +58,8 @@ def verdict(pairs_by_split, cache, num_classes=None):
     if path.is_file():
         try:
             found = json.loads(path.read_text())
-            if all(isinstance(found.get(key), expected) for key, expected in (*((s, list) for s in pairs_by_split),
-                                                                               ("classes", list), ("labeled_pixels", dict))):
+            expected = {**{split: list for split in pairs_by_split}, "classes": list, "labeled_pixels": dict}
+            if all(isinstance(found.get(key), kind) for key, kind in expected.items()):
                 return found
         except (OSError, ValueError, RecursionError, AttributeError):
             pass
@@ -71,8 +71,9 @@ def verdict(pairs_by_split, cache, num_classes=None):
 
 def arrays(root, cache, tag, pairs, convert):
     """(images, labels or None) of `pairs`, memory-mapped from the cache, prepared by the function `convert`
-    (image path[, label path]) -> (image[, label]) the first time (fill_arrays). The folder's name hashes the source files' names (below `root`),
-    sizes and times: changed data is prepared anew; a prepared folder that cannot be read, too, with a line."""
+    (image path[, label path]) -> (image[, label]) the first time (fill_arrays). The folder's name hashes the source
+    files' names (below `root`), sizes and times: changed data is prepared anew; a prepared folder that cannot be
+    read, too, with a line."""
     files = [((p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p.resolve())), p.stat().st_size,
               p.stat().st_mtime_ns) for pair in pairs for p in pair]
     folder = cache / f"{tag}_{hashlib.sha1(json.dumps(files).encode()).hexdigest()[:16]}"

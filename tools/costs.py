@@ -47,7 +47,8 @@ def cost_table(argv):
             cells = [dataset, r["arch"], method, "{}, {}x{}".format(r["batch_size"], *r["crop_size"]), device,
                      f"{r['ms_per_iter']:.0f}", f"{r['images_per_s']:.1f}", f"{r['peak_memory_gib']:.1f}",
                      f"{r['tflop_per_iter']:.3g}", f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a",
-                     f"{r['eval_seconds']:.1f}", f"{r['train_minutes']:.1f} + {r['run_minutes'] - r['train_minutes']:.1f}"]
+                     f"{r['eval_seconds']:.1f}",
+                     f"{r['train_minutes']:.1f} + {r['run_minutes'] - r['train_minutes']:.1f}"]
             rows.append("| " + " | ".join(cells) + " |")
             print(rows[-1], file=sys.stderr, flush=True)
     print("\n".join(rows))

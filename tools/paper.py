@@ -137,7 +137,8 @@ def run_seeds(argv):
     the summary."""
     import shlex
     import subprocess
-    parser = argparse.ArgumentParser(prog="python -m tools seeds", description=" ".join(run_seeds.__doc__.split("\n\n")[1].split()))
+    parser = argparse.ArgumentParser(prog="python -m tools seeds",
+                                     description=" ".join(run_seeds.__doc__.split("\n\n")[1].split()))
     parser.add_argument("script", help="train_*.py")
     parser.add_argument("--seeds", type=seed_value, nargs="+", default=[12345, 23456, 34567, 45678, 56789],
                         help="default: the original's Cityscapes split seeds")
@@ -147,7 +148,8 @@ def run_seeds(argv):
     opts, rest = parser.parse_args(argv[:cut]), argv[cut + 1:]
     repeated = sorted({seed for seed in opts.seeds if opts.seeds.count(seed) > 1})
     if repeated:
-        raise common.UserError(f"seeds: --seeds names {' '.join(map(str, repeated))} more than once; each seed is one run")
+        raise common.UserError(f"seeds: --seeds names {' '.join(map(str, repeated))} more than once; "
+                               "each seed is one run")
     if Path(opts.runs).exists() and not Path(opts.runs).is_dir():
         raise common.UserError(f"seeds: --runs {opts.runs} is a file, not a folder")
     for flag in ("--seed", "--split-seed", "--out", "--resume"):
