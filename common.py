@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from cutmixseg import demo, guard, nets, pictures, prepare, timing
 from cutmixseg.files import (CHECKPOINTED, IGNORE, IMAGE_SUFFIXES, UserError, atomic_write, excepthook,  # noqa: F401
-                             image_files, image_size, read_image, read_mask, unraisablehook)
+                             image_files, image_size, one_report_of_dead_workers, read_image, read_mask)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -167,7 +167,7 @@ def parse_size(text, option="--crop-size"):
 def command_line(args_class, argv=None):
     """{field: value} of the options given on the command line, one --kebab-case option per arg() field;
     bad input ends as one line, never a traceback."""
-    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+    sys.excepthook = excepthook
     parser = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n")[0],
                                      argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(args_class):
@@ -458,9 +458,9 @@ class StreamSampler(torch.utils.data.Sampler):
 def train_loader(dataset, indices, batch_size, seed, stream_id, start, num_workers):
     """Iterator over batches of `dataset` (indexed by (sample, augmentation seed)) from iteration `start`."""
     sampler = StreamSampler(indices, batch_size, seed, stream_id, start)
-    return iter(torch.utils.data.DataLoader(
+    return one_report_of_dead_workers(iter(torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None))
+        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)))
 
 def val_loader(split, batch_size, num_workers=0):
     """Whole images at their own size; images of equal size share a batch, none is padded. Under

@@ -1,4 +1,4 @@
-"""The bottom of the kit: bad input as one line (UserError and the hooks), files written atomically, images and
+"""The bottom of the kit: bad input as one line (UserError, excepthook), files written atomically, images and
 masks read from disk. Imports nothing of the kit; everything else stands on it."""
 import errno
 import io
@@ -30,7 +30,7 @@ CHECKPOINTED = {}
 def excepthook(kind, value, tb):
     """sys.excepthook of every command: bad input, Ctrl-C, a full disk, a dead loader worker in one line each,
     saying how to go on from the last checkpoint; anything else as Python prints it."""
-    # first: torch's SIGCHLD handler would raise again in here as each dead worker is reaped
+    # first: torch's SIGCHLD handler (where not wrapped below) raises again in here as each dead worker is reaped
     if hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     resume = ("" if not CHECKPOINTED else "; no checkpoint yet: the same command starts the run afresh"
@@ -53,11 +53,22 @@ def excepthook(kind, value, tb):
         sys.__excepthook__(kind, value, tb)
 
 
-def unraisablehook(unraisable):
-    """sys.unraisablehook of every command: a second loader worker's death, raised again by torch's handler while
-    the run unwinds (in a generator's cleanup), is left to excepthook's one line; anything else as Python prints it."""
-    if not (isinstance(unraisable.exc_value, RuntimeError) and "DataLoader worker" in str(unraisable.exc_value)):
-        sys.__unraisablehook__(unraisable)
+def one_report_of_dead_workers(iterator):
+    """`iterator` of a DataLoader whose workers just started. torch's SIGCHLD handler, installed then, raises once
+    for each worker that dies; wrapped here (once per process), its first report also puts the default handler
+    back: that report ends the run, and no second one breaks into the cleanup (the progress bar's last redraw)."""
+    handler = signal.getsignal(signal.SIGCHLD) if hasattr(signal, "SIGCHLD") else None
+    if (callable(handler) and not hasattr(handler, "reports_once")
+            and threading.current_thread() is threading.main_thread()):
+        def once(signum, frame):
+            try:
+                handler(signum, frame)
+            except RuntimeError:
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                raise
+        once.reports_once = True
+        signal.signal(signal.SIGCHLD, once)
+    return iterator
 
 
 def brief(error):

@@ -1,5 +1,6 @@
 """The clock of a run (Timer) and what --benchmark reports (common.Benchmark times the loop): the device's peak
-FLOP rate, random data of each dataset's shapes, and the record and summary it prints. `python -m tools costs` turns records into a table."""
+FLOP rate, random data of each dataset's shapes, and the record and summary it prints. `python -m tools costs`
+turns records into a table."""
 import math
 import sys
 import time

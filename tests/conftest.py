@@ -45,10 +45,10 @@ def run_script(script, *args, cwd=None, check=True, timeout=600, env=None, preex
 
 @contextlib.contextmanager
 def kit_state(collect=True):
-    """Whatever a run changes in its process, put back afterwards: the hooks, common.CHECKPOINTED, the
+    """Whatever a run changes in its process, put back afterwards: the excepthook, common.CHECKPOINTED, the
     global RNGs, deterministic kernels and cudnn's flags, CUBLAS_WORKSPACE_CONFIG, the thread count; objects a
     run leaves (its folder's lock file, open logs) are collected."""
-    saved = dict(hooks=(sys.excepthook, sys.unraisablehook), checkpointed=dict(common.CHECKPOINTED),
+    saved = dict(hook=sys.excepthook, checkpointed=dict(common.CHECKPOINTED),
                  rng=(random.getstate(), np.random.get_state(), torch.get_rng_state()),
                  deterministic=(torch.are_deterministic_algorithms_enabled(),
                                 torch.is_deterministic_algorithms_warn_only_enabled()),
@@ -57,7 +57,7 @@ def kit_state(collect=True):
     try:
         yield
     finally:
-        sys.excepthook, sys.unraisablehook = saved["hooks"]
+        sys.excepthook = saved["hook"]
         common.CHECKPOINTED.clear()
         common.CHECKPOINTED.update(saved["checkpointed"])
         random.setstate(saved["rng"][0]), np.random.set_state(saved["rng"][1]), torch.set_rng_state(saved["rng"][2])

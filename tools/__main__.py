@@ -8,7 +8,7 @@ COMMANDS = {"predict": predict.main, "seeds": paper.main, "summary": paper.main,
             "sbd-to-aug": sbd.main}
 
 if __name__ == "__main__":
-    sys.excepthook, sys.unraisablehook = common.excepthook, common.unraisablehook  # bad input: one line, no traceback
+    sys.excepthook = common.excepthook  # bad input: one line, no traceback
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         sys.exit(sys.modules["tools"].__doc__)
     sys.exit(COMMANDS[sys.argv[1]](sys.argv[1], sys.argv[2:]))
