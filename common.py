@@ -734,9 +734,10 @@ class Run:
             self.print(f"epochs: {a.epochs} x {a.iters_per_epoch} iterations, as UniMatch's sampler deals the "
                        f"images to {a.loss_shares} GPUs")
         if a.protocol == "unimatch" and a.loss_shares != UNIMATCH_GPUS:
+            images = a.batch_size // a.loss_shares
             self.print(f"loss: --batch-size {a.batch_size} does not split among UniMatch's {UNIMATCH_GPUS} GPUs; "
-                       f"each loss is the mean of {a.loss_shares} shares of {a.batch_size // a.loss_shares} "
-                       f"images, as on {a.loss_shares} GPUs")
+                       f"each loss is averaged over {a.loss_shares} shares of the batch ({images} "
+                       f"image{'s' * (images > 1)} each), as on {a.loss_shares} GPUs")
         CHECKPOINTED.update(iter=self.start_iter or None, batch=self.args.batch_size, crop=self.args.crop_size)
         if self.world > 1:
             for net in self.nets.values():  # one set of weights on every process, from process 0
