@@ -50,7 +50,8 @@ from tqdm import tqdm
 
 from cutmixseg import demo, guard, nets, pictures, prepare, timing
 from cutmixseg.files import (CHECKPOINTED, IGNORE, IMAGE_SUFFIXES, UserError, atomic_write, excepthook,  # noqa: F401
-                             image_files, image_size, one_report_of_dead_workers, read_image, read_mask)
+                             image_files, image_size, names_as_bytes, one_report_of_dead_workers, read_image,
+                             read_mask)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -168,6 +169,7 @@ def command_line(args_class, argv=None):
     """{field: value} of the options given on the command line, one --kebab-case option per arg() field;
     bad input ends as one line, never a traceback."""
     sys.excepthook = excepthook
+    names_as_bytes()  # a file name that is not UTF-8 printed with its own bytes (cutmixseg/files.py)
     parser = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n")[0],
                                      argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(args_class):
@@ -674,6 +676,11 @@ class Run:
             print(f"--unlabeled-dir {a.unlabeled_dir}: ignored, {self.method} trains on labeled images only")
         data = load_dataset(a.dataset, a.data_root, a.n_labeled, a.split_seed, a.split_file, a.num_classes,
                             a.cache_dir, a.unlabeled_dir, self.unlabeled, a.protocol)
+        unlisted = [data.train.names[i] for i in data.labeled if not prepare.listable(data.train.names[i])]
+        if unlisted:  # labeled.txt, written next, could not be read back as --split-file
+            raise UserError(f"--data-root {a.data_root}: labeled.txt (one name a line) cannot hold the training "
+                            f"image {unlisted[0]!r}; rename it without line breaks, control characters or blanks at "
+                            f"its ends")
         a.crop_size = a.crop_size or default_crop(data.train.sizes)
         if a.epochs:  # today's protocol counts epochs
             epochs_to_iters(a, len(data.unlabeled) if self.unlabeled else len(data.labeled), self.world)
@@ -691,7 +698,9 @@ class Run:
         self.val_loader = val_loader(data.val, self.args.batch_size, self.args.num_workers)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            self.log_file, self.metrics_file = open(self.out / "log.txt", "a"), open(self.out / "metrics.jsonl", "a")
+            # log.txt: a file name that is not UTF-8 with its own bytes, as labeled.txt and stdout write it
+            self.log_file = open(self.out / "log.txt", "a", encoding="utf-8", errors="surrogateescape")
+            self.metrics_file = open(self.out / "metrics.jsonl", "a")
         if self.resume:  # cutmixseg/guard.py: one line for a checkpoint that cannot be read or does not fit
             self.start_iter, self.timer_state = guard.restore(self, self.tracked)
         else:
@@ -928,7 +937,7 @@ def cache_folder(root, explicit=None):
     """Where prepared data and checks are cached: --cache-dir, else beside the data when writable, else
     ~/.cache/cutmix-seg/<hash of the data's path>, which also stands in for a cache folder that cannot be
     written (read-only, another user's), with a line."""
-    tag = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+    tag = hashlib.sha1(os.fsencode(root.resolve())).hexdigest()[:12]
     user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cutmix-seg" / tag
     path = Path(explicit).expanduser() if explicit else root / ".cutmix_seg_cache" if os.access(root, os.W_OK) else user
     for candidate in dict.fromkeys([path, user]):
@@ -1345,7 +1354,8 @@ def pascal_unimatch_dataset(root, cache):
                            f"neither {voc / 'SegmentationClassAug'} nor {voc / 'SegmentationClass'}")
     lists = UNIMATCH_SPLITS / "pascal"
     splits = checked_splits({split: split_pairs(root, "pascal_aug", voc / "JPEGImages", labels,
-                                                lambda d: [d / Path(n).name for _, n in prepare.read_lines(path)],
+                                                lambda d: [d / Path(line.split()[0]).name  # "image mask" lines
+                                                           for _, line in prepare.read_lines(path)],
                                                 lambda p: labels / f"{p.stem}.png")
                              for split, path in (("train", lists / "train_aug.txt"), ("val", lists / "val.txt"))},
                             cache, len(PASCAL_CLASSES))

@@ -129,19 +129,24 @@ def fill_arrays(folder, pairs, convert, tag):
 
 # ---- --split-file: the labeled subset named by a list, or the original's pickled permutation ----------
 def read_lines(path):
-    """[(line number, first word)] of the non-empty lines of a text list (UTF-8, a byte-order mark allowed,
-    any line ends): a --split-file, or UniMatch's "image mask" lists."""
+    """[(line number, line without blanks at its ends)] of the non-empty lines of a text list (UTF-8, a byte-order
+    mark allowed, any line ends; bytes that are not UTF-8 read as a file name's, surrogate escapes): a --split-file
+    (labeled.txt), or UniMatch's "image mask" lists."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--split-file {path}: no such file")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark is no part of the first name
-    except UnicodeDecodeError:
-        text = "\0"
-    if "\0" in text:
+    # a byte-order mark is no part of the first name; a control character but tabs and line ends: no text at all
+    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    if any(c < " " and c not in "\t\n\r" for c in text):
         raise UserError(f"--split-file {path}: neither a text list of image names (UTF-8, one per line) nor a "
                         f"pickled index array")
-    return [(n, line.split()[0]) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def listable(name):
+    """Whether labeled.txt, one name a line, holds `name` so that read_lines gives it back: no control character
+    (a line break among them), no other line break, no blank at either end."""
+    return name == name.strip() and name.splitlines() == [name] and not any(c < " " for c in name)
 
 
 def read_split_file(path, names):
@@ -157,7 +162,8 @@ def read_split_file(path, names):
         return read_permutation(path, len(names))
     index = {**{name: i for i, name in enumerate(names)}, **{Path(name).stem: i for i, name in enumerate(names)}}
     chosen = {}  # index -> line number
-    for line_no, name in read_lines(path):
+    for line_no, line in read_lines(path):
+        name = line if line in index else line.split()[0]  # a name with blanks in it, else the line's first word
         key = name if name in index else Path(name).stem.removesuffix("_leftImg8bit")  # UniMatch's Cityscapes lines
         if key not in index:
             raise UserError(f"--split-file {path}, line {line_no}: {name!r} is not a training image of this dataset")
