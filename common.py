@@ -48,10 +48,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cutmixseg import demo, guard, nets, pictures, prepare, timing
+from cutmixseg import demo, files, guard, nets, pictures, prepare, timing
 from cutmixseg.files import (CHECKPOINTED, IGNORE, IMAGE_SUFFIXES, UserError, atomic_write, excepthook,  # noqa: F401
-                             image_files, image_size, names_as_bytes, one_report_of_dead_workers, read_image,
-                             read_mask)
+                             image_files, image_size, one_report_of_dead_workers, read_image, read_mask)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -167,9 +166,8 @@ def parse_size(text, option="--crop-size"):
 
 def command_line(args_class, argv=None):
     """{field: value} of the options given on the command line, one --kebab-case option per arg() field;
-    bad input ends as one line, never a traceback."""
-    sys.excepthook = excepthook
-    names_as_bytes()  # a file name that is not UTF-8 printed with its own bytes (cutmixseg/files.py)
+    bad input ends as one line, never a traceback; a file name that is not UTF-8 printed with its own bytes."""
+    files.start_command()
     parser = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n")[0],
                                      argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(args_class):
@@ -676,11 +674,6 @@ class Run:
             print(f"--unlabeled-dir {a.unlabeled_dir}: ignored, {self.method} trains on labeled images only")
         data = load_dataset(a.dataset, a.data_root, a.n_labeled, a.split_seed, a.split_file, a.num_classes,
                             a.cache_dir, a.unlabeled_dir, self.unlabeled, a.protocol)
-        unlisted = [data.train.names[i] for i in data.labeled if not prepare.listable(data.train.names[i])]
-        if unlisted:  # labeled.txt, written next, could not be read back as --split-file
-            raise UserError(f"--data-root {a.data_root}: labeled.txt (one name a line) cannot hold the training "
-                            f"image {unlisted[0]!r}; rename it without line breaks, control characters or blanks at "
-                            f"its ends")
         a.crop_size = a.crop_size or default_crop(data.train.sizes)
         if a.epochs:  # today's protocol counts epochs
             epochs_to_iters(a, len(data.unlabeled) if self.unlabeled else len(data.labeled), self.world)
@@ -698,8 +691,7 @@ class Run:
         self.val_loader = val_loader(data.val, self.args.batch_size, self.args.num_workers)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            # log.txt: a file name that is not UTF-8 with its own bytes, as labeled.txt and stdout write it
-            self.log_file = open(self.out / "log.txt", "a", encoding="utf-8", errors="surrogateescape")
+            self.log_file = open(self.out / "log.txt", "a", errors="surrogateescape")  # names as their bytes
             self.metrics_file = open(self.out / "metrics.jsonl", "a")
         if self.resume:  # cutmixseg/guard.py: one line for a checkpoint that cannot be read or does not fit
             self.start_iter, self.timer_state = guard.restore(self, self.tracked)
@@ -1009,6 +1001,7 @@ def folder_dataset(root, cache, num_classes=None):
     splits = checked_splits({split: split_pairs(root, "folder", root / split / "images", root / split / "masks",
                                                 image_files, functools.partial(mask_of, split=split))
                              for split in ("train", "val")}, cache, num_classes)
+    prepare.check_listable(splits["train"].names, root)  # labeled.txt lists them
     found, given = splits["classes"], num_classes
     num_classes = num_classes or max(found, default=0) + 1
     if num_classes < 2:

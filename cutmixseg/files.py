@@ -106,9 +106,11 @@ def atomic_write(path, content):
         raise
 
 
-def names_as_bytes():
-    """stdout writes a file name that is not UTF-8 with its own bytes, as log.txt does (a UTF-8 stdout refuses the
-    surrogate escapes with a UnicodeEncodeError); stderr already writes them escaped (backslashreplace)."""
+def start_command():
+    """What every command does first: bad input ends as one line (excepthook); stdout writes a file name that is
+    not UTF-8 with its own bytes, as log.txt does (under a UTF-8 locale such as en_US.UTF-8 it would refuse the
+    surrogate escapes with a UnicodeEncodeError; stderr writes them escaped, as \\udcff)."""
+    sys.excepthook = excepthook
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors="surrogateescape")
 

@@ -143,10 +143,14 @@ def read_lines(path):
     return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
-def listable(name):
-    """Whether labeled.txt, one name a line, holds `name` so that read_lines gives it back: no control character
-    (a line break among them), no other line break, no blank at either end."""
-    return name == name.strip() and name.splitlines() == [name] and not any(c < " " for c in name)
+def check_listable(names, root):
+    """Training images' `names`, which labeled.txt (one name a line) may list: each must come back from read_lines
+    as it is, without a control character (a line break among them), another line break (U+2028, ...) or a blank
+    at either end; the first that would not is refused by name."""
+    for name in names:
+        if name != name.strip() or name.splitlines() != [name] or any(c < " " for c in name):
+            raise UserError(f"--data-root {root}: labeled.txt (one name a line) cannot hold the training image "
+                            f"{name!r}; rename it without line breaks, control characters or blanks at its ends")
 
 
 def read_split_file(path, names):
