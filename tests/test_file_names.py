@@ -17,6 +17,8 @@ from common import UserError
 from conftest import ENV, ROOT, kit_state, make_folder_dataset, refused, run_main
 from tools import paper, predict
 
+pytestmark = pytest.mark.xdist_group("file_names")  # one worker trains the module's run once
+
 ODD = os.fsdecode(b"\xff\xfe")  # two bytes that are not UTF-8, as Python reads them from the file system
 SMALL = ["--dataset", "folder", "--arch", "unet_small", "--iters", 2, "--eval-every", 2, "--batch-size", 2,
          "--num-workers", 0]
