@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cutmixseg import demo, guard, nets, pictures, prepare, timing
+from cutmixseg import demo, files, guard, nets, pictures, prepare, timing
 from cutmixseg.files import (CHECKPOINTED, IGNORE, IMAGE_SUFFIXES, UserError, atomic_write, excepthook,  # noqa: F401
                              image_files, image_size, one_report_of_dead_workers, read_image, read_mask)
 
@@ -169,8 +169,8 @@ def parse_size(text, option="--crop-size"):
 
 def command_line(args_class, argv=None):
     """{field: value} of the options given on the command line, one --kebab-case option per arg() field;
-    bad input ends as one line, never a traceback."""
-    sys.excepthook = excepthook
+    bad input ends as one line, never a traceback; a file name that is not UTF-8 printed with its own bytes."""
+    files.start_command()
     parser = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n")[0],
                                      argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(args_class):
@@ -714,7 +714,8 @@ class Run:
         self.val_loader = val_loader(data.val, self.args.batch_size, self.args.num_workers)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            self.log_file, self.metrics_file = open(self.out / "log.txt", "a"), open(self.out / "metrics.jsonl", "a")
+            self.log_file = open(self.out / "log.txt", "a", errors="surrogateescape")  # names as their bytes
+            self.metrics_file = open(self.out / "metrics.jsonl", "a")
         if self.resume:  # cutmixseg/guard.py: one line for a checkpoint that cannot be read or does not fit
             self.start_iter, self.timer_state = guard.restore(self, self.tracked)
         else:
@@ -1056,7 +1057,7 @@ def cache_folder(root, explicit=None):
     """Where prepared data and checks are cached: --cache-dir, else beside the data when writable, else
     ~/.cache/cutmix-seg/<hash of the data's path>, which also stands in for a cache folder that cannot be
     written (read-only, another user's), with a line."""
-    tag = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+    tag = hashlib.sha1(os.fsencode(root.resolve())).hexdigest()[:12]
     user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cutmix-seg" / tag
     path = Path(explicit).expanduser() if explicit else root / ".cutmix_seg_cache" if os.access(root, os.W_OK) else user
     for candidate in dict.fromkeys([path, user]):
@@ -1128,6 +1129,7 @@ def folder_dataset(root, cache, num_classes=None):
     splits = checked_splits({split: split_pairs(root, "folder", root / split / "images", root / split / "masks",
                                                 image_files, functools.partial(mask_of, split=split))
                              for split in ("train", "val")}, cache, num_classes)
+    prepare.check_listable(splits["train"].names, root)  # labeled.txt lists them
     found, given = splits["classes"], num_classes
     num_classes = num_classes or max(found, default=0) + 1
     if num_classes < 2:
@@ -1506,7 +1508,8 @@ def pascal_unimatch_dataset(root, cache):
                            f"neither {voc / 'SegmentationClassAug'} nor {voc / 'SegmentationClass'}")
     lists = UNIMATCH_SPLITS / "pascal"
     splits = checked_splits({split: split_pairs(root, "pascal_aug", voc / "JPEGImages", labels,
-                                                lambda d: [d / Path(n).name for _, n in prepare.read_lines(path)],
+                                                lambda d: [d / Path(line.split()[0]).name  # "image mask" lines
+                                                           for _, line in prepare.read_lines(path)],
                                                 lambda p: labels / f"{p.stem}.png")
                              for split, path in (("train", lists / "train_aug.txt"), ("val", lists / "val.txt"))},
                             cache, len(PASCAL_CLASSES))
