@@ -10,16 +10,19 @@ around the loop, in the order a script uses it. Read the first part; the rest is
     4. Mean teacher, optimizer   make_teacher, ema_update, RepeatAdam, set_lr, set_train_mode, forward_each,
                                  supervised_loss
     5. Metrics, evaluation       confusion matrix, IoU, evaluate
-    6. Run                       run folder, log, metrics.jsonl, checkpoints, results; load_model; --benchmark
-    7. torchrun                  several processes: local_rows, all_reduce_grads
+    6. Run                       run folder, log, metrics.jsonl, checkpoints, results; load_model
+    7. torchrun                  several processes: local_rows, per_share, global_mean, all_reduce_grads
   Catalogues (read per dataset or per architecture)
     8. Dataset readers           demo, folder, cityscapes, pascal_aug, isic2017
     9. Networks                  build_net (the networks themselves: cutmixseg/nets.py)
+   10. Today's protocol          --protocol unimatch: UniMatch's settings, lists (cutmixseg/splits/), weak view,
+                                 OHEM, sliding windows, its Cityscapes and Pascal readers
+   11. --benchmark               the loop timed instead of trained
 
 Below it, cutmixseg/ holds the rest of what a run executes and imports nothing of this file: files.py (bad
 input, atomic files, image reading), guard.py (the run folder, --resume), prepare.py (data checks, caches,
 split files), pictures.py, demo.py, nets.py, timing.py. Above it, tools/ holds commands that use this file
-(`python -m tools predict | costs | seeds | summary | sbd-to-aug`). Copy this file, cutmixseg/ and one
+(`python -m tools predict | evaluate | costs | seeds | summary | sbd-to-aug`). Copy this file, cutmixseg/ and one
 train_*.py into a project and that copy trains on its own.
 """
 import argparse
