@@ -198,3 +198,21 @@ def test_evaluate_refuses_what_is_not_there(tmp_path):
         evaluate_tool.main("evaluate", [str(tmp_path / "missing")])
     with pytest.raises(common.UserError, match="no run there"):
         evaluate_tool.main("evaluate", [str(tmp_path)])
+
+
+def test_predict_applies_a_checkpoint_file(tmp_path):
+    from tools import predict as predict_tool
+    net = common.build_net(SimpleNamespace(arch="unet_small", pretrained=False, aspp_all_branches=False), 5,
+                           torch.device("cpu"))
+    path = unimatch_checkpoint(net, tmp_path / "latest.pth")
+    images = tmp_path / "photos"
+    images.mkdir()
+    from PIL import Image
+    image = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    Image.fromarray(image).save(images / "a.png")
+    predict_tool.main("predict", [str(path), str(images), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    written = np.asarray(Image.open(tmp_path / "out" / "a.png"))
+    with torch.no_grad():
+        x = common.normalise(torch.from_numpy(image).permute(2, 0, 1)[None], torch.device("cpu"))
+        expected = net.eval()(x).argmax(1)[0].numpy()
+    assert written.shape == (24, 40) and (written == expected).all()

@@ -7,7 +7,8 @@ INPUT: image files and folders (searched recursively; an image in a folder keeps
 Writes OUT_DIR/<name>.png per image: a palette PNG of class indices, the image's own size (viewable as
 colours, readable as indices); with --overlay also <name>_overlay.jpg. With --masks, the same
 confusion-matrix mIoU as training's evaluation, printed and written to OUT_DIR/results.json; the last
-line is then `FINAL mIoU=<miou>`. In Python: `net, info = common.load_model(RUN_DIR)`.
+line is then `FINAL mIoU=<miou>`. In Python: `net, info = common.load_model(RUN_DIR)`. RUN_DIR may also be a
+checkpoint file: UniMatch's released ones, a bare state dict, a run's checkpoint.pt (common.load_weights_file).
 """
 import argparse
 import errno
@@ -127,7 +128,7 @@ def check_names_fit(pairs, out):
 
 def main(command, argv):
     parser = argparse.ArgumentParser(prog="python -m tools predict", description=__doc__.split("\n")[0])
-    parser.add_argument("run_dir", help="a run folder (args.json, checkpoint.pt)")
+    parser.add_argument("run_dir", help="a run folder, or a checkpoint file (UniMatch's too)")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and folders")
     parser.add_argument("--out", required=True, help="folder for the predicted masks")
     parser.add_argument("--masks", help="folder of true masks (class indices, 255 = ignore), matched by name: score")
@@ -168,7 +169,9 @@ def main(command, argv):
                                         f"{path} is {indices.shape[1]}x{indices.shape[0]}; they must match")
                     conf += common.confusion_matrix(pred, torch.from_numpy(truth), info["num_classes"])
             bar.update(len(chunk))
-    print(f"{len(pairs)} predicted masks in {out} ({opts.net} of {opts.run_dir}, iteration {info['iteration']})")
+    source = (f"{opts.net} of {opts.run_dir}, iteration {info['iteration']}" if info["iteration"] is not None else
+              f"{info['arch']} of {info['num_classes']} classes from {opts.run_dir}")  # a checkpoint file
+    print(f"{len(pairs)} predicted masks in {out} ({source})")
     if masks:
         iou = (common.iou_from_confusion(conf) * 100).tolist()
         results = dict(miou=float(np.mean(iou)), per_class_iou=iou, n_images=len(pairs))
