@@ -1,7 +1,7 @@
-"""UniMatch's weak view for given draws (common.weak_view_draws): the whole image resized, padded, cropped and flipped
-on PIL images (scale_crop_flip, the reference), and the same crop, bit for bit, from the image rows that it reaches
-alone (scale_crop_flip_window: a third of the work on Cityscapes, and of a memory-mapped image only those rows are
-read)."""
+"""UniMatch's weak view for given draws (common.weak_view_draws): the whole image resized, padded, cropped
+and flipped on PIL images (scale_crop_flip, the reference), and the same crop, bit for bit, from the image
+rows that it reaches alone (scale_crop_flip_window: a third of the work on Cityscapes, and of a memory-mapped
+image only those rows are read)."""
 import functools
 import math
 
@@ -41,25 +41,25 @@ def scale_crop_flip(image, mask, long_side, x, y, flip, crop, fill=IGNORE):
 
 
 def scale_crop_flip_arrays(image, label, long_side, x, y, flip, crop, fill=IGNORE):
-    """scale_crop_flip on arrays, as scale_crop_flip_window takes them: the whole image decoded and resized."""
+    """scale_crop_flip on arrays in and out, as scale_crop_flip_window takes them: the whole image resized."""
     views = scale_crop_flip(Image.fromarray(np.asarray(image)), None if label is None else
                             Image.fromarray(np.asarray(label)), long_side, x, y, flip, crop, fill)
     return tuple(None if v is None else np.array(v) for v in views)
 
 
 def scale_crop_flip_window(image, label, long_side, x, y, flip, crop, fill=IGNORE):
-    """scale_crop_flip's crop, bit for bit, from the image rows that it reaches alone (of a memory-mapped image,
-    only those are read), on arrays: image (H, W, 3) uint8, label (H, W) or None -> (crop, crop, 3), (crop, crop)
-    or None.
+    """scale_crop_flip's crop, bit for bit, from the image rows that it reaches alone (of a memory-mapped
+    image, only those are read), on arrays: image (H, W, 3) uint8, label (H, W) or None -> (crop, crop, 3),
+    (crop, crop) or None.
 
-    PIL's bilinear resize runs two passes, each rounded to uint8: along the rows, then along the columns. Each
-    runs here as PIL runs it on the whole image, on less: the first on the rows that the crop's filter reaches,
-    the second on the crop's columns, whose other rows stay 0 (beyond the filter's reach). A box (resize(...,
-    box=)) would cost less, but PIL holds it in float32: its filter shifts by ~1e-4 pixel, and where a resized
-    pixel's centre falls on a source pixel's edge both passes round the other way, two grey levels apart. The
-    label takes PIL's nearest source pixels, read off PIL itself (nearest_sources). Pillow 13 runs the column
-    pass first where the height shrinks more than twice as much as the width (images over twice as tall as wide):
-    those are cropped by scale_crop_flip itself."""
+    PIL's bilinear resize runs two passes, each rounded to uint8: along the rows, then along the columns.
+    Each runs here as PIL runs it on the whole image, on less: the first on the rows that the crop's filter
+    reaches, the second on the crop's columns, whose other rows stay 0 (beyond the filter's reach). A box
+    (resize(..., box=)) would cost less, but PIL holds it in float32: its filter shifts by ~1e-4 pixel, and
+    where a resized pixel's centre falls on a source pixel's edge both passes round the other way, two grey
+    levels apart. The label takes PIL's nearest source pixels, read off PIL itself (nearest_sources).
+    Pillow 13 runs the column pass first where the height shrinks more than twice as much as the width
+    (images over twice as tall as wide): those are cropped by scale_crop_flip itself."""
     h, w = image.shape[:2]
     ow, oh = long_side_size((w, h), long_side)
     if h - oh > 0 and h - oh > 2 * (w - ow):
@@ -67,7 +67,7 @@ def scale_crop_flip_window(image, label, long_side, x, y, flip, crop, fill=IGNOR
     cw, ch = min(x + crop, ow) - x, min(y + crop, oh) - y  # the resized image's part of the crop
     top, bottom = rows_reached(y, ch, h, oh)
     rows = Image.fromarray(np.asarray(image[top:bottom]))
-    if ow != w:  # pass 1: every column of the resized width, as PIL computes them, of which the crop's are kept
+    if ow != w:  # pass 1: every column of the resized width, as PIL computes them; the crop's are kept
         rows = rows.resize((ow, bottom - top), Image.Resampling.BILINEAR)
     columns = Image.new("RGB", (cw, h))  # 0 beyond the filter's reach
     columns.paste(rows.crop((x, 0, x + cw, bottom - top)), (0, top))
@@ -87,8 +87,9 @@ def scale_crop_flip_window(image, label, long_side, x, y, flip, crop, fill=IGNOR
 
 
 def rows_reached(y, n, h, oh):
-    """[top, bottom): the source rows (of h) that PIL's bilinear filter reads for the resized rows y..y+n-1 (of
-    oh): a resized row centred at (row + 0.5) · h/oh reaches max(h/oh, 1) either side; one more row for rounding."""
+    """[top, bottom): the source rows (of h) that PIL's bilinear filter reads for the resized rows y..y+n-1
+    (of oh): a resized row centred at (row + 0.5) · h/oh reaches max(h/oh, 1) rows either side; one more row
+    for rounding."""
     scale = h / oh
     reach = max(scale, 1.0)
     return max(int(y * scale - reach) - 1, 0), min(math.ceil((y + n) * scale + reach) + 1, h)

@@ -1,6 +1,6 @@
-"""Today's protocol's loader: the crop from the rows it reaches against the whole image resized (bit for bit), the
-decoded full-size Cityscapes kept in the cache (prepared once, reused, refused when stale, skipped when the disk is
-full or with --no-cache), and `python -m tools loader` on tiny official-layout trees."""
+"""Today's protocol's loader: the crop from the rows it reaches against the whole image resized (bit for
+bit), the decoded full-size Cityscapes kept in the cache (prepared once, reused, refused when stale, skipped
+when the disk is full or with --no-cache), and `python -m tools loader` on tiny official-layout trees."""
 import re
 import shutil
 import subprocess
@@ -22,8 +22,8 @@ LAST_LINE = re.compile(r"loader: \d+\.\d crops/s with (\d+) workers \(\d+\.\d ms
 
 def reference(image, label, draws, crop, fill=255):
     """scale_crop_flip on PIL images, back as arrays."""
-    out = common.scale_crop_flip(Image.fromarray(image), None if label is None else Image.fromarray(label), *draws,
-                                 crop=crop, fill=fill)
+    mask = None if label is None else Image.fromarray(label)
+    out = common.scale_crop_flip(Image.fromarray(image), mask, *draws, crop=crop, fill=fill)
     return tuple(None if v is None else np.asarray(v) for v in out)
 
 
@@ -31,18 +31,20 @@ def random_pair(rng, w, h):
     return rng.integers(0, 256, (h, w, 3), dtype=np.uint8), rng.integers(0, 19, (h, w), dtype=np.uint8)
 
 
-# ---- the crop -------------------------------------------------------------------------------------------------
+# ---- the crop --------------------------------------------------------------------------------------------
 def test_the_window_crop_equals_the_reference_bit_for_bit_over_sampled_draws():
     rng = np.random.default_rng(0)
     for _ in range(120):  # landscape, portrait, square, tiny; images over twice as tall as wide among them
         w, h = (int(v) for v in rng.integers(2, 70, 2))
         image, label = random_pair(rng, w, h)
         for _ in range(5):
-            crop, fill = int(rng.integers(1, 90)), int(rng.choice([254, 255]))  # crops beyond the image: padding
+            crop = int(rng.integers(1, 90))  # crops beyond the resized image too: padding
+            fill = int(rng.choice([254, 255]))
             draws = common.weak_view_draws((w, h), crop, rng)
             img, lab = crops.scale_crop_flip_window(image, label, *draws, crop, fill)
             want_img, want_lab = reference(image, label, draws, crop, fill)
-            assert img.dtype == lab.dtype == np.uint8 and img.shape == (crop, crop, 3) and lab.shape == (crop, crop)
+            assert img.dtype == lab.dtype == np.uint8
+            assert img.shape == (crop, crop, 3) and lab.shape == (crop, crop)
             assert np.array_equal(img, want_img), (w, h, crop, draws)
             assert np.array_equal(lab, want_lab), (w, h, crop, draws)
 
@@ -58,7 +60,8 @@ def test_the_window_crop_at_the_edges_of_its_ranges_flipped_and_padded():
                     for flip in (False, True):
                         draws = (long_side, x, y, flip)
                         got = crops.scale_crop_flip_window(image, label, *draws, crop)
-                        assert all(np.array_equal(a, b) for a, b in zip(got, reference(image, label, draws, crop)))
+                        want = reference(image, label, draws, crop)
+                        assert all(np.array_equal(a, b) for a, b in zip(got, want)), draws
     img, lab = crops.scale_crop_flip_window(image, None, 119, 0, 0, True, 130)
     assert lab is None and (img[:, :130 - 119] == 0).all()  # flipped: the padding on the left
 
@@ -86,11 +89,11 @@ def test_weak_view_gives_the_same_tensors_from_either_path():
         fast = common.weak_view(image, label, np.random.default_rng(seed), 33)
         slow = common.weak_view(image, label, np.random.default_rng(seed), 33, reference=True)
         assert all(a.equal(b) for a, b in zip(fast, slow))
-    crop = common.augment(image, None, np.random.default_rng(0), (33, 33), dict(weak_view="reference"))
-    assert crop[1] is None and crop[0].equal(common.weak_view(image, None, np.random.default_rng(0), 33)[0])
+    img, lab, _ = common.augment(image, None, np.random.default_rng(0), (33, 33), dict(weak_view="reference"))
+    assert lab is None and img[:3].equal(common.weak_view(image, None, np.random.default_rng(0), 33)[0])
 
 
-# ---- the cache of decoded Cityscapes ----------------------------------------------------------------------------
+# ---- the cache of decoded Cityscapes --------------------------------------------------------------------
 def load(root, cache, **kw):
     return common.load_dataset("cityscapes", root, 2, cache_dir=cache, protocol="unimatch", **kw)
 
@@ -102,7 +105,8 @@ def cached_folders(cache):
 
 def same_samples(train, root):
     decoded = common.cityscapes_full_dataset(root)[0]  # on the fly
-    return all(np.array_equal(a, b) for i in range(len(train)) for a, b in zip(train.load(i), decoded.load(i)))
+    pairs = [(train.load(i), decoded.load(i)) for i in range(len(train))]
+    return all(np.array_equal(a, b) for kept, fresh in pairs for a, b in zip(kept, fresh))
 
 
 @pytest.fixture
@@ -152,10 +156,12 @@ def test_a_cache_of_other_files_or_another_root_is_never_used(city, tmp_path):
 
 
 def test_a_full_disk_or_no_cache_decodes_on_the_fly(city, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=0, free=10**9))
+    full = SimpleNamespace(total=10**9, used=0, free=10**9)  # 1 GB free: the spare, no room for arrays
+    monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: full)
     data = load(city, tmp_path / "cache")
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1 and "GB are free: decoding them on the fly" in lines[0] and str(tmp_path / "cache") in lines[0]
+    assert len(lines) == 1 and lines[0].startswith(f"{tmp_path / 'cache'}: keeping the decoded images there")
+    assert "1.0 GB are free: decoding them on the fly instead" in lines[0]
     assert not cached_folders(tmp_path / "cache") and not isinstance(data.train.load(0)[0], np.memmap)
     assert same_samples(data.train, city)
     monkeypatch.undo()
@@ -164,9 +170,9 @@ def test_a_full_disk_or_no_cache_decodes_on_the_fly(city, tmp_path, monkeypatch,
     assert common.parse_args(common.TrainArgs, ["--no-cache"]).no_cache
 
 
-# ---- python -m tools loader ------------------------------------------------------------------------------------
+# ---- python -m tools loader -----------------------------------------------------------------------------
 def labeled_list(path, names):
-    path.write_text("".join(f"leftImg8bit/train/{n.split('_')[0]}/{n}_leftImg8bit.png gtFine/x.png\n" for n in names))
+    path.write_text("".join(f"leftImg8bit/train/{n.split('_')[0]}/{n}_leftImg8bit.png\n" for n in names))
     return path
 
 
@@ -181,7 +187,8 @@ def test_tools_loader_times_every_stream_of_a_method_with_its_workers(official, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert LAST_LINE.fullmatch(lines[-1]) and LAST_LINE.fullmatch(lines[-1]).group(1) == "1"
-    assert [line.split(" (")[0] for line in lines if line.startswith("stream")] == ["stream 0", "stream 1", "stream 2"]
+    streams = [line.split(" (")[0] for line in lines if line.startswith("stream")]
+    assert streams == ["stream 0", "stream 1", "stream 2"]
     assert "stream 0 (labeled, 2 images)" in proc.stdout and "stream 1 (unlabeled, 4 images)" in proc.stdout
     assert "all 3 streams in turn (3 worker processes): 6 crops an iteration" in proc.stdout
     assert cached_folders(tmp_path / "cache")  # prepared first, as a run prepares it
@@ -197,12 +204,15 @@ def test_tools_loader_on_pascal_with_the_reference_path_and_bad_options(tmp_path
         (lists / "pascal" / name).write_text("".join(f"JPEGImages/{n}.jpg SegmentationClassAug/{n}.png\n"
                                                      for n in chosen))
     monkeypatch.setattr(common, "UNIMATCH_SPLITS", lists)
-    options = ["--dataset", "pascal_aug", "--data-root", str(root), "--protocol", "unimatch", "--n-labeled", "3",
-               "--arch", "unet_small", "--crop-size", "24", "--batch-size", "2", "--cache-dir", str(tmp_path / "c")]
+    options = ["--dataset", "pascal_aug", "--data-root", str(root), "--protocol", "unimatch",
+               "--n-labeled", "3", "--arch", "unet_small", "--crop-size", "24", "--batch-size", "2",
+               "--cache-dir", str(tmp_path)]
     for extra in ([], ["--reference"]):
-        assert loader.main("loader", [*options, "--method", "baseline", "--workers", "0", "--batches", "2", *extra]) == 0
+        argv = [*options, "--method", "baseline", "--workers", "0", "--batches", "2", *extra]
+        assert loader.main("loader", argv) == 0
         out = capsys.readouterr().out.strip().splitlines()
-        assert LAST_LINE.fullmatch(out[-1]).group(1) == "0" and out[1].startswith("stream 0 (labeled, 3 images)")
+        assert LAST_LINE.fullmatch(out[-1]).group(1) == "0"
+        assert out[1].startswith("stream 0 (labeled, 3 images)") and len(out) == 4  # one stream
         assert ("the whole image resized (reference)" in out[0]) == bool(extra)
     with pytest.raises(common.UserError, match="--batches must be at least 1"):
         loader.main("loader", [*options, "--batches", "0"])

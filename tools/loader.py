@@ -1,19 +1,19 @@
-"""How fast a method's training loader runs: `python -m tools loader --dataset D --data-root R [--protocol unimatch]
-[--method M] [--workers N] [--batches K] [--reference] [TRAINING OPTIONS]`.
+"""How fast a method's training loader runs: `python -m tools loader --dataset D --data-root R [--protocol
+unimatch] [--method M] [--workers N] [--batches K] [--reference] [TRAINING OPTIONS]`.
 
-The method's own script, train_M.py, runs its main() up to its loop with a LoaderTimer in the place of its Run: it
-loads the data as a run does (one-time preparation, such as the cache of today's full-size Cityscapes, happens there
-and is not timed) and asks for its streams. Instead of training, each stream is timed alone, then all of them drawn
-in turn as the loop draws them, each with its real DataLoader workers, after every worker's first batch. Nothing is
-written. The last line:
+The method's own script, train_M.py, runs its main() up to its loop with a LoaderTimer in the place of its
+Run: it loads the data as a run does (one-time preparation, such as the cache of today's full-size Cityscapes,
+happens there and is not timed) and asks for its streams. Instead of training, each stream is timed alone,
+then all of them drawn in turn as the loop draws them, each with its real DataLoader workers, after every
+worker's first batch. Nothing is written. The last line:
 
     loader: X crops/s with N workers (Y ms per crop per worker)
 
-X: crops (samples) per second of all streams together; N: workers per stream (--workers, the training scripts'
---num-workers); Y: a worker's time per crop, counting as many workers as run at once, at most one per CPU core.
-TRAINING OPTIONS: any option of train_M.py, such as --n-labeled, --split-file, --crop-size, --batch-size,
---cache-dir, --no-cache. --reference: today's weak view from the whole image resized (common.scale_crop_flip),
-decoded on the fly, as UniMatch's loader does, for comparison.
+X: crops (samples) per second of all streams together; N: workers per stream (--workers, the training
+scripts' --num-workers); Y: a worker's time per crop, counting as many workers as run at once, at most one
+per CPU core. TRAINING OPTIONS: any option of train_M.py, such as --n-labeled, --split-file, --crop-size,
+--batch-size, --cache-dir, --no-cache. --reference: today's weak view from the whole image resized
+(common.scale_crop_flip) and decoded on the fly, as UniMatch's loader makes it, for comparison.
 """
 import argparse
 import importlib
@@ -28,8 +28,8 @@ KIT = Path(__file__).resolve().parent.parent
 
 
 class LoaderTimer(common.Run):
-    """A training script's Run for `python -m tools loader`: the data loaded as a run loads it, the streams that
-    the script asks for recorded, and timed when the script enters its loop, which then runs no iteration."""
+    """A training script's Run for `python -m tools loader`: the data loaded as a run loads it, the streams
+    that the script asks for recorded, and timed when the script enters its loop, which runs no iteration."""
 
     def __init__(self, args, method, unlabeled=True, batches=10):
         self.args, self.method, self.unlabeled = args, method, unlabeled
@@ -60,8 +60,9 @@ class LoaderTimer(common.Run):
         return self.record
 
     def crops_per_second(self, requests):
-        """Crops per second that the streams of `requests` deliver, drawn in turn (per_iteration batches each) as
-        the loop draws them, with the run's DataLoader workers; every worker's first batch (start-up) not timed."""
+        """Crops per second that the streams of `requests` deliver, drawn in turn (per_iteration batches
+        each) as the loop draws them, with the run's DataLoader workers; each worker's first batch (its
+        start-up) not timed."""
         loaders = [common.Run.stream(self, **request) for request in requests]
         first = max(self.args.num_workers, 1)
         for loader, request in zip(loaders, requests):
@@ -79,10 +80,11 @@ class LoaderTimer(common.Run):
         """Prints each stream's crops/s alone, then all streams' together and the last line; returns them."""
         a = self.args
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        path = "the whole image resized (reference)" if a.aug.get("weak_view") == "reference" else "the crop's rows"
-        print(f"{self.method}, {a.dataset}, {a.protocol} protocol, crop {a.crop_size[0]}x{a.crop_size[1]}, batch "
-              f"{a.batch_size}, workers per stream: {a.num_workers}, CPU cores: {cores}"
-              + (f"; weak view from {path}" if a.aug.get("weak_view") else ""), flush=True)
+        view = a.aug.get("weak_view")
+        path = "the whole image resized (reference)" if view == "reference" else "the crop's rows"
+        print(f"{self.method}, {a.dataset}, {a.protocol} protocol, crop {a.crop_size[0]}x{a.crop_size[1]}, "
+              f"batch {a.batch_size}, workers per stream: {a.num_workers}, CPU cores: {cores}"
+              + (f"; weak view from {path}" if view else ""), flush=True)
 
         def ms_per_crop(rate, processes):  # workers in the main process (0): one
             return 1000 * (min(processes, cores) if a.num_workers else 1) / rate
@@ -91,15 +93,16 @@ class LoaderTimer(common.Run):
             kind = type(request["dataset"]).__name__ if request["dataset"] is not None else (
                 "labeled" if request["with_label"] else "unlabeled")
             rate = alone[request["stream_id"]] = self.crops_per_second([request])
-            print(f"stream {request['stream_id']} ({kind}, {len(request['indices'])} images): {rate:.1f} crops/s "
-                  f"alone ({ms_per_crop(rate, a.num_workers):.1f} ms per crop per worker)", flush=True)
+            print(f"stream {request['stream_id']} ({kind}, {len(request['indices'])} images): {rate:.1f} "
+                  f"crops/s alone ({ms_per_crop(rate, a.num_workers):.1f} ms per crop per worker)",
+                  flush=True)
         rate = self.crops_per_second(self.requests)
         per_iteration = sum(a.batch_size * request["per_iteration"] for request in self.requests)
         processes = a.num_workers * len(self.requests)
-        print(f"all {len(self.requests)} streams in turn ({processes} worker processes): {per_iteration} crops an "
-              f"iteration, enough for {rate / per_iteration:.2f} iterations/s", flush=True)
-        print(f"loader: {rate:.1f} crops/s with {a.num_workers} workers ({ms_per_crop(rate, processes):.1f} ms per "
-              f"crop per worker)", flush=True)
+        print(f"all {len(self.requests)} streams in turn ({processes} worker processes): {per_iteration} "
+              f"crops an iteration, enough for {rate / per_iteration:.2f} iterations/s", flush=True)
+        print(f"loader: {rate:.1f} crops/s with {a.num_workers} workers ({ms_per_crop(rate, processes):.1f} "
+              f"ms per crop per worker)", flush=True)
         return dict(streams=alone, crops_per_s=rate, ms_per_crop_per_worker=ms_per_crop(rate, processes),
                     workers=a.num_workers, cores=cores, crops_per_iteration=per_iteration)
 
@@ -107,20 +110,22 @@ class LoaderTimer(common.Run):
 def main(command, argv):
     """python -m tools loader [--method M] [--workers N] [--batches K] [--reference] TRAINING OPTIONS"""
     methods = sorted(p.stem.removeprefix("train_") for p in KIT.glob("train_*.py"))
-    parser = argparse.ArgumentParser(prog="python -m tools loader", description=__doc__.split("\n\n")[0].replace(
-        "\n", " "), epilog="Any option of the method's train_M.py is taken too: --dataset, --data-root, --protocol, "
-                           "--n-labeled, --split-file, --crop-size, --batch-size, --cache-dir, --no-cache, ...")
+    parser = argparse.ArgumentParser(
+        prog="python -m tools loader", description=" ".join(__doc__.split("\n\n")[0].split()),
+        epilog="Any option of the method's train_M.py is taken too: --dataset, --data-root, --protocol, "
+               "--n-labeled, --split-file, --crop-size, --batch-size, --cache-dir, --no-cache, ...")
     parser.add_argument("--method", default="cutmix", choices=methods, help="whose loader: train_M.py's")
-    parser.add_argument("--workers", type=int, help="DataLoader workers per stream (default: the training default)")
+    parser.add_argument("--workers", type=int, help="DataLoader workers per stream (default: the training's)")
     parser.add_argument("--batches", type=int, default=10, help="timed batches per stream (default: 10)")
-    parser.add_argument("--reference", action="store_true", help="today's weak view from the whole image resized, "
-                                                                 "decoded on the fly (UniMatch's way)")
+    parser.add_argument("--reference", action="store_true",
+                        help="the weak view from the whole image resized, decoded on the fly (as UniMatch)")
     opts, rest = parser.parse_known_args(argv)
     if opts.batches < 1 or (opts.workers is not None and opts.workers < 0):
-        raise common.UserError(f"--batches must be at least 1 and --workers 0 or more, got {opts.batches} and "
-                               f"{opts.workers}")
+        raise common.UserError(f"--batches must be at least 1 and --workers 0 or more, got {opts.batches} "
+                               f"and {opts.workers}")
     script = importlib.import_module(f"train_{opts.method}")
-    args = common.parse_args(script.Args, rest + ([] if opts.workers is None else ["--num-workers", str(opts.workers)]))
+    workers = [] if opts.workers is None else ["--num-workers", str(opts.workers)]
+    args = common.parse_args(script.Args, rest + workers)
     args.device = "cpu"  # the networks are built, never run
     if opts.reference:
         if not args.aug.get("weak_view"):
