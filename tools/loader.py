@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from unittest import mock
 
+import torch
+
 import common
 
 KIT = Path(__file__).resolve().parent.parent
@@ -76,6 +78,23 @@ class LoaderTimer(common.Run):
                     crops += len(next(loader)[0])  # the first tensor: (B, C, H, W)
         return crops / (time.perf_counter() - started)  # the workers stop when the loaders are dropped
 
+    def cpu_ms_per_crop(self, request):
+        """CPU milliseconds per crop of one stream's dataset in this process, on one thread as a worker: its
+        first batch. Unlike the rates, untouched by other programs that share the cores."""
+        a = self.args
+        dataset = request["dataset"] or common.TrainSet(request["split"], a.crop_size, a.aug,
+                                                        request["with_label"])
+        sampler = common.StreamSampler(request["indices"], a.batch_size, a.seed, request["stream_id"])
+        keys = next(iter(sampler))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        dataset[keys[0]]  # first-time costs (lazy imports, caches) not counted
+        started = time.process_time()
+        for key in keys:
+            dataset[key]
+        torch.set_num_threads(threads)
+        return 1000 * (time.process_time() - started) / len(keys)
+
     def time_streams(self):
         """Prints each stream's crops/s alone, then all streams' together and the last line; returns them."""
         a = self.args
@@ -94,8 +113,8 @@ class LoaderTimer(common.Run):
                 "labeled" if request["with_label"] else "unlabeled")
             rate = alone[request["stream_id"]] = self.crops_per_second([request])
             print(f"stream {request['stream_id']} ({kind}, {len(request['indices'])} images): {rate:.1f} "
-                  f"crops/s alone ({ms_per_crop(rate, a.num_workers):.1f} ms per crop per worker)",
-                  flush=True)
+                  f"crops/s alone ({ms_per_crop(rate, a.num_workers):.1f} ms per crop per worker; "
+                  f"{self.cpu_ms_per_crop(request):.1f} ms of CPU per crop)", flush=True)
         rate = self.crops_per_second(self.requests)
         per_iteration = sum(a.batch_size * request["per_iteration"] for request in self.requests)
         processes = a.num_workers * len(self.requests)
