@@ -345,8 +345,9 @@ def load_dataset(name, root=None, n_labeled=-1, split_seed=12345, split_file=Non
         cache = cache_folder(root, cache_dir)
         read = dict(folder=functools.partial(folder_dataset, num_classes=num_classes), cityscapes=cityscapes_dataset,
                     pascal_aug=functools.partial(pascal_aug_dataset, split_file=split_file),
-                    isic2017=isic2017_dataset) if protocol == "paper" else dict(pascal_aug=pascal_unimatch_dataset,
-                    cityscapes=functools.partial(cityscapes_full_dataset, cached=not no_cache))
+                    isic2017=isic2017_dataset) if protocol == "paper" else dict(
+                    cityscapes=functools.partial(cityscapes_full_dataset, cached=not no_cache),
+                    pascal_aug=pascal_unimatch_dataset)
         train, val, num_classes, class_names = read[name](root, cache)
         own = root / "unlabeled"  # folder's images without masks
         folders = [own] * (name == "folder" and with_unlabeled and own.is_dir()) + folders
@@ -1346,13 +1347,14 @@ def epochs_to_iters(args, n_images, gpus):
     args.iters_per_epoch = per_epoch = max(1, -(-n_images // gpus) // (args.batch_size // gpus))
     args.iters, args.eval_every = args.iters or args.epochs * per_epoch, args.eval_every or per_epoch
 
-scale_crop_flip = crops.scale_crop_flip  # UniMatch's weak view on PIL images, the reference (cutmixseg/crops.py)
+scale_crop_flip = crops.scale_crop_flip  # the weak view on PIL images, the reference (cutmixseg/crops.py)
 
 def weak_view(image, label, rng, crop, reference=False):
-    """augment() under today's protocol: UniMatch's weak view with draws from rng, as tensors: image (3, crop, crop)
-    uint8, label (crop, crop) uint8 (255 where padded) or None, valid (255 = image content, 0 = padding, which
-    carries no loss: UniMatch marked unlabeled padding 254 to ignore it). The crop comes from the rows it reaches
-    (scale_crop_flip_window); reference: from the whole image resized (scale_crop_flip), the same pixels, slower."""
+    """augment() under today's protocol: UniMatch's weak view with draws from rng, as tensors: image (3, crop,
+    crop) uint8, label (crop, crop) uint8 (255 where padded) or None, valid (255 = image content, 0 = padding,
+    which carries no loss: UniMatch marked unlabeled padding 254 to ignore it). The crop comes from the rows
+    it reaches (scale_crop_flip_window); reference: from the whole image resized (scale_crop_flip), the same
+    pixels, slower."""
     h, w = image.shape[:2]
     long_side, x, y, flip = weak_view_draws((w, h), crop, rng)
     view = crops.scale_crop_flip_arrays if reference else crops.scale_crop_flip_window
@@ -1447,12 +1449,12 @@ def sliding_window(net, images, window):
     return total
 
 def cityscapes_full_dataset(root, cache=None, cached=True):
-    """Cityscapes at full size (today's protocol). The training images and their train ids are decoded once into
-    uint8 arrays memory-mapped from the cache (~25 GB, with a progress bar), so that a crop reads only its own rows
-    (scale_crop_flip_window); without a cache, with cached False (--no-cache) or where the disk lacks the room
-    (one line says so), they are decoded on the fly (~50 ms an image). Validation images: on the fly. Train ids
-    from _gtFine_labelTrainIds.png where present (cityscapesScripts' createTrainIdLabelImgs.py makes them;
-    UniMatch's lists name them), else from labelIds."""
+    """Cityscapes at full size (today's protocol). The training images and their train ids are decoded once
+    into uint8 arrays memory-mapped from the cache (~25 GB, with a progress bar), so that a crop reads only
+    its own rows (scale_crop_flip_window); without a cache, with cached False (--no-cache) or where the disk
+    lacks the room (one line says so), they are decoded on the fly (~50 ms an image). Validation images: on
+    the fly. Train ids from _gtFine_labelTrainIds.png where present (cityscapesScripts'
+    createTrainIdLabelImgs.py makes them; UniMatch's lists name them), else from labelIds."""
     splits = []
     for split in ("train", "val"):
         label_dir = root / "gtFine" / split
@@ -1466,8 +1468,8 @@ def cityscapes_full_dataset(root, cache=None, cached=True):
         kept = None
         if split == "train" and cache is not None and cached and len(set(sizes)) == 1:
             nbytes = len(pairs) * sizes[0][0] * sizes[0][1] * 4  # RGB and the train ids, one byte each
-            kept = prepare.arrays(root, cache, "cityscapes_full_train", pairs, cityscapes_full_pair, nbytes=nbytes,
-                                  with_root=True)
+            kept = prepare.arrays(root, cache, "cityscapes_full_train", pairs, cityscapes_full_pair,
+                                  nbytes=nbytes, with_root=True)
         if kept is None:
             splits.append(Split(names, lambda i, pairs=pairs: cityscapes_full_pair(*pairs[i]), sizes))
         else:  # memory-mapped views, not copies: a crop reads the rows it needs

@@ -72,9 +72,9 @@ def verdict(pairs_by_split, cache, num_classes=None):
 def arrays(root, cache, tag, pairs, convert, nbytes=None, with_root=False):
     """(images, labels or None) of `pairs`, memory-mapped from the cache, prepared by the function `convert`
     (image path[, label path]) -> (image[, label]) the first time (fill_arrays). The folder's name hashes the source
-    files' names (below `root`; with_root: and `root` itself, so that a copy of the data elsewhere is prepared anew),
-    sizes and times: changed data is prepared anew; a prepared folder that cannot be read, too, with a line.
-    nbytes (the arrays' size): a preparation that the disk has no room for is not begun; a line says so, and None."""
+    files' names (below `root`; with_root: and `root` itself, so that a copy of the data elsewhere is prepared
+    anew), sizes and times: changed data is prepared anew; a prepared folder that cannot be read, too, with a
+    line. nbytes (the arrays' size): a preparation the disk has no room for is not begun: a line, and None."""
     files = [((p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p.resolve())), p.stat().st_size,
               p.stat().st_mtime_ns) for pair in pairs for p in pair]
     key = [str(Path(root).resolve()), files] if with_root else files
@@ -100,15 +100,15 @@ SPARE = 2 ** 30  # bytes left free beside a cache prepared now: the run's checkp
 
 
 def has_room(folder, nbytes):
-    """Whether the disk of the cache has room for arrays of nbytes in `folder` (what an interrupted preparation
-    wrote in its .partial folder counts as room) and SPARE besides; if not, one line says so."""
+    """Whether the disk of the cache has room for arrays of nbytes in `folder` (what an interrupted
+    preparation wrote in its .partial folder counts as room) and SPARE besides; if not, one line says so."""
     partial = folder.with_name(folder.name + ".partial")
-    written = sum(getattr(f.stat(), "st_blocks", 0) * 512 for f in partial.glob("*.npy")) if partial.is_dir() else 0
+    written = sum(getattr(f.stat(), "st_blocks", 0) * 512 for f in partial.glob("*.npy"))  # none: no folder
     free = shutil.disk_usage(folder.parent).free
     if free + written >= nbytes + SPARE:
         return True
     print(f"{folder.parent}: keeping the decoded images there takes {(nbytes - written) / 1e9:.1f} GB more, "
-          f"{free / 1e9:.1f} GB are free: decoding them on the fly instead (slower; --cache-dir on a larger disk)")
+          f"{free / 1e9:.1f} GB are free: decoding them on the fly instead (slower; --cache-dir elsewhere?)")
     return False
 
 

@@ -190,7 +190,8 @@ def test_tools_loader_times_every_stream_of_a_method_with_its_workers(official, 
     streams = [line.split(" (")[0] for line in lines if line.startswith("stream")]
     assert streams == ["stream 0", "stream 1", "stream 2"]
     assert "stream 0 (labeled, 2 images)" in proc.stdout and "stream 1 (unlabeled, 4 images)" in proc.stdout
-    assert re.search(r"crops/s alone \(\d+\.\d ms per crop per worker; \d+\.\d ms of CPU per crop\)", lines[1])
+    per_stream = r"crops/s alone \(\d+\.\d ms per crop per worker; \d+\.\d ms of CPU per crop\)"
+    assert re.search(per_stream, lines[1])
     assert "all 3 streams in turn (3 worker processes): 6 crops an iteration" in proc.stdout
     assert cached_folders(tmp_path / "cache")  # prepared first, as a run prepares it
 
