@@ -10,17 +10,20 @@ around the loop, in the order a script uses it. Read the first part; the rest is
     4. Mean teacher, optimizer   make_teacher, ema_update, RepeatAdam, set_lr, set_train_mode, forward_each,
                                  supervised_loss
     5. Metrics, evaluation       confusion matrix, IoU, evaluate
-    6. Run                       run folder, log, metrics.jsonl, checkpoints, results; load_model; --benchmark
-    7. torchrun                  several processes: local_rows, all_reduce_grads
+    6. Run                       run folder, log, metrics.jsonl, checkpoints, results; load_model
+    7. torchrun                  several processes: local_rows, per_share, global_mean, all_reduce_grads
   Catalogues (read per dataset or per architecture)
     8. Dataset readers           demo, folder, cityscapes, pascal_aug, isic2017
     9. Networks                  build_net (the networks themselves: cutmixseg/nets.py)
+   10. Today's protocol          --protocol unimatch: UniMatch's settings, lists (cutmixseg/splits/), weak view,
+                                 OHEM, sliding windows, its Cityscapes and Pascal readers
+   11. --benchmark               the loop timed instead of trained
 
 Below it, cutmixseg/ holds the rest of what a run executes and imports nothing of this file: files.py (bad
 input, atomic files, image reading), guard.py (the run folder, --resume), prepare.py (data checks, caches,
 split files), crops.py (today's crop), pictures.py, demo.py, nets.py, timing.py. Above it, tools/ holds
-commands that use this file (`python -m tools predict | costs | seeds | summary | loader | sbd-to-aug`). Copy
-this file, cutmixseg/ and one train_*.py into a project and that copy trains on its own.
+commands that use this file (`python -m tools predict | evaluate | costs | seeds | summary | loader |
+sbd-to-aug`). Copy this file, cutmixseg/ and one train_*.py into a project and that copy trains on its own.
 """
 import argparse
 import collections
@@ -48,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cutmixseg import crops, demo, guard, nets, pictures, prepare, timing
+from cutmixseg import crops, demo, files, guard, nets, pictures, prepare, timing
 from cutmixseg.files import (CHECKPOINTED, IGNORE, IMAGE_SUFFIXES, UserError, atomic_write, excepthook,  # noqa: F401
                              image_files, image_size, one_report_of_dead_workers, read_image, read_mask)
 
@@ -170,8 +173,8 @@ def parse_size(text, option="--crop-size"):
 
 def command_line(args_class, argv=None):
     """{field: value} of the options given on the command line, one --kebab-case option per arg() field;
-    bad input ends as one line, never a traceback."""
-    sys.excepthook = excepthook
+    bad input ends as one line, never a traceback; a file name that is not UTF-8 printed with its own bytes."""
+    files.start_command()
     parser = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n")[0],
                                      argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(args_class):
@@ -716,7 +719,8 @@ class Run:
         self.val_loader = val_loader(data.val, self.args.batch_size, self.args.num_workers)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            self.log_file, self.metrics_file = open(self.out / "log.txt", "a"), open(self.out / "metrics.jsonl", "a")
+            self.log_file = open(self.out / "log.txt", "a", errors="surrogateescape")  # names as their bytes
+            self.metrics_file = open(self.out / "metrics.jsonl", "a")
         if self.resume:  # cutmixseg/guard.py: one line for a checkpoint that cannot be read or does not fit
             self.start_iter, self.timer_state = guard.restore(self, self.tracked)
         else:
@@ -736,9 +740,10 @@ class Run:
             self.print(f"epochs: {a.epochs} x {a.iters_per_epoch} iterations, as UniMatch's sampler deals the "
                        f"images to {a.loss_shares} GPUs")
         if a.protocol == "unimatch" and a.loss_shares != UNIMATCH_GPUS:
+            images = a.batch_size // a.loss_shares
             self.print(f"loss: --batch-size {a.batch_size} does not split among UniMatch's {UNIMATCH_GPUS} GPUs; "
-                       f"each loss is the mean of {a.loss_shares} shares of {a.batch_size // a.loss_shares} "
-                       f"images, as on {a.loss_shares} GPUs")
+                       f"each loss is averaged over {a.loss_shares} shares of the batch ({images} "
+                       f"image{'s' * (images > 1)} each), as on {a.loss_shares} GPUs")
         CHECKPOINTED.update(iter=self.start_iter or None, batch=self.args.batch_size, crop=self.args.crop_size)
         if self.world > 1:
             for net in self.nets.values():  # one set of weights on every process, from process 0
@@ -1057,7 +1062,7 @@ def cache_folder(root, explicit=None):
     """Where prepared data and checks are cached: --cache-dir, else beside the data when writable, else
     ~/.cache/cutmix-seg/<hash of the data's path>, which also stands in for a cache folder that cannot be
     written (read-only, another user's), with a line."""
-    tag = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+    tag = hashlib.sha1(os.fsencode(root.resolve())).hexdigest()[:12]
     user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cutmix-seg" / tag
     path = Path(explicit).expanduser() if explicit else root / ".cutmix_seg_cache" if os.access(root, os.W_OK) else user
     for candidate in dict.fromkeys([path, user]):
@@ -1129,6 +1134,7 @@ def folder_dataset(root, cache, num_classes=None):
     splits = checked_splits({split: split_pairs(root, "folder", root / split / "images", root / split / "masks",
                                                 image_files, functools.partial(mask_of, split=split))
                              for split in ("train", "val")}, cache, num_classes)
+    prepare.check_listable(splits["train"].names, root)  # labeled.txt lists them
     found, given = splits["classes"], num_classes
     num_classes = num_classes or max(found, default=0) + 1
     if num_classes < 2:
@@ -1499,7 +1505,8 @@ def pascal_unimatch_dataset(root, cache):
                            f"neither {voc / 'SegmentationClassAug'} nor {voc / 'SegmentationClass'}")
     lists = UNIMATCH_SPLITS / "pascal"
     splits = checked_splits({split: split_pairs(root, "pascal_aug", voc / "JPEGImages", labels,
-                                                lambda d: [d / Path(n).name for _, n in prepare.read_lines(path)],
+                                                lambda d: [d / Path(line.split()[0]).name  # "image mask" lines
+                                                           for _, line in prepare.read_lines(path)],
                                                 lambda p: labels / f"{p.stem}.png")
                              for split, path in (("train", lists / "train_aug.txt"), ("val", lists / "val.txt"))},
                             cache, len(PASCAL_CLASSES))

@@ -1,5 +1,9 @@
 """The bottom of the kit: bad input as one line (UserError, excepthook), files written atomically, images and
-masks read from disk. Imports nothing of the kit; everything else stands on it."""
+masks read from disk, file names that are not UTF-8. Imports nothing of the kit; everything else stands on it.
+
+File names are bytes; Python reads a byte that is not UTF-8 as a surrogate escape (0xff as U+DCFF). The kit writes
+such a name back with its own bytes wherever text is written (labeled.txt, log.txt, stdout: "surrogateescape") and
+as the escape \\udcff in JSON (json.dumps' default ensure_ascii), which json.loads reads back as the same name."""
 import errno
 import io
 import os
@@ -85,7 +89,8 @@ def atomic_write(path, content):
     elif isinstance(content, dict):
         torch.save(content, buffer)
     else:
-        buffer.write(content.encode() if isinstance(content, str) else content)
+        # a file name that is not UTF-8 is written with its own bytes, as the file system holds it
+        buffer.write(content.encode(errors="surrogateescape") if isinstance(content, str) else content)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
@@ -99,6 +104,32 @@ def atomic_write(path, content):
         if isinstance(e, OSError) and not e.filename:  # a full disk: name the file that could not be written
             e.filename = str(path)
         raise
+
+
+def start_command():
+    """What every command does first: bad input ends as one line (excepthook); stdout writes a file name that is
+    not UTF-8 with its own bytes, as log.txt does (under a UTF-8 locale such as en_US.UTF-8 it would refuse the
+    surrogate escapes with a UnicodeEncodeError; stderr writes them escaped, as \\udcff)."""
+    sys.excepthook = excepthook
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="surrogateescape")
+
+
+def not_utf8(*paths):
+    """The bytes of `paths` that are not UTF-8 as surrogate escapes, each once, sorted ("" for UTF-8 names)."""
+    return "".join(sorted({c for path in paths for c in str(path) if "\udc80" <= c <= "\udcff"}))
+
+
+def shown(path):
+    """A path in a message: its bytes that are not UTF-8 as \\xNN, as Python shows bytes."""
+    return os.fsencode(path).decode(errors="backslashreplace")
+
+
+def probe(folder, *paths):
+    """A folder made and removed at once in `folder`, its name holding the bytes of `paths` that are not UTF-8:
+    OSError where `folder` cannot be written, errno EILSEQ where its file system holds UTF-8 names only (macOS,
+    ZFS with utf8only). Sorted, such bytes never form UTF-8 (a lead byte would need continuation bytes after it)."""
+    os.rmdir(tempfile.mkdtemp(dir=folder, prefix=".cutmix-seg-probe-" + not_utf8(*paths)))
 
 
 def read_image(path):

@@ -2,6 +2,7 @@
 settings taken from the run's args.json, its checkpoint restored. Every refusal is one line naming the
 option or file, given before anything is written; nothing of an earlier run is lost."""
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import UserError, atomic_write, brief
+from .files import UserError, atomic_write, brief, not_utf8, probe, shown
 
 try:
     import fcntl  # Unix: a run folder is locked while a run writes it
@@ -66,14 +67,18 @@ def resume_settings(args_class, given, out):
 
 def check_writable(out):
     """--out, or the folder it would be made in, must be a folder this process can write and make folders in
-    (tried with a folder made and removed at once: /proc, for one, says it is writable and refuses)."""
+    (tried with a folder made and removed at once: /proc, for one, says it is writable and refuses), and whose
+    file system holds the bytes of --out's name that are not UTF-8 (the probe's name holds them too)."""
     out = Path(out)
     blocker = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not blocker.is_dir():
         raise UserError(f"--out {out}: {blocker} is a file, not a folder")
     try:
-        os.rmdir(tempfile.mkdtemp(dir=blocker, prefix=".cutmix-seg-probe-"))
+        probe(blocker, out)
     except OSError as e:
+        if e.errno == errno.EILSEQ and not_utf8(out):
+            raise UserError(f"--out {shown(out)}: the file system of {shown(blocker)} holds only names in UTF-8, "
+                            f"which this one is not; choose an --out named in UTF-8")
         raise UserError(f"--out {out}: cannot make folders in {blocker} ({e.strerror}); choose a writable --out")
 
 
@@ -85,7 +90,7 @@ def claim(run):
     out, args = run.out, run.args
     check_writable(out)
     if fcntl:  # released when the process ends, however it ends
-        tag = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]
+        tag = hashlib.sha1(os.fsencode(out.resolve())).hexdigest()[:16]
         run.lock = open(Path(tempfile.gettempdir()) / f"cutmix-seg-{tag}.lock", "a")
         try:
             fcntl.flock(run.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

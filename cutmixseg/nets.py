@@ -10,6 +10,7 @@
 
 Imports nothing of the kit but the bottom file (UserError)."""
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -399,12 +400,20 @@ class GlobalBatchNorm(nn.BatchNorm2d):
     def forward(self, x):
         if not (self.training and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce  # all_reduce with a gradient
+        from torch.distributed.nn.functional import all_gather  # all_gather with a gradient
         xf, C = x.float(), x.shape[1]
-        stats = all_reduce(  # summed; its gradient flows back to every process
-            torch.cat([xf.sum((0, 2, 3)), xf.pow(2).sum((0, 2, 3)), xf.new_full((1,), xf.numel() / C)]))
-        count, mean = stats[-1], stats[:C] / stats[-1]
-        var = (stats[C:2 * C] / count - mean.pow(2)).clamp(min=0)
+        local_mean = xf.mean((0, 2, 3))
+        local_m2 = (xf - local_mean.view(1, C, 1, 1)).pow(2).sum((0, 2, 3))  # squared deviations, summed
+        n = xf.new_full((1,), xf.numel() / C)
+        # every process's (mean, squared deviations, count), combined as SyncBatchNorm does (Chan et al.): sums
+        # of squares less the squared mean would cancel where a channel is nearly constant (padding)
+        with warnings.catch_warnings():  # torch calls it deprecated for a private successor: it stays
+            warnings.simplefilter("ignore", FutureWarning)
+            stats = torch.stack(all_gather(torch.cat([local_mean, local_m2, n])))  # (processes, 2C + 1)
+        counts = stats[:, -1:]
+        count = counts.sum()
+        mean = (stats[:, :C] * counts).sum(0) / count
+        var = (stats[:, C:2 * C].sum(0) + ((stats[:, :C] - mean).pow(2) * counts).sum(0)) / count
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

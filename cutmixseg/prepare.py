@@ -149,19 +149,28 @@ def fill_arrays(folder, pairs, convert, tag):
 
 # ---- --split-file: the labeled subset named by a list, or the original's pickled permutation ----------
 def read_lines(path):
-    """[(line number, first word)] of the non-empty lines of a text list (UTF-8, a byte-order mark allowed,
-    any line ends): a --split-file, or UniMatch's "image mask" lists."""
+    """[(line number, line without blanks at its ends)] of the non-empty lines of a text list (UTF-8, a byte-order
+    mark allowed, any line ends; bytes that are not UTF-8 read as a file name's, surrogate escapes): a --split-file
+    (labeled.txt), or UniMatch's "image mask" lists."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--split-file {path}: no such file")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark is no part of the first name
-    except UnicodeDecodeError:
-        text = "\0"
-    if "\0" in text:
+    # a byte-order mark is no part of the first name; a control character but tabs and line ends: no text at all
+    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    if any(c < " " and c not in "\t\n\r" for c in text):
         raise UserError(f"--split-file {path}: neither a text list of image names (UTF-8, one per line) nor a "
                         f"pickled index array")
-    return [(n, line.split()[0]) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def check_listable(names, root):
+    """Training images' `names`, which labeled.txt (one name a line) may list: each must come back from read_lines
+    as it is, without a control character (a line break among them), another line break (U+2028, ...) or a blank
+    at either end; the first that would not is refused by name."""
+    for name in names:
+        if name != name.strip() or name.splitlines() != [name] or any(c < " " for c in name):
+            raise UserError(f"--data-root {root}: labeled.txt (one name a line) cannot hold the training image "
+                            f"{name!r}; rename it without line breaks, control characters or blanks at its ends")
 
 
 def read_split_file(path, names):
@@ -177,7 +186,8 @@ def read_split_file(path, names):
         return read_permutation(path, len(names))
     index = {**{name: i for i, name in enumerate(names)}, **{Path(name).stem: i for i, name in enumerate(names)}}
     chosen = {}  # index -> line number
-    for line_no, name in read_lines(path):
+    for line_no, line in read_lines(path):
+        name = line if line in index else line.split()[0]  # a name with blanks in it, else the line's first word
         key = name if name in index else Path(name).stem.removesuffix("_leftImg8bit")  # UniMatch's Cityscapes lines
         if key not in index:
             raise UserError(f"--split-file {path}, line {line_no}: {name!r} is not a training image of this dataset")

@@ -170,7 +170,15 @@ def test_every_script_runs_the_protocol_end_to_end(official, tmp_path, script):
                    "--arch", "unet_small", "--no-pretrained", "--crop-size", crop, "--batch-size", 2, "--epochs", 1,
                    "--num-workers", 0, "--cache-dir", tmp_path / "cache", "--out", out)
     results = read_results(out)
-    assert run.stdout.strip().splitlines()[-1] == f"FINAL mIoU={results['miou']:.2f}"
+    # UniMatch's number: the best evaluation of the network UniMatch's method reports (the baseline's one model)
+    reported = "student" if script == "train_baseline.py" else "teacher"
+    best = results["best_student_miou" if reported == "student" else "best_miou"]
+    assert (results["reported"], results["reported_miou"]) == (reported, best)
+    assert run.stdout.strip().splitlines()[-1] == f"FINAL mIoU={best:.2f}"
+    assert f"reported, as UniMatch: the {reported}'s best mIoU" in run.stdout
+    # a batch of 2 does not split among 4 GPUs: each loss is a mean per share of one image, said in one line
+    assert ("loss: --batch-size 2 does not split among UniMatch's 4 GPUs; each loss is averaged over 2 shares of "
+            "the batch (1 image each), as on 2 GPUs") in run.stdout
     iters = 1 if script == "train_baseline.py" else 2  # 2 labeled / 4 unlabeled images in batches of 2
     assert results["iters"] == iters and results["n_labeled"] == 2
     assert {"best_miou", "best_miou_iter", "best_student_miou", "student_miou"} <= set(results)

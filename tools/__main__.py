@@ -8,7 +8,7 @@ COMMANDS = {"predict": predict.main, "evaluate": evaluate.main, "seeds": paper.m
             "costs": costs.main, "loader": loader.main, "sbd-to-aug": sbd.main}
 
 if __name__ == "__main__":
-    sys.excepthook = common.excepthook  # bad input: one line, no traceback
+    common.files.start_command()  # bad input: one line, no traceback; names that are not UTF-8 as their bytes
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         sys.exit(sys.modules["tools"].__doc__)
     sys.exit(COMMANDS[sys.argv[1]](sys.argv[1], sys.argv[2:]))

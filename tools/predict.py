@@ -10,6 +10,7 @@ confusion-matrix mIoU as training's evaluation, printed and written to OUT_DIR/r
 line is then `FINAL mIoU=<miou>`. In Python: `net, info = common.load_model(RUN_DIR)`.
 """
 import argparse
+import errno
 import json
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 import common
 from common import UserError
+from cutmixseg.files import not_utf8, probe, shown
 from cutmixseg.pictures import palette
 from cutmixseg.prepare import ISIC_SIZE, area_resize
 
@@ -99,7 +101,28 @@ def inputs_and_outputs(inputs, out):
         if target in seen:
             raise UserError(f"{seen[target]} and {image} would both be written to {target}.png; give them apart")
         seen[target] = image
+    check_names_fit(pairs, out)
     return pairs
+
+
+def check_names_fit(pairs, out):
+    """Before anything is written: where an output's name holds bytes that are not UTF-8 (it keeps its image's), a
+    folder named with those bytes is made and removed at once where --out is (or would be) made; a file system that
+    holds UTF-8 names only (macOS, ZFS with utf8only) refuses it, and the first such image is named."""
+    if not not_utf8(*(target for _, target in pairs)):
+        return
+    folder = next(p for p in (out, *out.absolute().parents) if p.is_dir())
+    try:
+        probe(folder, *(target for _, target in pairs))
+    except OSError as e:
+        if e.errno != errno.EILSEQ:
+            return  # any other failure: met by the writes, as with names in UTF-8
+        if not_utf8(out):
+            raise UserError(f"--out {shown(out)}: the file system of {shown(folder)} holds only names in UTF-8, "
+                            f"which this one is not; choose an --out named in UTF-8")
+        image = next(image for image, target in pairs if not_utf8(target))
+        raise UserError(f"{shown(image)}: the file system of --out {shown(out)} holds only names in UTF-8, which "
+                        f"this image's (kept by its predicted mask) is not; rename it")
 
 
 def main(command, argv):
