@@ -21,9 +21,9 @@ around the loop, in the order a script uses it. Read the first part; the rest is
 
 Below it, cutmixseg/ holds the rest of what a run executes and imports nothing of this file: files.py (bad
 input, atomic files, image reading), guard.py (the run folder, --resume), prepare.py (data checks, caches,
-split files), pictures.py, demo.py, nets.py, timing.py. Above it, tools/ holds commands that use this file
-(`python -m tools predict | evaluate | costs | seeds | summary | sbd-to-aug`). Copy this file, cutmixseg/ and one
-train_*.py into a project and that copy trains on its own.
+split files), crops.py (today's crop), pictures.py, demo.py, nets.py, timing.py. Above it, tools/ holds
+commands that use this file (`python -m tools predict | evaluate | costs | seeds | summary | loader |
+sbd-to-aug`). Copy this file, cutmixseg/ and one train_*.py into a project and that copy trains on its own.
 """
 import argparse
 import collections
@@ -51,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cutmixseg import demo, files, guard, nets, pictures, prepare, timing
+from cutmixseg import crops, demo, files, guard, nets, pictures, prepare, timing
 from cutmixseg.files import (CHECKPOINTED, IGNORE, IMAGE_SUFFIXES, UserError, atomic_write, excepthook,  # noqa: F401
                              image_files, image_size, one_report_of_dead_workers, read_image, read_mask)
 
@@ -133,6 +133,7 @@ class TrainArgs:
     dedupe_params: bool = arg(False, "deeplabv2: step each backbone weight once per iteration, not 3-4 times")
     aspp_all_branches: bool = arg(False, "deeplabv2: sum all four ASPP branches, not only the original's first two")
     cache_dir: str = arg(None, "prepared data and checks (default: beside the data, else ~/.cache/cutmix-seg)")
+    no_cache: bool = arg(False, "today's Cityscapes decoded on the fly, not once into the cache (~25 GB)")
     unlabeled_dir: str = arg(None, "a folder of images without masks (nested, any format) for the unlabeled stream")
     compile: bool = arg(False, "torch.compile student and teacher for training (pays off on long CUDA runs)")
     compile_mode: str = arg("reduce-overhead", "torch.compile mode (reduce-overhead: CUDA graphs)", choices=[
@@ -331,7 +332,7 @@ class Split(torch.utils.data.Dataset):
 Data = collections.namedtuple("Data", "train val num_classes class_names labeled unlabeled")
 
 def load_dataset(name, root=None, n_labeled=-1, split_seed=12345, split_file=None, num_classes=None,
-                 cache_dir=None, unlabeled_dir=None, with_unlabeled=True, protocol="paper"):
+                 cache_dir=None, unlabeled_dir=None, with_unlabeled=True, protocol="paper", no_cache=False):
     """The dataset `name` (section 8 reads each), its labeled subset and its unlabeled images: the training
     set (the paper's: labeled images too, as the original; today's protocol: the rest of it, as UniMatch's
     unlabeled.txt), then the images without masks of ROOT/unlabeled/ (folder) and unlabeled_dir."""
@@ -348,7 +349,8 @@ def load_dataset(name, root=None, n_labeled=-1, split_seed=12345, split_file=Non
         read = dict(folder=functools.partial(folder_dataset, num_classes=num_classes), cityscapes=cityscapes_dataset,
                     pascal_aug=functools.partial(pascal_aug_dataset, split_file=split_file),
                     isic2017=isic2017_dataset) if protocol == "paper" else dict(
-                    cityscapes=cityscapes_full_dataset, pascal_aug=pascal_unimatch_dataset)
+                    cityscapes=functools.partial(cityscapes_full_dataset, cached=not no_cache),
+                    pascal_aug=pascal_unimatch_dataset)
         train, val, num_classes, class_names = read[name](root, cache)
         own = root / "unlabeled"  # folder's images without masks
         folders = [own] * (name == "folder" and with_unlabeled and own.is_dir()) + folders
@@ -389,7 +391,7 @@ def augment(image, label, rng, crop, aug):
     where padded), valid (h, w) uint8 (255 = image content, 0 = padding). Crops, rotations and scalings
     pull in pixels from outside the image: `valid` marks them, so that they carry no loss."""
     if aug.get("weak_view"):  # today's protocol: UniMatch's resize -> pad -> crop -> flip (section 10)
-        img, lab, valid = weak_view(image, label, rng, crop[0])
+        img, lab, valid = weak_view(image, label, rng, crop[0], reference=aug["weak_view"] == "reference")
         # UniMatch pads with black before normalising: an alpha channel of 255 tells to_device that the
         # padding is image content to the network (valid still keeps it out of the losses)
         return torch.cat([img, torch.full_like(img[:1], 255)]), lab, valid
@@ -699,7 +701,7 @@ class Run:
         if a.unlabeled_dir and not self.unlabeled:
             print(f"--unlabeled-dir {a.unlabeled_dir}: ignored, {self.method} trains on labeled images only")
         data = load_dataset(a.dataset, a.data_root, a.n_labeled, a.split_seed, a.split_file, a.num_classes,
-                            a.cache_dir, a.unlabeled_dir, self.unlabeled, a.protocol)
+                            a.cache_dir, a.unlabeled_dir, self.unlabeled, a.protocol, a.no_cache)
         a.crop_size = a.crop_size or default_crop(data.train.sizes)
         if a.epochs:  # today's protocol counts epochs
             epochs_to_iters(a, len(data.unlabeled) if self.unlabeled else len(data.labeled), a.loss_shares)
@@ -1351,44 +1353,22 @@ def epochs_to_iters(args, n_images, gpus):
     args.iters_per_epoch = per_epoch = max(1, -(-n_images // gpus) // (args.batch_size // gpus))
     args.iters, args.eval_every = args.iters or args.epochs * per_epoch, args.eval_every or per_epoch
 
-def _long_side_size(size, long_side):
-    """(w, h) with the long side `long_side` and the short side rounded half up, as UniMatch's resize."""
-    w, h = size
-    short = int(1.0 * min(w, h) * long_side / max(w, h) + 0.5)
-    return (long_side, short) if w >= h else (short, long_side)
+scale_crop_flip = crops.scale_crop_flip  # the weak view on PIL images, the reference (cutmixseg/crops.py)
 
-def scale_crop_flip(image, mask, long_side, x, y, flip, crop, fill=IGNORE):
-    """UniMatch's weak view for given draws (weak_view_draws): resize, pad, crop, flip, on PIL images.
-
-    image RGB, mask L/P or None -> (crop x crop image, mask or None). The long side becomes `long_side`
-    (image bilinear, mask nearest); padding on the right and bottom only, up to `crop` (image 0, mask
-    `fill`: 255 for labels; UniMatch marks unlabeled padding with 254); then the box (x, y, x+crop, y+crop)
-    and a left-right flip if `flip`."""
-    size = _long_side_size(image.size, long_side)
-    padded = (max(size[0], crop), max(size[1], crop))
-
-    def view(im, resample, value):
-        canvas = Image.new(im.mode, padded, value)
-        if im.mode == "P":  # a new P image gets a default palette: keep the mask's colours
-            canvas.putpalette(im.getpalette())
-        canvas.paste(im.resize(size, resample), (0, 0))
-        im = canvas.crop((x, y, x + crop, y + crop))
-        return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im
-
-    return (view(image, Image.Resampling.BILINEAR, 0),
-            view(mask, Image.Resampling.NEAREST, fill) if mask is not None else None)
-
-def weak_view(image, label, rng, crop):
-    """augment() under today's protocol: scale_crop_flip with draws from rng, as tensors: image (3, crop, crop)
-    uint8, label (crop, crop) uint8 (255 where padded) or None, valid (255 = image content, 0 = padding, which
-    carries no loss: UniMatch marked unlabeled padding 254 to ignore it)."""
-    pil = Image.fromarray(image)
-    long_side, x, y, flip = weak_view_draws(pil.size, crop, rng)
-    img, lab = scale_crop_flip(pil, None if label is None else Image.fromarray(label), long_side, x, y, flip, crop)
-    (w, h), valid = _long_side_size(pil.size, long_side), np.zeros((crop, crop), np.uint8)
+def weak_view(image, label, rng, crop, reference=False):
+    """augment() under today's protocol: UniMatch's weak view with draws from rng, as tensors: image (3, crop,
+    crop) uint8, label (crop, crop) uint8 (255 where padded) or None, valid (255 = image content, 0 = padding,
+    which carries no loss: UniMatch marked unlabeled padding 254 to ignore it). The crop comes from the rows
+    it reaches (scale_crop_flip_window); reference: from the whole image resized (scale_crop_flip), the same
+    pixels, slower."""
+    h, w = image.shape[:2]
+    long_side, x, y, flip = weak_view_draws((w, h), crop, rng)
+    view = crops.scale_crop_flip_arrays if reference else crops.scale_crop_flip_window
+    img, lab = view(image, label, long_side, x, y, flip, crop)
+    (w, h), valid = crops.long_side_size((w, h), long_side), np.zeros((crop, crop), np.uint8)
     valid[:max(h - y, 0), :max(w - x, 0)] = 255  # the resized image's part of the crop
-    img = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
-    lab = None if lab is None else torch.from_numpy(np.array(lab))
+    img = torch.from_numpy(img).permute(2, 0, 1).contiguous()
+    lab = None if lab is None else torch.from_numpy(lab)
     return img, lab, torch.from_numpy(np.ascontiguousarray(valid[:, ::-1] if flip else valid))
 
 def weak_view_draws(size, crop, rng):
@@ -1396,7 +1376,7 @@ def weak_view_draws(size, crop, rng):
     from a numpy Generator: long side 0.5-2.0 x the original's (size = PIL's (w, h)), a crop anywhere
     in the resized image padded up to `crop`, a flip with probability 0.5."""
     long_side = int(rng.integers(int(max(size) * 0.5), int(max(size) * 2.0), endpoint=True))
-    w, h = (max(s, crop) for s in _long_side_size(size, long_side))
+    w, h = (max(s, crop) for s in crops.long_side_size(size, long_side))
     x, y = (int(rng.integers(0, s - crop, endpoint=True)) for s in (w, h))
     return long_side, x, y, bool(rng.random() < 0.5)
 
@@ -1474,10 +1454,13 @@ def sliding_window(net, images, window):
                 total[box] += prob
     return total
 
-def cityscapes_full_dataset(root, cache=None):
-    """Cityscapes at full size (today's protocol), decoded on the fly: a cache of arrays would take ~25 GB (README
-    'Under today's protocol' measures the decoding). Train ids from _gtFine_labelTrainIds.png where present
-    (cityscapesScripts' createTrainIdLabelImgs.py makes them; UniMatch's lists name them), else from labelIds."""
+def cityscapes_full_dataset(root, cache=None, cached=True):
+    """Cityscapes at full size (today's protocol). The training images and their train ids are decoded once
+    into uint8 arrays memory-mapped from the cache (~25 GB, with a progress bar), so that a crop reads only
+    its own rows (scale_crop_flip_window); without a cache, with cached False (--no-cache) or where the disk
+    lacks the room (one line says so), they are decoded on the fly (~50 ms an image). Validation images: on
+    the fly. Train ids from _gtFine_labelTrainIds.png where present (cityscapesScripts'
+    createTrainIdLabelImgs.py makes them; UniMatch's lists name them), else from labelIds."""
     splits = []
     for split in ("train", "val"):
         label_dir = root / "gtFine" / split
@@ -1486,17 +1469,28 @@ def cityscapes_full_dataset(root, cache=None):
             train_ids = ids.with_name(ids.name.replace("_labelIds", "_labelTrainIds"))
             return train_ids if train_ids.is_file() else ids
         pairs = split_pairs(root, "cityscapes", root / "leftImg8bit" / split, label_dir, cityscapes_images, label_of)
-        def load(i, pairs=pairs):
-            (image_path, label_path), image = pairs[i], read_image(pairs[i][0])
-            label = read_mask(label_path)
-            if label.shape != image.shape[:2]:
-                raise UserError(f"mask {label_path} is {label.shape[1]}x{label.shape[0]} but its image {image_path} "
-                                f"is {image.shape[1]}x{image.shape[0]}; they must match")
-            train_ids = label_path.name.endswith("_labelTrainIds.png")
-            return image, label if train_ids else prepare.CITYSCAPES_TRAIN_ID[label]
         names = [p.name[:-len("_leftImg8bit.png")] for p, _ in pairs]
-        splits.append(Split(names, load, [image_size(p) for p, _ in pairs]))
+        sizes = [image_size(p) for p, _ in pairs]
+        kept = None
+        if split == "train" and cache is not None and cached and len(set(sizes)) == 1:
+            nbytes = len(pairs) * sizes[0][0] * sizes[0][1] * 4  # RGB and the train ids, one byte each
+            kept = prepare.arrays(root, cache, "cityscapes_full_train", pairs, cityscapes_full_pair,
+                                  nbytes=nbytes, with_root=True)
+        if kept is None:
+            splits.append(Split(names, lambda i, pairs=pairs: cityscapes_full_pair(*pairs[i]), sizes))
+        else:  # memory-mapped views, not copies: a crop reads the rows it needs
+            images, labels = kept
+            splits.append(Split(names, lambda i: (images[i], labels[i]), sizes))
     return splits[0], splits[1], len(CITYSCAPES_CLASSES), CITYSCAPES_CLASSES
+
+def cityscapes_full_pair(image_path, label_path):
+    """(image (H, W, 3), train ids (H, W)) of one Cityscapes pair, decoded; train ids mapped from labelIds."""
+    image, label = read_image(image_path), read_mask(label_path)
+    if label.shape != image.shape[:2]:
+        raise UserError(f"mask {label_path} is {label.shape[1]}x{label.shape[0]} but its image {image_path} "
+                        f"is {image.shape[1]}x{image.shape[0]}; they must match")
+    train_ids = label_path.name.endswith("_labelTrainIds.png")
+    return image, label if train_ids else prepare.CITYSCAPES_TRAIN_ID[label]
 
 def pascal_unimatch_dataset(root, cache):
     """Pascal VOC 2012 augmented as today's protocol reads it: UniMatch's train_aug.txt (10,582) and val.txt

@@ -132,7 +132,7 @@ def sample_view(src, a, size, mode, border="zeros"):
 def make_pair(image, crop, aug, offset_range, rng):
     """Teacher and student views of one image (H, W, 3) uint8: (image_t (3 or 4, h, w) uint8, valid_t (h, w)
     uint8 0/255, image_s, valid_s, theta (2, 3) mapping student-frame to teacher-frame coordinates)."""
-    src = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    src = torch.from_numpy(np.asarray(image, np.float32)).permute(2, 0, 1)  # a copy: the image may be read-only
     rotate_scale = bool(aug.get("rot") or aug.get("max_scale"))  # ISIC's protocol, as common.augment
     if rotate_scale:  # beyond the border the image is mirrored: an alpha channel of 255 tells to_device
         a_t, a_s = rotate_scale_pair(image.shape[:2], crop, aug, offset_range, rng)  # that it is no padding

@@ -24,8 +24,8 @@ except ImportError:  # Windows: no lock
 RUN_FILES = {"args.json", "labeled.txt", "log.txt", "metrics.jsonl", "preview.png", "curves.png"}
 # Options a resumed run may change: how it executes, where it writes, how long it runs and how often it
 # evaluates. Every other option defines the run (its data, network, method and their settings).
-MAY_CHANGE = {"epochs", "device", "num_workers", "amp", "compile", "compile_mode", "deterministic", "cache_dir", "out",
-              "resume", "benchmark", "iters", "eval_every"}
+MAY_CHANGE = {"epochs", "device", "num_workers", "amp", "compile", "compile_mode", "deterministic",
+              "cache_dir", "no_cache", "out", "resume", "benchmark", "iters", "eval_every"}
 PATHS = {"data_root", "split_file", "unlabeled_dir"}
 
 

@@ -69,14 +69,18 @@ def verdict(pairs_by_split, cache, num_classes=None):
     return found
 
 
-def arrays(root, cache, tag, pairs, convert):
+def arrays(root, cache, tag, pairs, convert, nbytes=None, with_root=False):
     """(images, labels or None) of `pairs`, memory-mapped from the cache, prepared by the function `convert`
     (image path[, label path]) -> (image[, label]) the first time (fill_arrays). The folder's name hashes the source
-    files' names (below `root`), sizes and times: changed data is prepared anew; a prepared folder that cannot be
-    read, too, with a line."""
+    files' names (below `root`; with_root: and `root` itself, so that a copy of the data elsewhere is prepared
+    anew), sizes and times: changed data is prepared anew; a prepared folder that cannot be read, too, with a
+    line. nbytes (the arrays' size): a preparation the disk has no room for is not begun: a line, and None."""
     files = [((p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p.resolve())), p.stat().st_size,
               p.stat().st_mtime_ns) for pair in pairs for p in pair]
-    folder = cache / f"{tag}_{hashlib.sha1(json.dumps(files).encode()).hexdigest()[:16]}"
+    key = [str(Path(root).resolve()), files] if with_root else files
+    folder = cache / f"{tag}_{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]}"
+    if nbytes and not folder.is_dir() and not has_room(folder, nbytes):
+        return None
     for _ in range(2):
         if not folder.is_dir():
             fill_arrays(folder, pairs, convert, tag)
@@ -90,6 +94,22 @@ def arrays(root, cache, tag, pairs, convert):
             print(f"{folder}: prepared data that cannot be read ({e}); preparing it again")
             shutil.rmtree(folder)
     raise UserError(f"{folder}: the data prepared there cannot be read back; is the disk full?")
+
+
+SPARE = 2 ** 30  # bytes left free beside a cache prepared now: the run's checkpoints and logs
+
+
+def has_room(folder, nbytes):
+    """Whether the disk of the cache has room for arrays of nbytes in `folder` (what an interrupted
+    preparation wrote in its .partial folder counts as room) and SPARE besides; if not, one line says so."""
+    partial = folder.with_name(folder.name + ".partial")
+    written = sum(getattr(f.stat(), "st_blocks", 0) * 512 for f in partial.glob("*.npy"))  # none: no folder
+    free = shutil.disk_usage(folder.parent).free
+    if free + written >= nbytes + SPARE:
+        return True
+    print(f"{folder.parent}: keeping the decoded images there takes {(nbytes - written) / 1e9:.1f} GB more, "
+          f"{free / 1e9:.1f} GB are free: decoding them on the fly instead (slower; --cache-dir elsewhere?)")
+    return False
 
 
 def fill_arrays(folder, pairs, convert, tag):

@@ -7,6 +7,8 @@
   seeds SCRIPT [--seeds S ...] [--runs RUNS] [--dry-run] -- SCRIPT_OPTIONS            (paper.py)
   summary [RUNS_DIR]                                                                  (paper.py)
   costs [--datasets D ...] [--methods M ...] [--iters N] [--nproc K] [-- OPTIONS]     (costs.py)
+  loader --dataset D --data-root R [--protocol unimatch] [--method M] [--workers N] [--batches K]
+         [--reference] [TRAINING OPTIONS]                                             (loader.py)
   sbd-to-aug SBD_ROOT VOC_ROOT                                                        (sbd.py)
 
 Each imports common; common imports none of them."""
