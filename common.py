@@ -19,8 +19,8 @@ around the loop, in the order a script uses it. Read the first part; the rest is
 Below it, cutmixseg/ holds the rest of what a run executes and imports nothing of this file: files.py (bad
 input, atomic files, image reading), guard.py (the run folder, --resume), prepare.py (data checks, caches,
 split files), pictures.py, demo.py, nets.py, timing.py. Above it, tools/ holds commands that use this file
-(`python -m tools predict | costs | seeds | summary | sbd-to-aug`). Copy this file, cutmixseg/ and one
-train_*.py into a project and that copy trains on its own.
+(`python -m tools predict | costs | seeds | summary | compare | sbd-to-aug`). Copy this file, cutmixseg/
+and one train_*.py into a project and that copy trains on its own.
 """
 import argparse
 import collections

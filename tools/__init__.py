@@ -5,6 +5,7 @@
           [--tile H,W] [--overlay] [--batch-size N]                                    (predict.py)
   seeds SCRIPT [--seeds S ...] [--runs RUNS] [--dry-run] -- SCRIPT_OPTIONS            (paper.py)
   summary [RUNS_DIR]                                                                  (paper.py)
+  compare RUN... [--out PICTURE.png]                                                  (compare.py)
   costs [--datasets D ...] [--methods M ...] [--iters N] [--nproc K] [-- OPTIONS]     (costs.py)
   sbd-to-aug SBD_ROOT VOC_ROOT                                                        (sbd.py)
 
