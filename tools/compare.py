@@ -60,13 +60,13 @@ def read_run(folder):
 
 def final_numbers(run):
     """The legend's and the table's words: results.json's mIoU (ISIC: and the lesion IoU), the best evaluation
-    when it is not the last one; an unfinished run's last evaluation."""
+    when it beats the last one; an unfinished run's last evaluation."""
     if run["results"] is None:
         it, miou = run["points"][-1]
         return f"unfinished: mIoU {miou:.2f} at it {it}"
     r = run["results"]
     words = f"mIoU {r['miou']:.2f}" + (f", lesion IoU {r['lesion_iou']:.2f}" if "lesion_iou" in r else "")
-    if "best_miou" in r and r.get("best_miou_iter") != r.get("iters"):
+    if isinstance(r.get("best_miou"), (int, float)) and r["best_miou"] > r["miou"]:
         words += f" (best {r['best_miou']:.2f} at it {r['best_miou_iter']})"
     return words + f", {r.get('iters', run['points'][-1][0])} it"
 
