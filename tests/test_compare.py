@@ -33,9 +33,10 @@ def test_two_finished_runs_in_one_picture_with_a_legend_naming_each(runs, tmp_pa
     out = tmp_path / "pictures" / "both.png"
     printed = run_compare(baseline, cutmix, "--out", out, capsys=capsys)
     read = [compare.read_run(baseline), compare.read_run(cutmix)]
-    for run, folder in zip(read, (baseline, cutmix)):  # the curve: every evaluation of metrics.jsonl, in order
+    for run, folder in zip(read, (baseline, cutmix)):  # the curve: every evaluation of metrics.jsonl
         records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-        assert run["points"] == [(r["iter"], r["miou"]) for r in records if "miou" in r] and len(run["points"]) == 2
+        assert run["points"] == [(r["iter"], r["miou"]) for r in records if "miou" in r]
+        assert len(run["points"]) == 2
         results = read_results(folder)
         assert run["method"] == results["method"]
         assert f"| {folder.name} | {results['method']} | mIoU {results['miou']:.2f}" in printed
@@ -50,7 +51,8 @@ def test_two_finished_runs_in_one_picture_with_a_legend_naming_each(runs, tmp_pa
         assert (plot == colour).all(-1).sum() > 20 and (legend == colour).all(-1).sum() > 100
 
 
-def test_several_seeds_of_one_method_each_get_a_curve_an_unfinished_run_its_last_evaluation(runs, tmp_path, capsys):
+def test_several_seeds_of_one_method_each_get_a_curve_an_unfinished_run_its_last_evaluation(runs, tmp_path,
+                                                                                            capsys):
     baseline, cutmix, again = runs
     (again / "results.json").unlink()  # stopped after its last evaluation, before results.json
     printed = run_compare(baseline, cutmix, again, "--out", tmp_path / "seeds.png", capsys=capsys)
@@ -63,7 +65,8 @@ def test_several_seeds_of_one_method_each_get_a_curve_an_unfinished_run_its_last
     assert all((picture == colour).all(-1).any() for colour in colours.values())
 
 
-@pytest.mark.parametrize("case", ["no folder", "no metrics", "no evaluation", "bad line", "bad results", "not png"])
+@pytest.mark.parametrize("case", ["no folder", "no metrics", "no evaluation", "bad line", "bad results",
+                                  "not png"])
 def test_bad_input_is_one_line(case, runs, tmp_path, capsys):
     run = runs[0]
     out = tmp_path / "c.png"
@@ -81,10 +84,11 @@ def test_bad_input_is_one_line(case, runs, tmp_path, capsys):
     folder = tmp_path / "nowhere" if case == "no folder" else run
     expected = {"no folder": f"compare: {folder}: no such run folder",
                 "no metrics": f"compare: {run}: no metrics.jsonl (a run folder has one from its first log)",
-                "no evaluation": f"compare: {run / 'metrics.jsonl'}: no evaluation yet (no record with \"miou\" and "
-                                 f"\"iter\")",
+                "no evaluation": f"compare: {run / 'metrics.jsonl'}: no evaluation yet (no record with "
+                                 f"\"miou\" and \"iter\")",
                 "bad line": f"compare: {run / 'metrics.jsonl'}: line 2 is no JSON record",
-                "bad results": f"compare: {run / 'results.json'}: unreadable (expected a JSON object with \"miou\")",
+                "bad results": f"compare: {run / 'results.json'}: unreadable (expected a JSON object with "
+                               f"\"miou\")",
                 "not png": f"compare: --out {out}: expected a .png file to write"}[case]
     with pytest.raises(common.UserError) as error:
         run_compare(folder, "--out", out, capsys=capsys)
@@ -98,7 +102,8 @@ def test_the_command_refuses_a_missing_run_with_one_line(tmp_path):
 
 
 def test_final_numbers_name_the_best_evaluation_when_it_beats_the_last_and_isics_lesion_iou():
-    finished = dict(points=[(3, 20.0), (6, 25.0)], results=dict(miou=25.0, best_miou=25.0, best_miou_iter=3, iters=6))
+    results = dict(miou=25.0, best_miou=25.0, best_miou_iter=3, iters=6)
+    finished = dict(points=[(3, 20.0), (6, 25.0)], results=results)
     assert compare.final_numbers(finished) == "mIoU 25.00, 6 it"  # the same value earlier: nothing to add
     finished["results"].update(miou=24.0, best_miou=26.5, best_miou_iter=3, lesion_iou=70.25)
     assert compare.final_numbers(finished) == "mIoU 24.00, lesion IoU 70.25 (best 26.50 at it 3), 6 it"

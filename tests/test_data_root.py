@@ -32,7 +32,8 @@ def test_cityscapes_trains_from_data_cityscapes_and_resumes_from_anywhere(tmp_pa
     elsewhere.mkdir()
     run_main("train_baseline.py", "--dataset", "cityscapes", *TINY, "--iters", 2, cwd=work)
     out = work / "runs" / "train_baseline_cityscapes_unet_small_3_s1"
-    assert json.loads((out / "args.json").read_text())["data_root"] == str((work / "data" / "cityscapes").resolve())
+    recorded = json.loads((out / "args.json").read_text())["data_root"]
+    assert recorded == str((work / "data" / "cityscapes").resolve())
     proc = run_main("train_baseline.py", "--out", out, "--resume", "--iters", 4, cwd=elsewhere)
     results = read_results(out)
     assert results["iters"] == 4 and results["resumed_from"] == 2 and results["n_labeled"] == 3
@@ -68,20 +69,20 @@ def test_demo_folder_and_benchmark_take_no_default(tmp_path, monkeypatch):
 
 
 def expected(dataset, where, first=""):
-    return (f"error: --dataset {dataset} found no data: {first}no folder data/{dataset} in {where}; put the data "
-            f"there or give --data-root (expected layout: {common.LAYOUTS[dataset]})")
+    return (f"error: --dataset {dataset} found no data: {first}no folder data/{dataset} in {where}; put the "
+            f"data there or give --data-root (expected layout: {common.LAYOUTS[dataset]})")
 
 
 def test_neither_place_holds_the_data_one_line_names_both(tmp_path, monkeypatch):
-    assert refused("train_cutmix.py", "--dataset", "cityscapes", out=tmp_path / "run", cwd=tmp_path) == expected(
-        "cityscapes", tmp_path, "$CITYSCAPES_DATASET is not set, ")
+    def line(dataset):
+        return refused("train_cutmix.py", "--dataset", dataset, out=tmp_path / "run", cwd=tmp_path)
+    assert line("cityscapes") == expected("cityscapes", tmp_path, "$CITYSCAPES_DATASET is not set, ")
     monkeypatch.setenv("CITYSCAPES_DATASET", str(tmp_path / "nowhere"))
-    assert refused("train_cutmix.py", "--dataset", "cityscapes", out=tmp_path / "run", cwd=tmp_path) == expected(
-        "cityscapes", tmp_path, f"$CITYSCAPES_DATASET={tmp_path / 'nowhere'} is no folder, ")
+    assert line("cityscapes") == expected("cityscapes", tmp_path,
+                                          f"$CITYSCAPES_DATASET={tmp_path / 'nowhere'} is no folder, ")
     for dataset in ("pascal_aug", "isic2017"):
-        assert refused("train_cutmix.py", "--dataset", dataset, out=tmp_path / "run", cwd=tmp_path) == expected(
-            dataset, tmp_path)
-    assert refused("train_cutmix.py", "--dataset", "folder", out=tmp_path / "run", cwd=tmp_path) == (
+        assert line(dataset) == expected(dataset, tmp_path)
+    assert line("folder") == (
         f"error: --dataset folder needs --data-root, the folder of your own data (expected layout: "
         f"{common.LAYOUTS['folder']})")
 

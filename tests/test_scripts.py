@@ -355,7 +355,8 @@ def test_pictures_draw_a_legend_and_one_curve_per_series(tmp_path):
     with torch.no_grad():
         picture = pictures.preview(lambda images: net(common.normalise(images, torch.device("cpu"))).argmax(1),
                                    split, ["bg", "thing"])
-    assert picture.width == 3 * 16 * 16 + 2 * pictures.GAP and picture.height > 12 * 16  # 12 px short side -> x16
+    assert picture.width == 3 * 16 * 16 + 2 * pictures.GAP  # 12 px short side -> x16 >= 192; two gaps
+    assert picture.height > 12 * 16
     legend = np.asarray(picture)[pictures.TITLE_BAND + 12 * 16:]
     assert (legend == colours[1]).all(-1).any()  # the swatch of class 1
 
@@ -365,19 +366,21 @@ def test_preview_titles_its_columns_and_sets_truth_and_prediction_apart():
     gap of a grey no class colour has, so that two black backgrounds do not run into each other."""
     image = np.full((12, 16, 3), 90, np.uint8)
     split = common.Split(["a", "b"], lambda i: (image, np.zeros((12, 16), np.uint8)), [(12, 16)] * 2)
-    picture = np.asarray(pictures.preview(lambda images: torch.zeros(len(images), 12, 16, dtype=torch.long), split,
-                                          ["bg", "thing"]))
+    background = lambda images: torch.zeros(len(images), 12, 16, dtype=torch.long)  # noqa: E731
+    picture = np.asarray(pictures.preview(background, split, ["bg", "thing"]))
     tile, gap, band = 16 * 16, pictures.GAP, pictures.TITLE_BAND
     font = ImageFont.load_default()
     for c, title in enumerate(pictures.TITLES):  # each title's ink: within its column, as long as its text
         left = c * (tile + gap)
         ink = np.nonzero((picture[:band, left:left + tile] < 128).all(-1).any(0))[0]
-        assert abs(ink[-1] + 1 - ink[0] - ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=font)) <= 2
+        length = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=font)
+        assert abs(ink[-1] + 1 - ink[0] - length) <= 2, title
         assert abs((ink[0] + ink[-1]) / 2 - tile / 2) <= 2, title  # centred
     assert pictures.TITLES == ("image", "ground truth", "prediction")
     row = picture[band:band + 12 * 16]  # the first image's row
     truth, between, prediction = (row[:, x:x + w] for x, w in ((tile + gap, tile), (2 * tile + gap, gap),
                                                                (2 * (tile + gap), tile)))
     assert (truth == 0).all() and (prediction == 0).all()  # both black: the background class
-    assert (between == pictures.GAP_COLOUR).all() and not (pictures.palette() == pictures.GAP_COLOUR).all(-1).any()
+    assert (between == pictures.GAP_COLOUR).all()
+    assert not (pictures.palette() == pictures.GAP_COLOUR).all(-1).any()  # no class has the gap's grey
     assert (picture[band + 12 * 16:band + 12 * 16 + gap] == pictures.GAP_COLOUR).all()  # and between the rows

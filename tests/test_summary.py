@@ -183,7 +183,8 @@ def test_summary_names_the_file_it_cannot_read(tmp_path, capsys):
     # the script's own options, every one as the script checks it (its method's too)
     (["--", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
     (["--", "--n-boxes", "0"], "error: --n-boxes must be at least 1, got 0"),
-    (["--", "--epochs", "5"], "error: --epochs counts today's protocol's epochs (--protocol unimatch); here use --iters"),
+    (["--", "--epochs", "5"],
+     "error: --epochs counts today's protocol's epochs (--protocol unimatch); here use --iters"),
     (["train_baseline.py", "--", "--n-boxes", "3"], "unrecognized arguments: --n-boxes 3"),
     (["toy2d.py"], "error: seeds: toy2d.py is no training script (train_*.py)")])
 def test_seeds_refuses_bad_options_before_any_run(argv, words, tmp_path, monkeypatch, capsys):

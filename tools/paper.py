@@ -169,8 +169,8 @@ def run_seeds(argv):
     script = Path(opts.script) if Path(opts.script).is_file() else Path(__file__).resolve().parent.parent / opts.script
     if not script.is_file():
         raise common.UserError(f"seeds: no script {opts.script}")
-    # The script's own options, parsed and resolved as the script does it, for every seed before any run starts:
-    # a bad option stops the tool here, not once per seed
+    # The script's own options, parsed and resolved as the script does it, for every seed before any run
+    # starts: a bad option stops the tool here, not once per seed
     args_class = script_args(script)
     if args_class is None:
         raise common.UserError(f"seeds: {opts.script} is no training script (train_*.py)")
