@@ -82,6 +82,8 @@ def test_neither_place_holds_the_data_one_line_names_both(tmp_path, monkeypatch)
                                           f"$CITYSCAPES_DATASET={tmp_path / 'nowhere'} is no folder, ")
     for dataset in ("pascal_aug", "isic2017"):
         assert line(dataset) == expected(dataset, tmp_path)
+    assert refused("patch_analysis.py", "--dataset", "isic2017", out=tmp_path / "run", cwd=tmp_path) == expected(
+        "isic2017", tmp_path)  # the analysis looks in the same places
     assert line("folder") == (
         f"error: --dataset folder needs --data-root, the folder of your own data (expected layout: "
         f"{common.LAYOUTS['folder']})")

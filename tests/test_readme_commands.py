@@ -20,6 +20,7 @@ import dataclasses
 import importlib
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,16 @@ def test_every_scripts_run_line_parses(monkeypatch):
     monkeypatch.chdir(ROOT)
     for line in lines:
         assert check(shlex.split(line), monkeypatch), line
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in ROOT.glob("*.py") if p.name != "common.py"))
+def test_help_describes_the_script_in_whole_sentences(script, monkeypatch, capsys):
+    """--help's description is the docstring's first paragraph, whole (not its first line, cut mid-sentence)."""
+    module = importlib.import_module(Path(script).stem)
+    monkeypatch.setitem(sys.modules, "__main__", module)
+    with pytest.raises(SystemExit) as done:
+        common.command_line(module.Args, ["--help"])
+    assert done.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    first = " ".join(module.__doc__.split("\n\n")[0].split())
+    assert first in shown and first.endswith((".", ")")), first
