@@ -65,8 +65,8 @@ def test_several_seeds_of_one_method_each_get_a_curve_an_unfinished_run_its_last
     assert all((picture == colour).all(-1).any() for colour in colours.values())
 
 
-@pytest.mark.parametrize("case", ["no folder", "no metrics", "no evaluation", "bad line", "bad results",
-                                  "not png"])
+@pytest.mark.parametrize("case", ["no folder", "no metrics", "no evaluation", "bad line", "bad value",
+                                  "bad results", "not png"])
 def test_bad_input_is_one_line(case, runs, tmp_path, capsys):
     run = runs[0]
     out = tmp_path / "c.png"
@@ -77,6 +77,8 @@ def test_bad_input_is_one_line(case, runs, tmp_path, capsys):
         (run / "metrics.jsonl").write_text("\n".join(line for line in lines if '"miou"' not in line))
     elif case == "bad line":
         (run / "metrics.jsonl").write_text('{"iter": 3, "miou": 1.0}\n{"iter": 6, "mi')
+    elif case == "bad value":
+        (run / "metrics.jsonl").write_text('{"iter": 3, "miou": 1.0}\n{"iter": null, "miou": 2.0}\n')
     elif case == "bad results":
         (run / "results.json").write_text("[]")
     elif case == "not png":
@@ -86,7 +88,8 @@ def test_bad_input_is_one_line(case, runs, tmp_path, capsys):
                 "no metrics": f"compare: {run}: no metrics.jsonl (a run folder has one from its first log)",
                 "no evaluation": f"compare: {run / 'metrics.jsonl'}: no evaluation yet (no record with "
                                  f"\"miou\" and \"iter\")",
-                "bad line": f"compare: {run / 'metrics.jsonl'}: line 2 is no JSON record",
+                "bad line": f"compare: {run / 'metrics.jsonl'}: line 2 is no JSON record of numbers",
+                "bad value": f"compare: {run / 'metrics.jsonl'}: line 2 is no JSON record of numbers",
                 "bad results": f"compare: {run / 'results.json'}: unreadable (expected a JSON object with "
                                f"\"miou\")",
                 "not png": f"compare: --out {out}: expected a .png file to write"}[case]

@@ -38,10 +38,11 @@ def read_run(folder):
     for number, line in enumerate(metrics.read_text().splitlines(), 1):
         try:
             record = json.loads(line) if line.strip() else {}
-        except ValueError:
-            raise UserError(f"compare: {metrics}: line {number} is no JSON record")
-        if isinstance(record, dict) and "miou" in record and "iter" in record:
-            evaluations[int(record["iter"])] = float(record["miou"])
+            if isinstance(record, dict) and "miou" in record and "iter" in record:
+                evaluations[int(record["iter"])] = float(record["miou"])
+        except (ValueError, TypeError, OverflowError):  # a line cut by a killed run, or no numbers in it
+            raise UserError(f"compare: {metrics}: line {number} is no JSON record of numbers")
+    evaluations = {it: v for it, v in evaluations.items() if math.isfinite(v)}
     if not evaluations:
         raise UserError(f"compare: {metrics}: no evaluation yet (no record with \"miou\" and \"iter\")")
     results = None  # an unfinished run has none yet
@@ -100,7 +101,7 @@ def draw(runs):
     y_step = nice_step(max(max(values) - min(values), 1.0))
     lo, hi = math.floor(min(values) / y_step) * y_step, math.ceil(max(values) / y_step) * y_step
     hi = hi if hi > lo else lo + y_step
-    last = max(it for run in runs for it, _ in run["points"])
+    last = max(1, max(it for run in runs for it, _ in run["points"]))
     x_step = max(1, round(nice_step(last)))  # whole iterations
     height = TOP + PLOT_HEIGHT + BOTTOM + ROW * len(runs) + 8
     picture = Image.new("RGB", (WIDTH, height), PAPER)
