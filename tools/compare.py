@@ -141,7 +141,7 @@ def draw(runs):
 def main(command, argv):
     parser = argparse.ArgumentParser(prog="python -m tools compare", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (metrics.jsonl, results.json)")
-    parser.add_argument("--out", default="compare.png", help="the picture, a .png file (default: %(default)s)")
+    parser.add_argument("--out", default="compare.png", help="the picture, a .png (default: %(default)s)")
     opts = parser.parse_args(argv)
     out = Path(opts.out)
     if out.suffix.lower() != ".png" or out.is_dir():
