@@ -22,7 +22,7 @@ around the loop, in the order a script uses it. Read the first part; the rest is
 Below it, cutmixseg/ holds the rest of what a run executes and imports nothing of this file: files.py (bad
 input, atomic files, image reading), guard.py (the run folder, --resume), prepare.py (data checks, caches,
 split files), crops.py (today's crop), pictures.py, demo.py, nets.py, timing.py. Above it, tools/ holds
-commands that use this file (`python -m tools predict | evaluate | costs | seeds | summary | loader |
+commands that use this file (`python -m tools predict | evaluate | costs | seeds | summary | compare | loader |
 sbd-to-aug`). Copy this file, cutmixseg/ and one train_*.py into a project and that copy trains on its own.
 """
 import argparse
@@ -104,19 +104,19 @@ class TrainArgs:
     dataset: str = arg("demo", "demo (built in), folder (your own), or the official downloads", choices=list(DATASETS))
     protocol: str = arg("paper", "paper (DeepLab v2, half-size Cityscapes, 40k iterations) or unimatch (today's: "
                                  "README 'Under today's protocol')", choices=["paper", "unimatch"])
-    data_root: str = arg(None, "folder holding the dataset (required for every dataset but demo)")
+    data_root: str = arg(None, "the dataset's folder (default: data/<dataset>, $CITYSCAPES_DATASET first)")
     n_labeled: int = arg(None, "labeled training images; -1 = all (default: the dataset's)")
     split_seed: int = arg(12345, "seed of the labeled subset, independent of --seed")
     split_file: str = arg(None, "the labeled images: a list of names, or the original's .pkl index permutation")
     arch: str = arg(None, "network (default: the dataset's)", choices=list(ARCHS))
     no_pretrained: bool = arg(False, "random initialisation instead of ImageNet weights")
     backbone_weights: str = arg(None, "deeplabv3plus_deepstem's ImageNet weights: UniMatch's pretrained/resnet101.pth")
-    iters: int = arg(None, "training iterations (default: the dataset's; today's protocol: --epochs')")
+    iters: int = arg(None, "training iterations (default: the dataset's; today's protocol: from --epochs)")
     epochs: int = arg(None, "today's protocol: passes over the unlabeled images (default: UniMatch's 80 Pascal, 240 "
                             "Cityscapes); --iters wins")
     batch_size: int = arg(None, "images per labeled batch and per unlabeled batch (default: the dataset's)")
-    lr: float = arg(None, "learning rate of the head; the pretrained backbone's is the arch's share of it (1/10 for "
-                          "deeplabv2, denseunet161, pspnet101) (default: the arch's)")
+    lr: float = arg(None, "learning rate of the head (default: the protocol's); the pretrained backbone's is "
+                          "1/10 of it, but all of it for deeplabv3plus, unet_small and today's Cityscapes")
     crop_size: tuple = arg(None, "training crop, H,W or one number (default: the dataset's)", parse="size")
     eval_every: int = arg(None, "evaluate and checkpoint every this many iterations (default: the dataset's)")
     seed: int = arg(1, "seed of initialisation, sample order, augmentation and masks")
@@ -171,12 +171,13 @@ def parse_size(text, option="--crop-size"):
         raise UserError(f"{option} expects H,W or one number (e.g. 256,512), got {text!r}")
     return tuple(parts)
 
-def command_line(args_class, argv=None):
+def command_line(args_class, argv=None, prog=None):
     """{field: value} of the options given on the command line, one --kebab-case option per arg() field;
-    bad input ends as one line, never a traceback; a file name that is not UTF-8 printed with its own bytes."""
+    bad input ends as one line, never a traceback; a file name that is not UTF-8 printed with its own bytes
+    (`prog`: the program argparse names, default the script)."""
     files.start_command()
-    parser = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n")[0],
-                                     argument_default=argparse.SUPPRESS)
+    summary = " ".join((sys.modules["__main__"].__doc__ or "").split("\n\n")[0].split())  # first paragraph
+    parser = argparse.ArgumentParser(prog, description=summary, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(args_class):
         flag, kind = "--" + f.name.replace("_", "-"), {"int": int, "float": float, "str": str}.get(f.type, f.type)
         if kind in (bool, "bool") and f.metadata.get("cli"):
@@ -263,6 +264,7 @@ def resolve(args_class, given):
     if args.num_workers is None:
         args.num_workers = min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     check_limits(args)
+    args.data_root = args.data_root or (None if args.benchmark else default_root(args.dataset))
     for name in PATHS:
         if getattr(args, name, None):
             setattr(args, name, str(Path(getattr(args, name)).expanduser().resolve()))
@@ -1051,9 +1053,33 @@ LAYOUTS = {
 def layout_error(root, dataset, problem):
     return UserError(f"--data-root {root}: {problem}; expected layout: {LAYOUTS[dataset]}")
 
+def default_places(dataset):
+    """Where the data of `dataset` is looked for without --data-root, in this order: for Cityscapes
+    $CITYSCAPES_DATASET (the official cityscapesScripts' variable), then data/<dataset> under the current
+    folder, as mmsegmentation and UniMatch lay it out; none for demo (generated) and folder (your data)."""
+    if dataset in ("demo", "folder"):
+        return []
+    env = os.environ.get("CITYSCAPES_DATASET") if dataset == "cityscapes" else None
+    return ([Path(env).expanduser()] if env else []) + [Path("data") / dataset]
+
+def default_root(dataset):
+    """The first of default_places(dataset) that is a folder, else None (resolve() records it in args.json; not
+    for --benchmark, which without --data-root times random images of the dataset's sizes)."""
+    return next((place for place in default_places(dataset) if place.is_dir()), None)
+
 def require_root(root, dataset):
+    """--data-root, else the dataset's default place (default_places), as a Path; else one line naming all."""
+    root = root or default_root(dataset)
+    if not root and dataset == "folder":
+        raise UserError(f"--dataset folder needs --data-root, the folder of your own data (expected layout: "
+                        f"{LAYOUTS[dataset]})")
     if not root:
-        raise UserError(f"--dataset {dataset} needs --data-root (expected layout: {LAYOUTS[dataset]})")
+        env = os.environ.get("CITYSCAPES_DATASET")
+        first = ""  # Cityscapes' place before data/cityscapes
+        if dataset == "cityscapes":
+            first = f"$CITYSCAPES_DATASET={env} is no folder, " if env else "$CITYSCAPES_DATASET is not set, "
+        raise UserError(f"--dataset {dataset} found no data: {first}no folder data/{dataset} in {Path.cwd()}; "
+                        f"put the data there or give --data-root (expected layout: {LAYOUTS[dataset]})")
     if not Path(root).expanduser().is_dir():
         raise UserError(f"--data-root {root}: no such folder (expected layout: {LAYOUTS[dataset]})")
     return Path(root).expanduser()

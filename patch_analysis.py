@@ -43,7 +43,8 @@ NEIGHBOURS = ((0, -1), (0, 1), (-1, 0), (1, 0))  # west, east, north, south as (
 @dataclass
 class Args:
     dataset: str = arg("demo", "dataset, as for the training scripts", choices=list(common.DATASETS))
-    data_root: str = arg(None, "folder holding the dataset (required for every dataset but demo)")
+    data_root: str = arg(None, "folder holding the dataset (default: $CITYSCAPES_DATASET for cityscapes, then "
+                               "data/<dataset>; folder needs it)")
     num_classes: int = arg(None, "class count for --dataset folder (default: from the masks)")
     out: str = arg(None, "output folder (default: runs/patch_analysis_<dataset>)")
     image_index: int = arg(0, "Figure 1: index of the training image shown")

@@ -1,6 +1,6 @@
-"""The pictures a run leaves beside its numbers, drawn with Pillow: preview.png (image | truth | teacher's
-prediction, with a legend of the class colours) and curves.png (teacher mIoU and the logged losses against
-the iteration), redrawn by common.Run at every evaluation."""
+"""The pictures a run leaves beside its numbers, drawn with Pillow: preview.png (image | ground truth |
+teacher's prediction, titled, with a legend of the class colours) and curves.png (teacher mIoU and the logged
+losses against the iteration), redrawn by common.Run at every evaluation."""
 import json
 import math
 from pathlib import Path
@@ -13,6 +13,12 @@ from .files import IGNORE, atomic_write
 
 TILE = 192  # a small image is scaled up (nearest) until its short side is at least this many pixels
 INK, PAPER = (40, 40, 40), (255, 255, 255)
+# The preview's columns, their titles in a band above them, and the gap between tiles: a grey that no class
+# colour has (the palette's channels are multiples of 32, or 255 for ignore)
+TITLES = ("image", "ground truth", "prediction")
+TITLE_BAND = 20  # pixels
+GAP = 8  # pixels
+GAP_COLOUR = (200, 200, 200)
 
 
 def palette(num_classes=256):
@@ -47,21 +53,33 @@ def legend(class_names, colours, width):
 
 
 def preview(predict, split, class_names, n=4):
-    """image | ground truth | prediction for the first n validation images, scaled up (nearest) so that a
-    tile is at least TILE pixels on its short side, above a legend of the class colours with their names.
-    predict: uint8 images (B, 3, H, W) -> class indices (B, H, W)."""
+    """image | ground truth | prediction for the first n validation images, under the columns' titles,
+    scaled up (nearest) so that a tile is at least TILE pixels on its short side, above a legend of the class
+    colours with their names. The tiles stand apart by GAP pixels of a grey that no class has (the truth and
+    the prediction both paint the background black). predict: uint8 images (B, 3, H, W) -> class indices
+    (B, H, W)."""
     colours, rows = palette(), []
     with torch.no_grad():
         for i in range(min(n, len(split))):
             image, label = split.load(i)
             pred = predict(split[i][0][None])[0].cpu().numpy()
-            row = np.concatenate([image, colours[label], colours[pred]], axis=1)
             k = max(1, math.ceil(TILE / min(image.shape[:2])))
-            rows.append(row.repeat(k, 0).repeat(k, 1))
-    width = max(r.shape[1] for r in rows)
-    grid = np.concatenate([np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows])
-    picture = Image.new("RGB", (width, grid.shape[0]), PAPER)
-    picture.paste(Image.fromarray(grid), (0, 0))
+            rows.append([tile.repeat(k, 0).repeat(k, 1) for tile in (image, colours[label], colours[pred])])
+    widths = [max(row[c].shape[1] for row in rows) for c in range(3)]  # a column as wide as its widest tile
+    lefts = [0, widths[0] + GAP, widths[0] + widths[1] + 2 * GAP]
+    width = lefts[2] + widths[2]
+    heights = [row[0].shape[0] for row in rows]
+    picture = Image.new("RGB", (width, TITLE_BAND + sum(heights) + GAP * (len(rows) - 1)), GAP_COLOUR)
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default()
+    draw.rectangle([0, 0, width - 1, TITLE_BAND - 1], fill=PAPER)
+    for title, left, column in zip(TITLES, lefts, widths):
+        draw.text((left + (column - draw.textlength(title, font=font)) / 2, 4), title, fill=INK, font=font)
+    top = TITLE_BAND
+    for row, height in zip(rows, heights):
+        for tile, left in zip(row, lefts):
+            picture.paste(Image.fromarray(tile), (left, top))
+        top += height + GAP
     key = legend(class_names, colours, width)
     out = Image.new("RGB", (width, picture.height + key.height), PAPER)
     out.paste(picture, (0, 0))

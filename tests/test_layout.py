@@ -1,6 +1,7 @@
-"""Which way the arrows point (STYLE.md): the kit's import graph has no cycle, cutmixseg/ stands on nothing of
-ours above it, common.py on nothing of tools/; the files stay readable in size; and the copy test: common.py,
-cutmixseg/ and one script, copied alone into another folder, train, resume and draw there."""
+"""Which way the arrows point (common.py's docstring: the scripts and tools/ above it, cutmixseg/ below): the
+kit's import graph has no cycle, cutmixseg/ stands on nothing of ours above it, common.py on nothing of tools/;
+the files stay readable in size; and the copy test: common.py, cutmixseg/ and one script, copied alone into
+another folder, train, resume and draw there."""
 import ast
 import re
 import shutil

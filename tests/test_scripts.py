@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 import common
 from conftest import (ENV, FAST, ROOT, copy_run, make_folder_dataset, make_unlabeled, read_results, refused,
@@ -48,8 +48,8 @@ def check_outputs(out, stdout, num_classes, iters=6):
     state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert set(state) == CHECKPOINT_KEYS | ({"generator"} if results["method"] in WITH_GENERATOR else set())
     assert state["iter"] == iters and set(state["timer"]) == {"iters", "seconds", "warm_iters", "warm_seconds", "wall"}
-    with Image.open(out / "preview.png") as im:  # tiles scaled up to >= 192 px, a legend below
-        assert min(im.size) >= 192 and im.width % 3 == 0
+    with Image.open(out / "preview.png") as im:  # tiles scaled up to >= 192 px, two gaps, a legend below
+        assert min(im.size) >= 192 and (im.width - 2 * pictures.GAP) % 3 == 0
     with Image.open(out / "curves.png") as im:  # mIoU and one panel per logged loss
         assert im.height >= 2 * 150
     return results
@@ -355,6 +355,32 @@ def test_pictures_draw_a_legend_and_one_curve_per_series(tmp_path):
     with torch.no_grad():
         picture = pictures.preview(lambda images: net(common.normalise(images, torch.device("cpu"))).argmax(1),
                                    split, ["bg", "thing"])
-    assert picture.width == 3 * 16 * 16 and picture.height > 12 * 16  # 12 px short side -> x16 >= 192
-    legend = np.asarray(picture)[12 * 16 + 4:]
+    assert picture.width == 3 * 16 * 16 + 2 * pictures.GAP  # 12 px short side -> x16 >= 192; two gaps
+    assert picture.height > 12 * 16
+    legend = np.asarray(picture)[pictures.TITLE_BAND + 12 * 16:]
     assert (legend == colours[1]).all(-1).any()  # the swatch of class 1
+
+
+def test_preview_titles_its_columns_and_sets_truth_and_prediction_apart():
+    """"image", "ground truth", "prediction" centred in a band above their columns; between the columns a
+    gap of a grey no class colour has, so that two black backgrounds do not run into each other."""
+    image = np.full((12, 16, 3), 90, np.uint8)
+    split = common.Split(["a", "b"], lambda i: (image, np.zeros((12, 16), np.uint8)), [(12, 16)] * 2)
+    background = lambda images: torch.zeros(len(images), 12, 16, dtype=torch.long)  # noqa: E731
+    picture = np.asarray(pictures.preview(background, split, ["bg", "thing"]))
+    tile, gap, band = 16 * 16, pictures.GAP, pictures.TITLE_BAND
+    font = ImageFont.load_default()
+    for c, title in enumerate(pictures.TITLES):  # each title's ink: within its column, as long as its text
+        left = c * (tile + gap)
+        ink = np.nonzero((picture[:band, left:left + tile] < 128).all(-1).any(0))[0]
+        length = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=font)
+        assert abs(ink[-1] + 1 - ink[0] - length) <= 2, title
+        assert abs((ink[0] + ink[-1]) / 2 - tile / 2) <= 2, title  # centred
+    assert pictures.TITLES == ("image", "ground truth", "prediction")
+    row = picture[band:band + 12 * 16]  # the first image's row
+    truth, between, prediction = (row[:, x:x + w] for x, w in ((tile + gap, tile), (2 * tile + gap, gap),
+                                                               (2 * (tile + gap), tile)))
+    assert (truth == 0).all() and (prediction == 0).all()  # both black: the background class
+    assert (between == pictures.GAP_COLOUR).all()
+    assert not (pictures.palette() == pictures.GAP_COLOUR).all(-1).any()  # no class has the gap's grey
+    assert (picture[band + 12 * 16:band + 12 * 16 + gap] == pictures.GAP_COLOUR).all()  # and between the rows

@@ -183,13 +183,21 @@ def test_summary_names_the_file_it_cannot_read(tmp_path, capsys):
     (["--seeds", 2**32], "argument --seeds: a seed is an integer in [0, 2**32), got '4294967296'"),
     (["--runs", "file"], "error: seeds: --runs file is a file, not a folder"),
     (["--", "--n-labeled", "abc"], "argument --n-labeled: invalid int value: 'abc'"),
-    (["--", "--dataset", "nope"], "argument --dataset: invalid choice: 'nope'")])
+    (["--", "--dataset", "nope"], "argument --dataset: invalid choice: 'nope'"),
+    # the script's own options, every one as the script checks it (its method's too)
+    (["--", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
+    (["--", "--n-boxes", "0"], "error: --n-boxes must be at least 1, got 0"),
+    (["--", "--epochs", "5"],
+     "error: --epochs counts today's protocol's epochs (--protocol unimatch); here use --iters"),
+    (["train_baseline.py", "--", "--n-boxes", "3"], "unrecognized arguments: --n-boxes 3"),
+    (["toy2d.py"], "error: seeds: toy2d.py is no training script (train_*.py)")])
 def test_seeds_refuses_bad_options_before_any_run(argv, words, tmp_path, monkeypatch, capsys):
     """In this process (the same code as `python common.py seeds`, whose UserError ends as `error: ...`)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "file").write_text("x")
+    script = [] if str(argv[0]).endswith(".py") else ["train_cutmix.py"]
     with pytest.raises((common.UserError, SystemExit)) as refusal:
-        paper.main("seeds", ["train_cutmix.py", *map(str, argv)])
+        paper.main("seeds", [*script, *map(str, argv)])
     said = capsys.readouterr()
     if refusal.type is SystemExit:  # argparse: usage, then the error as the last line, exit status 2
         assert refusal.value.code == 2 and words in said.err.strip().splitlines()[-1]

@@ -2,10 +2,10 @@
 import sys
 
 import common
-from tools import costs, evaluate, loader, paper, predict, sbd
+from tools import compare, costs, evaluate, loader, paper, predict, sbd
 
 COMMANDS = {"predict": predict.main, "evaluate": evaluate.main, "seeds": paper.main, "summary": paper.main,
-            "costs": costs.main, "loader": loader.main, "sbd-to-aug": sbd.main}
+            "compare": compare.main, "costs": costs.main, "loader": loader.main, "sbd-to-aug": sbd.main}
 
 if __name__ == "__main__":
     common.files.start_command()  # bad input: one line, no traceback; names that are not UTF-8 as their bytes

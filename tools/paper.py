@@ -3,6 +3,7 @@ labeled count run with several seeds (`python -m tools seeds`), and a summary of
 (`python -m tools summary [RUNS]`)."""
 import argparse
 import contextlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -135,6 +136,16 @@ def seed_value(text):
     raise argparse.ArgumentTypeError(f"a seed is an integer in [0, 2**32), got {text!r}")
 
 
+def script_args(script):
+    """The Args dataclass of a train_*.py, imported without running it (its main() waits for __main__); None
+    for any other script."""
+    spec = importlib.util.spec_from_file_location(f"seeds_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args_class = getattr(module, "Args", None)
+    return args_class if isinstance(args_class, type) and issubclass(args_class, common.TrainArgs) else None
+
+
 def run_seeds(argv):
     """python -m tools seeds SCRIPT [--seeds S ...] [--runs RUNS] [--dry-run] -- SCRIPT'S OPTIONS
 
@@ -166,19 +177,17 @@ def run_seeds(argv):
     script = Path(opts.script) if Path(opts.script).is_file() else Path(__file__).resolve().parent.parent / opts.script
     if not script.is_file():
         raise common.UserError(f"seeds: no script {opts.script}")
-    known = argparse.ArgumentParser(prog=f"python -m tools seeds {opts.script} ... --", add_help=False,
-                                    allow_abbrev=False)
-    known.add_argument("--dataset", choices=list(common.DATASETS))
-    known.add_argument("--protocol", choices=["paper", "unimatch"])
-    known.add_argument("--arch", choices=list(common.ARCHS))
-    known.add_argument("--n-labeled", type=int)
-    known.add_argument("--split-file")
-    given = {k: v for k, v in vars(known.parse_known_args(rest)[0]).items() if v is not None}
+    # The script's own options, parsed and resolved as the script does it, for every seed before any run
+    # starts: a bad option stops the tool here, not once per seed
+    args_class = script_args(script)
+    if args_class is None:
+        raise common.UserError(f"seeds: {opts.script} is no training script (train_*.py)")
+    given = common.command_line(args_class, rest, prog=f"python -m tools seeds {opts.script} ... --")
     vary = "seed" if given.get("split_file") or given.get("protocol") == "unimatch" else "split-seed"
+    named = [common.parse_args(args_class, [*rest, f"--{vary}", str(seed)]) for seed in opts.seeds]
     outs, failed = [], []
-    for seed in opts.seeds:  # the folder the script names: its settings resolved as the script resolves them
-        named = common.resolve(common.TrainArgs, {**given, vary.replace("-", "_"): seed})
-        out = Path(opts.runs) / common.run_folder(script, named).name
+    for seed, args in zip(opts.seeds, named):  # each in the folder the script names
+        out = Path(opts.runs) / common.run_folder(script, args).name
         outs.append(out)
         if (out / "results.json").is_file():
             print(f"finished: {out}")
