@@ -101,14 +101,19 @@ class Captured(Exception):
 
 
 def tool_parser(name, argv):
-    """The argparse parser that `python -m tools NAME` builds, caught as the tool starts parsing."""
+    """(the argparse parser that `python -m tools NAME` builds, whether it passes the options it does not know on
+    to a training script's parser: parse_known_args), caught as the tool starts parsing."""
     with pytest.MonkeyPatch.context() as mp:
         def capture(parser, *args, **kwargs):
-            raise Captured(parser)
+            raise Captured(parser, False)
+
+        def capture_known(parser, *args, **kwargs):
+            raise Captured(parser, True)
         mp.setattr(argparse.ArgumentParser, "parse_args", capture)
+        mp.setattr(argparse.ArgumentParser, "parse_known_args", capture_known)
         with pytest.raises(Captured) as caught:
             COMMANDS[name](name, argv)
-    return caught.value.args[0]
+    return caught.value.args
 
 
 def parse_tool(argv, monkeypatch):
@@ -120,7 +125,13 @@ def parse_tool(argv, monkeypatch):
         return
     cut = argv.index("--") if "--" in argv and name in ("seeds", "costs") else len(argv)
     own, rest = argv[:cut], argv[cut + 1:]
-    parser = tool_parser(name, own)
+    parser, passes_on = tool_parser(name, own)
+    if passes_on:  # evaluate, loader: their own options, the rest a training script's (parsed as TrainArgs)
+        known = {flag for action in parser._actions for flag in action.option_strings}
+        known |= {"--" + f.name.replace("_", "-") for f in dataclasses.fields(common.TrainArgs)}
+        opts, rest = parser.parse_known_args(without_placeholders(own, known, keep=known))
+        common.command_line(common.TrainArgs, without_placeholders(rest, known))
+        return
     known = {flag for action in parser._actions for flag in action.option_strings}
     text = {flag for action in parser._actions if action.type in (None, str) for flag in action.option_strings}
     try:
