@@ -1452,6 +1452,112 @@ class Benchmark(Run):
         leave_process_group()
         return record
 
+# ---- 12. Strong views and pseudo-labels (FixMatch, UniMatch: train_fixmatch.py, train_unimatch.py) ----------
+# UniMatch's dataset/semi.py builds, from each unlabeled crop (the weak view), strong views in this order: colour
+# jitter (0.5, 0.5, 0.5, 0.25) with p 0.8, grayscale with p 0.2, a Gaussian blur with p 0.5, and a CutMix box with
+# p 0.5, into which the training loop pastes a partner image's strong view. The draws here come from the sample's
+# own numpy Generator (StrongViewSet), never from a global RNG, so that a view is fixed by its stream position.
+def strong_view_draws(rng):
+    """dict(jitter, grayscale, blur) for strong_view, with UniMatch's probabilities: jitter None or (order,
+    brightness, contrast, saturation, hue) as torchvision's ColorJitter.get_params returns them (order: a
+    permutation of 0-3 = brightness, contrast, saturation, hue; factors U(0.5, 1.5), hue U(-0.25, 0.25)) with
+    p 0.8; grayscale with p 0.2; blur None or σ ~ U(0.1, 2.0) with p 0.5."""
+    jitter = None
+    if rng.random() < 0.8:
+        order = tuple(int(i) for i in rng.permutation(4))
+        jitter = (order, *(float(rng.uniform(0.5, 1.5)) for _ in range(3)), float(rng.uniform(-0.25, 0.25)))
+    grayscale = bool(rng.random() < 0.2)
+    blur = float(rng.uniform(0.1, 2.0)) if rng.random() < 0.5 else None
+    return dict(jitter=jitter, grayscale=grayscale, blur=blur)
+
+def strong_view(image, draws):
+    """PIL RGB image -> its strong view for given draws, as UniMatch's transforms compute it on PIL images:
+    ColorJitter's four adjustments in the drawn order, RandomGrayscale (L, copied to 3 channels), then
+    ImageFilter.GaussianBlur(radius=σ) (UniMatch's blur passes σ as PIL's radius)."""
+    from PIL import ImageFilter
+    from torchvision.transforms import functional as TF  # PIL's arithmetic, as torchvision applies it
+    if draws["jitter"] is not None:
+        order, *factors = draws["jitter"]
+        adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        for i in order:
+            image = adjust[i](image, factors[i])
+    if draws["grayscale"]:
+        image = TF.rgb_to_grayscale(image, num_output_channels=3)
+    if draws["blur"] is not None:
+        image = image.filter(ImageFilter.GaussianBlur(radius=draws["blur"]))
+    return image
+
+def cutmix_box_draws(size, rng, p=0.5):
+    """None (probability 1 - p) or (x, y, w, h) of a box inside a crop of `size` (its side, or (H, W)), as
+    UniMatch's obtain_cutmix_box: an area of U(0.02, 0.4) of the crop, drawn once; then aspect r ~ U(0.3, 1/0.3),
+    w = int(sqrt(area / r)), h = int(sqrt(area · r)), corner x ~ {0..W-1}, y ~ {0..H-1}, all three redrawn until
+    the box lies inside."""
+    h_crop, w_crop = (size, size) if isinstance(size, int) else size
+    if rng.random() > p:
+        return None
+    area = rng.uniform(0.02, 0.4) * h_crop * w_crop
+    while True:
+        ratio = rng.uniform(0.3, 1 / 0.3)
+        w, h = int(np.sqrt(area / ratio)), int(np.sqrt(area * ratio))
+        x, y = int(rng.integers(0, w_crop)), int(rng.integers(0, h_crop))
+        if x + w <= w_crop and y + h <= h_crop:
+            return x, y, w, h
+
+def cutmix_box(size, draws):
+    """(H, W) float 0/1 tensor of a crop of `size` (its side, or (H, W)), 1 inside the box `draws` (x, y, w, h);
+    all 0 for None. 1 = the pixel comes from the mix partner."""
+    box = torch.zeros((size, size) if isinstance(size, int) else tuple(size))
+    if draws is not None:
+        x, y, w, h = draws
+        box[y:y + h, x:x + w] = 1
+    return box
+
+class StrongViewSet(torch.utils.data.Dataset):
+    """Unlabeled crops as (weak view, n_strong strong views, valid, n_strong boxes), indexed like TrainSet by
+    (sample index, augmentation seed): the weak view is the dataset's crop (augment: today's protocol UniMatch's
+    weak view, the paper's its own crop); each strong view is built from it (RGB; a 4th channel, content or
+    not, is kept) with its draws and then its box's, in UniMatch's order. Views (C, H, W) uint8, valid (H, W)
+    uint8 (255 = image content), boxes (H, W) float, 1 = from the partner. partner=True: the same sample under
+    other draws (UniMatch's second pass over one loader: the same images, independent augmentation)."""
+
+    def __init__(self, split, crop, aug, n_strong, partner=False):
+        self.split, self.crop, self.aug, self.n_strong, self.partner = split, tuple(crop), aug, n_strong, partner
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, key):
+        index, seed = key
+        rng = np.random.default_rng([*np.atleast_1d(seed), 1] if self.partner else seed)
+        weak, _, valid = augment(self.split.load(index)[0], None, rng, self.crop, self.aug)
+        strong, boxes = [], []
+        for _ in range(self.n_strong):
+            rgb = Image.fromarray(weak[:3].permute(1, 2, 0).numpy())
+            rgb = torch.from_numpy(np.array(strong_view(rgb, strong_view_draws(rng)))).permute(2, 0, 1)
+            strong.append(torch.cat([rgb, weak[3:]]))  # the alpha channel, where there is one, unchanged
+            boxes.append(cutmix_box(self.crop, cutmix_box_draws(self.crop, rng)))
+        return (weak, *strong, valid, *boxes)
+
+def pseudo_label_loss(logits, pseudo, conf, ignore, conf_thresh):
+    """UniMatch's unlabeled loss, fp32: the cross-entropy of logits (B, K, H, W) against the pseudo-labels (B, H, W)
+    where the confidence (B, H, W) reaches conf_thresh and ignore (B, H, W) is not 255 (255 = padding), summed, over
+    the number of pixels that are not padding (confident or not: the loss grows with the confident share). 0 (no
+    gradient) where every pixel is padding."""
+    counted = ignore != IGNORE
+    loss = F.cross_entropy(logits.float(), pseudo, reduction="none")  # (B, H, W)
+    return torch.where(counted & (conf >= conf_thresh), loss, 0).sum() / counted.sum().clamp(min=1)
+
+def padding_as_ignore(valid):
+    """The loss mask v (B, 1, H, W), 1 = image content, as UniMatch's ignore mask (B, H, W): 255 on padding."""
+    return torch.where(valid[:, 0] > 0, 0, IGNORE)
+
+def check_fp_crop(net, crop, arch):
+    """One line where the crop is smaller than the stride of the features that need_fp drops out (net.fp_stride):
+    they would hold less than one pixel of the crop."""
+    if min(crop) < net.fp_stride:
+        raise UserError(f"--crop-size {crop[0]},{crop[1]}: {arch}'s feature perturbation drops out features at 1/"
+                        f"{net.fp_stride} of the crop; give a crop of at least {net.fp_stride} pixels a side")
+
 # ---- `python common.py TOOL ...`: a shortcut to `python -m tools TOOL ...`, run as its own program --------
 if __name__ == "__main__":  # this file imports nothing of tools/: the shortcut starts a new process
     kit = Path(__file__).resolve().parent
