@@ -683,9 +683,10 @@ class Run:
 
     def start(self, data, device, student, teacher, optimizer, scaler, generator=None):
         """Create the folder and its log, or, resuming, restore from the checkpoint what the run tracks: the
-        nets, the optimizer, the loss scaler, the method's generator (masks, probes) and the global RNGs."""
+        nets, the optimizer, the loss scaler, the method's generator (masks, probes) and the global RNGs.
+        teacher None: a self-training method (FixMatch, UniMatch), whose one network is evaluated and reported."""
         self.data, self.device, self.start_iter, self.timer_state = data, device, 0, None
-        self.nets = dict(student=student, teacher=teacher)
+        self.nets, self.reported = one_or_two_nets(student, teacher)
         self.tracked = dict(self.nets, optimizer=optimizer, scaler=scaler)
         self.tracked.update({} if generator is None else dict(generator=generator))
         self.val_loader = val_loader(data.val, self.args.batch_size, self.args.num_workers)
@@ -766,19 +767,22 @@ class Run:
 
     def evaluate(self, done):
         """The teacher (the evaluated network) at every evaluation, the student at the last one only (a
-        pass over Cityscapes' validation set costs ~200 training iterations): logged, and kept in last_eval."""
+        pass over Cityscapes' validation set costs ~200 training iterations): logged, and kept in last_eval.
+        A run without a teacher evaluates its one network, the student, and says so ("network")."""
         data, args = self.data, self.args
         score = functools.partial(evaluate, loader=self.val_loader, device=self.device, num_classes=data.num_classes,
                                   amp=args.amp, lesion_scoring=args.lesion_scoring, window=args.eval_window)
-        miou, per_class, _ = score(self.nets["teacher"])
-        self.last_eval = dict(miou=miou, per_class_iou=per_class)
-        line = f"eval it {done} | teacher mIoU {miou:.2f}"
-        if done == args.iters or args.student_every_eval:
+        miou, per_class, _ = score(self.nets[self.reported])
+        self.last_eval = dict(miou=miou, per_class_iou=per_class, network=self.reported)
+        line = f"eval it {done} | {self.reported} mIoU {miou:.2f}"
+        if "teacher" not in self.nets:  # one network: its mIoU is the student's
+            self.last_eval["student_miou"] = miou
+        elif done == args.iters or args.student_every_eval:
             self.last_eval["student_miou"] = score(self.nets["student"])[0]
             line += f" | student mIoU {self.last_eval['student_miou']:.2f}"
         if args.lesion_scoring:  # ISIC: the paper reports the lesion IoU, pooled over the set
             self.last_eval["lesion_iou"] = per_class[1]
-            line += f" | teacher lesion IoU {self.last_eval['lesion_iou']:.2f}"
+            line += f" | {self.reported} lesion IoU {self.last_eval['lesion_iou']:.2f}"
         self.print(line)
         self.print("-- per class: " + " ".join(f"{n}={v:.1f}" for n, v in zip(data.class_names, per_class)))
         self.metrics(iter=done, **self.last_eval)
@@ -795,7 +799,7 @@ class Run:
     def draw(self):
         """preview.png (the teacher's predictions on the first validation images) and curves.png, redrawn."""
         if self.main:
-            teacher, device, amp = self.nets["teacher"], self.device, self.args.amp
+            teacher, device, amp = self.nets[self.reported], self.device, self.args.amp
             def predict(images):
                 with inference(teacher), autocast(amp, device):
                     return teacher(normalise(images, device)).argmax(1)
@@ -825,8 +829,9 @@ class Run:
                        **(dict(world_size=self.world) if self.world > 1 else {}))
         if self.main:
             atomic_write(self.out / "results.json", json.dumps(results, indent=2))
-            self.print(f"results in {self.out}: teacher mIoU {results['miou']:.2f}, student "
-                       f"{results['student_miou']:.2f}, {results['seconds_per_iter']:.3f} s/it")
+            student = f", student {results['student_miou']:.2f}" if "teacher" in self.nets else ""
+            self.print(f"results in {self.out}: {self.reported} mIoU {results['miou']:.2f}{student}, "
+                       f"{results['seconds_per_iter']:.3f} s/it")
             self.log_file.close()
             self.metrics_file.close()
             print(f"FINAL mIoU={results['miou']:.2f}", flush=True)
@@ -848,6 +853,7 @@ def load_model(run_dir, net="teacher", device="cpu"):
     saved = guard.read_json(run_dir / "args.json", "record of the run's settings")
     try:
         state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+        net = "student" if "teacher" not in state else net  # a self-training run's one network (section 12)
         names = list(state["class_names"])
         args = argparse.Namespace(arch=saved["arch"], aspp_all_branches=saved.get("aspp_all_branches", False),
                                   pretrained=False)
@@ -1378,7 +1384,8 @@ class Benchmark(Run):
         return Data(train, Split(*val), num_classes, [f"class_{c}" for c in range(num_classes)], labeled, train)
 
     def start(self, data, device, student, teacher, optimizer, scaler, generator=None):
-        self.data, self.device, self.start_iter, self.nets = data, device, 0, dict(student=student, teacher=teacher)
+        self.data, self.device, self.start_iter = data, device, 0
+        self.nets, self.reported = one_or_two_nets(student, teacher)
         self.print("settings: " + " ".join(f"{k}={v}" for k, v in sorted(vars(self.args).items())))
         return 0
 
@@ -1433,7 +1440,7 @@ class Benchmark(Run):
         a, val, timer = self.args, self.data.val, timing.Timer(self.device)
         n = min(len(val), a.batch_size * (4 if self.device.type == "cuda" else 1) * self.world)
         subset = val_loader(Split(val.names[:n], val.load, val.sizes[:n]), a.batch_size, a.num_workers)
-        score = lambda: evaluate(self.nets["teacher"], subset, self.device, self.data.num_classes,  # noqa: E731
+        score = lambda: evaluate(self.nets[self.reported], subset, self.device, self.data.num_classes,  # noqa: E731
                                  a.amp, a.lesion_scoring)
         if self.device.type == "cuda":
             score()  # cudnn autotuning for the new shapes
@@ -1546,6 +1553,24 @@ def pseudo_label_loss(logits, pseudo, conf, ignore, conf_thresh):
     counted = ignore != IGNORE
     loss = F.cross_entropy(logits.float(), pseudo, reduction="none")  # (B, H, W)
     return torch.where(counted & (conf >= conf_thresh), loss, 0).sum() / counted.sum().clamp(min=1)
+
+def pseudo_label_share(conf_thresh):
+    """pseudo_label_loss as per_share takes it: rows -> (the loss, the pixels it is a mean over: not padding)."""
+    def loss_fn(logits, pseudo, conf, ignore):
+        return pseudo_label_loss(logits, pseudo, conf, ignore, conf_thresh), (ignore != IGNORE).sum()
+    return loss_fn
+
+def confident_share(conf, ignore, conf_thresh):
+    """The share of the pixels that are not padding whose confidence reaches conf_thresh (UniMatch's mask ratio)."""
+    counted = ignore != IGNORE
+    return (counted & (conf >= conf_thresh)).sum() / counted.sum().clamp(min=1)
+
+def one_or_two_nets(student, teacher):
+    """(Run's nets, the reported one's name): the teacher, or, for a self-training method (teacher None), the
+    one network it trains, named student (checkpoint.pt, results.json "network")."""
+    if teacher is None:
+        return dict(student=student), "student"
+    return dict(student=student, teacher=teacher), "teacher"
 
 def padding_as_ignore(valid):
     """The loss mask v (B, 1, H, W), 1 = image content, as UniMatch's ignore mask (B, H, W): 255 on padding."""
