@@ -1486,8 +1486,8 @@ def strong_view(image, draws):
     if draws["jitter"] is not None:
         order, *factors = draws["jitter"]
         adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
-        for i in order:
-            image = adjust[i](image, factors[i])
+        for i in order:  # a factor None is skipped, as ColorJitter's forward
+            image = image if factors[i] is None else adjust[i](image, factors[i])
     if draws["grayscale"]:
         image = TF.rgb_to_grayscale(image, num_output_channels=3)
     if draws["blur"] is not None:
