@@ -456,11 +456,14 @@ class StreamSampler(torch.utils.data.Sampler):
             yield batch[rank * share:(rank + 1) * share]
 
 def train_loader(dataset, indices, batch_size, seed, stream_id, start, num_workers):
-    """Iterator over batches of `dataset` (indexed by (sample, augmentation seed)) from iteration `start`."""
+    """Iterator over batches of `dataset` (indexed by (sample, augmentation seed)) from iteration `start`. The
+    iterator draws its workers' seed from a generator of its own: from torch's global RNG, that draw would shift
+    the dropout that follows between a run and its resume (which makes its streams after restoring the RNGs)."""
     sampler = StreamSampler(indices, batch_size, seed, stream_id, start)
     return one_report_of_dead_workers(iter(torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)))
+        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed))))
 
 def val_loader(split, batch_size, num_workers=0):
     """Whole images at their own size; images of equal size share a batch, none is padded. Under
