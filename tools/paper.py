@@ -47,7 +47,7 @@ UNIMATCH_PUBLISHED = {
     ("cityscapes", "baseline"): {186: 66.3, 372: 72.8, 744: 75.0, 1488: 78.0},
 }
 TODAY = "today's protocol"  # the tables' arch column for such runs: "<arch>, today's protocol"
-METHOD_ORDER = ["baseline", "stdaug", "vat", "ict", "cutout", "cutmix"]
+METHOD_ORDER = ["baseline", "stdaug", "vat", "ict", "cutout", "cutmix", "fixmatch", "unimatch"]
 
 
 def run_label(results, args):
