@@ -120,8 +120,9 @@ class TrainArgs:
     device: str = arg("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
     out: str = arg(None, "run folder (default: runs/<script>_<dataset>_<n_labeled>_s<seed>)")
     resume: bool = arg(False, "continue the run in --out from its last checkpoint")
-    amp: str = arg(None, "bf16/fp16 autocast (default on CUDA: bf16), or off: the paper's plain fp32, TF32 off",
-                   choices=["off", "bf16", "fp16"])
+    amp: str = arg(None, "bf16/fp16 autocast; off: plain fp32, TF32 off; tf32: fp32 with TF32 convolutions, PyTorch's "
+                         "default (default on CUDA: bf16, today's protocol tf32, as UniMatch)",
+                   choices=["off", "tf32", "bf16", "fp16"])
     deterministic: bool = arg(False, "deterministic kernels (with --num-workers 0: bit-exact resume)")
     num_workers: int = arg(None, "DataLoader worker processes (default: the dataset's, else min(8, CPUs))")
     num_classes: int = arg(None, "class count for --dataset folder (default: from the masks)")
@@ -147,9 +148,11 @@ class TrainArgs:
     pretrained: bool = resolved(True)     # ImageNet weights: not with --no-pretrained, nor --benchmark (random)
     lesion_scoring: bool = resolved(False)  # ISIC: the predicted lesion hole-filled, its IoU reported
     iters_per_epoch: int = resolved()     # today's protocol: as UniMatch's sampler deals them (epochs_to_iters)
+    loss_shares: int = resolved(1)        # the batch's shares whose loss means are averaged (per_share): today's 4
     ohem: dict = resolved()               # unimatch, Cityscapes: the labeled loss is OHEM (ohem_loss's keywords)
     eval_window: int = resolved()         # unimatch, Cityscapes: evaluation by sliding windows, the crop's side
     student_every_eval: bool = resolved(False)  # the student evaluated every time, not at the end only
+    reported_net: str = resolved("teacher")  # today's protocol: the network whose best evaluation is reported
     PER_DATASET: ClassVar[dict] = {}      # a method's values that differ by dataset: {dataset: {field: value}}
     PER_PROTOCOL: ClassVar[dict] = {}     # the same by protocol: {"unimatch": {field: value}}
 
@@ -222,9 +225,16 @@ def parse_args(args_class, argv=None):
         raise UserError(f"--batch-size {args.batch_size}: {args.arch}'s pooling branch trains BatchNorm on 1x1 maps, "
                         f"which needs at least 2 images per batch and process")
     args.device = str(resolve_device(args.device, world))
-    args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "off")
+    args.amp = args.amp or default_amp(args.protocol, args.device)
     args.pretrained = not (args.no_pretrained or args.benchmark)
     return args
+
+def default_amp(protocol, device):
+    """The numerics when --amp is not given: off on the CPU; on CUDA bf16 autocast, or under today's protocol
+    UniMatch's own, fp32 with PyTorch's default TF32 convolutions."""
+    if not device.startswith("cuda"):
+        return "off"
+    return "tf32" if protocol == "unimatch" else "bf16"
 
 def resolve(args_class, given):
     """The Args of the options `given`: the protocols' values under them, the limits checked, paths absolute."""
@@ -289,13 +299,14 @@ def setup_device(args):
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":  # --amp off: the paper's plain fp32, with TF32 off too
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.amp != "off"
+    if device.type == "cuda":  # off: the paper's plain fp32, TF32 off; tf32: PyTorch's defaults (convolutions)
+        torch.backends.cudnn.allow_tf32 = args.amp != "off"
+        torch.backends.cuda.matmul.allow_tf32 = args.amp in ("bf16", "fp16")
     seed_everything(args.seed, args.deterministic)
     return device
 
 def autocast(amp, device):
-    """--amp off | bf16 | fp16 as an autocast context for `device`."""
+    """--amp off | tf32 | bf16 | fp16 as an autocast context for `device` (off and tf32: none)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
@@ -375,7 +386,10 @@ def augment(image, label, rng, crop, aug):
     where padded), valid (h, w) uint8 (255 = image content, 0 = padding). Crops, rotations and scalings
     pull in pixels from outside the image: `valid` marks them, so that they carry no loss."""
     if aug.get("weak_view"):  # today's protocol: UniMatch's resize -> pad -> crop -> flip (section 10)
-        return weak_view(image, label, rng, crop[0])
+        img, lab, valid = weak_view(image, label, rng, crop[0])
+        # UniMatch pads with black before normalising: an alpha channel of 255 tells to_device that the
+        # padding is image content to the network (valid still keeps it out of the losses)
+        return torch.cat([img, torch.full_like(img[:1], 255)]), lab, valid
     img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     lab = torch.from_numpy(np.ascontiguousarray(label)) if label is not None else None
     valid = torch.full(img.shape[1:], 255, dtype=torch.uint8)
@@ -494,7 +508,8 @@ def normalise(images, device, valid=None):
 def to_device(batch, device):
     """A loader batch on the device: (images, valid) -> (x, v), (images, labels, valid) -> (x, y, v). x:
     normalised (B, 3, H, W), 0 where padded: where v is 0, or a 4th (alpha) channel of the images is (ISIC's
-    mirrored borders are no padding); y: long, 255 = ignore; v: (B, 1, H, W), the loss mask, 1 = in the image."""
+    mirrored borders are no padding; today's protocol's black padding enters the network as it is, as UniMatch's);
+    y: long, 255 = ignore; v: (B, 1, H, W), the loss mask, 1 = in the image."""
     *images_labels, valid = batch
     v = valid.to(device, non_blocking=True).float().div_(255).unsqueeze(1)
     images = images_labels[0]
@@ -587,13 +602,21 @@ def forward_each(net, *batches):
         return [net(b) for b in batches]
     return net(torch.cat(batches)).split([len(b) for b in batches])
 
-def supervised_loss(logits, labels, ohem=None):
-    """Cross-entropy in fp32, the mean over labeled pixels (255 = ignore); 0 (no gradient) for a batch without.
-    ohem (today's protocol, Cityscapes): ohem_loss's keywords, the hardest pixels only (section 10)."""
+def supervised_loss(logits, labels, ohem=None, shares=1):
+    """Cross-entropy in fp32, the mean over the labeled pixels (255 = ignore) of the global batch; 0 (no
+    gradient) for a batch without. shares (today's protocol: UniMatch's 4 GPUs): the mean of each share of the
+    batch, averaged (per_share, section 7). ohem (today's protocol, Cityscapes): ohem_loss's keywords, each
+    share's hardest pixels only (section 10). Returns this process's part of the loss under torchrun."""
     if ohem:
-        return ohem_loss(logits, labels, **ohem)
-    labeled = (labels != IGNORE).any()  # on the device, no sync; a mean over no pixel would be 0/0 = NaN
-    return F.cross_entropy(logits.float(), torch.where(labeled, labels, 0), ignore_index=IGNORE) * labeled
+        return per_share(ohem_mean, shares, logits, labels, *ohem_limits(logits, labels, shares, **ohem))
+    return per_share(cross_entropy_mean, shares, logits, labels)
+
+def cross_entropy_mean(logits, labels):
+    """(mean cross-entropy over the labeled pixels, their count); a mean over no pixel is 0, not 0/0 = NaN."""
+    labeled = labels != IGNORE
+    any_labeled = labeled.any()  # on the device, no sync
+    mean = F.cross_entropy(logits.float(), torch.where(any_labeled, labels, 0), ignore_index=IGNORE)
+    return mean * any_labeled, labeled.sum()
 
 # ---- 5. Metrics and evaluation --------------------------------------------------------------------
 def confusion_matrix(pred, target, num_classes):
@@ -679,7 +702,7 @@ class Run:
                             a.cache_dir, a.unlabeled_dir, self.unlabeled, a.protocol)
         a.crop_size = a.crop_size or default_crop(data.train.sizes)
         if a.epochs:  # today's protocol counts epochs
-            epochs_to_iters(a, len(data.unlabeled) if self.unlabeled else len(data.labeled), self.world)
+            epochs_to_iters(a, len(data.unlabeled) if self.unlabeled else len(data.labeled), a.loss_shares)
         check_batchnorm_values(a, self.world)
         self.log_every = max(1, min(100, a.eval_every // 5))
         return data
@@ -710,6 +733,14 @@ class Run:
             self.print(f"data: {len(data.train)} train ({len(data.labeled)} labeled), {unlabeled}, {len(data.val)} "
                        f"val, {data.num_classes} classes; labeled: {data.labeled.tolist()[:20]}"
                        f"{' ...' if len(data.labeled) > 20 else ''}")
+        a = self.args
+        if a.epochs:
+            self.print(f"epochs: {a.epochs} x {a.iters_per_epoch} iterations, as UniMatch's sampler deals the "
+                       f"images to {a.loss_shares} GPUs")
+        if a.protocol == "unimatch" and a.loss_shares != UNIMATCH_GPUS:
+            self.print(f"loss: --batch-size {a.batch_size} does not split among UniMatch's {UNIMATCH_GPUS} GPUs; "
+                       f"each loss is the mean of {a.loss_shares} shares of {a.batch_size // a.loss_shares} "
+                       f"images, as on {a.loss_shares} GPUs")
         CHECKPOINTED.update(iter=self.start_iter or None, batch=self.args.batch_size, crop=self.args.crop_size)
         if self.world > 1:
             for net in self.nets.values():  # one set of weights on every process, from process 0
@@ -830,23 +861,37 @@ class Run:
                        n_labeled=len(self.data.labeled), arch=self.args.arch, train_seconds=timer["wall"],
                        seconds_per_iter=self.timer.per_iteration(), resumed_from=self.start_iter,
                        **(dict(world_size=self.world) if self.world > 1 else {}))
+        final = results["miou"]  # the paper's: the teacher's last evaluation
+        if self.args.protocol == "unimatch" and self.main:  # UniMatch's: the best evaluation of its network
+            net = self.args.reported_net
+            key = "best_miou" if net == "teacher" else "best_student_miou"
+            results.update(reported=net, reported_miou=results[key], reported_iter=results[key + "_iter"])
+            final = results["reported_miou"]
         if self.main:
             atomic_write(self.out / "results.json", json.dumps(results, indent=2))
             student = f", student {results['student_miou']:.2f}" if "teacher" in self.nets else ""
             self.print(f"results in {self.out}: {self.reported} mIoU {results['miou']:.2f}{student}, "
                        f"{results['seconds_per_iter']:.3f} s/it")
+            if "reported" in results:
+                both = (f" (best teacher {results['best_miou']:.2f}, best student {results['best_student_miou']:.2f})"
+                        if "teacher" in self.nets else "")
+                self.print(f"reported, as UniMatch: the {results['reported']}'s best mIoU, {final:.2f} at iteration "
+                           f"{results['reported_iter']}{both}")
             self.log_file.close()
             self.metrics_file.close()
-            print(f"FINAL mIoU={results['miou']:.2f}", flush=True)
+            print(f"FINAL mIoU={final:.2f}", flush=True)
         leave_process_group()
         return results
 
 def load_model(run_dir, net="teacher", device="cpu"):
     """(network in eval mode on `device`, info) from a run folder's args.json and checkpoint.pt, as Run.save
-    wrote them. info: class_names, num_classes, mean and std (of normalisation), preprocess ("halve" for the paper's
-    half-size Cityscapes; "resize 248x248" for ISIC; None), eval_window (sliding windows' side, today's protocol's
-    Cityscapes; None: whole images), dataset, arch, iteration, lesion_scoring."""
+    wrote them, or from a checkpoint file (load_weights_file: UniMatch's released ones too). info: class_names,
+    num_classes, mean and std (of normalisation), preprocess ("halve" for the paper's half-size Cityscapes; "resize
+    248x248" for ISIC; None), eval_window (sliding windows' side, today's protocol's Cityscapes; None: whole
+    images), dataset, arch, iteration, lesion_scoring."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        return load_weights_file(run_dir, net, device)
     if not (run_dir / "args.json").is_file():
         raise UserError(f"{run_dir}: no run there (expected a run folder with args.json and checkpoint.pt)")
     if not (run_dir / "checkpoint.pt").is_file():
@@ -869,6 +914,52 @@ def load_model(run_dir, net="teacher", device="cpu"):
                               preprocess=None if saved.get("protocol") == "unimatch" else preprocess,
                               eval_window=saved.get("eval_window"), dataset=saved["dataset"], arch=saved["arch"],
                               iteration=state["iter"], lesion_scoring=saved.get("lesion_scoring", False))
+
+def load_weights_file(path, net="teacher", device="cpu"):
+    """(network in eval mode, info) of a checkpoint file without its run folder: UniMatch's ({'model': state dict
+    with DDP's 'module.' prefixes, 'optimizer', 'epoch', 'previous_best'}), a bare state dict with or without
+    the prefixes, or a kit run's checkpoint.pt (its `net`). The architecture and the class count are read from
+    the weights' names and shapes; a deep-stem DeepLab v3+ of 19 classes is applied as UniMatch evaluates
+    Cityscapes, by sliding windows of 801 (its crop)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or pickled objects beyond tensors
+        raise UserError(f"{path}: not a checkpoint that can be read ({type(e).__name__}: {e})")
+    if isinstance(state, dict) and isinstance(state.get(net), dict):  # a kit run's checkpoint.pt
+        state = state[net]
+    elif isinstance(state, dict) and isinstance(state.get("model"), dict):  # UniMatch's
+        state = state["model"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{path}: holds no network weights (expected a state dict, UniMatch's {{'model': ...}} "
+                        f"or a run's checkpoint.pt)")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    arch, num_classes = recognise_weights(state, path)
+    model = build_net(argparse.Namespace(arch=arch, aspp_all_branches=False, pretrained=False), num_classes,
+                      torch.device(device))
+    model.load_state_dict(state)
+    names = {19: CITYSCAPES_CLASSES, 21: PASCAL_CLASSES, 2: ["background", "lesion"]}.get(num_classes)
+    window = 801 if arch == "deeplabv3plus_deepstem" and num_classes == 19 else None
+    return model.eval(), dict(class_names=names or [f"class_{c}" for c in range(num_classes)],
+                              num_classes=num_classes, mean=IMAGENET_MEAN, std=IMAGENET_STD, preprocess=None,
+                              eval_window=window, dataset=None, arch=arch, iteration=None, lesion_scoring=False)
+
+def recognise_weights(state, path):
+    """(arch, class count) of a state dict: the network whose parameter names it holds, built on the meta
+    device (no memory, no time); the class count from the shapes that differ from a 2-class build."""
+    for arch in ARCHS:
+        with torch.device("meta"):
+            probe = build_net(argparse.Namespace(arch=arch, aspp_all_branches=False, pretrained=False), 2,
+                              torch.device("meta")).state_dict()
+        if probe.keys() == state.keys():
+            differ = {state[k].shape[0] for k in probe if state[k].shape != probe[k].shape}
+            if len(differ) == 1:
+                return arch, differ.pop()
+            if not differ:
+                return arch, 2
+            raise UserError(f"{path}: {arch} weights whose shapes fit no class count")
+    some = ", ".join(list(state)[:3])
+    raise UserError(f"{path}: weights of no network the kit builds ({len(state)} tensors: {some}, ...); the kit "
+                    f"builds {', '.join(ARCHS)}")
 
 # ---- 7. torchrun: several processes, one run (BatchNorm across processes: section 9, sync_batchnorm) ---
 def process_group():
@@ -893,6 +984,43 @@ def all_reduce_grads(net):
     torch.distributed.all_reduce(flat)
     flat /= world
     torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
+
+def share_rows(n_local, shares):
+    """[(share, rows)]: this process's n_local rows of the global batch, cut where one of its `shares` equal
+    shares ends (one process, one share: [(0, all rows)])."""
+    rank, world = process_group()
+    size = n_local * world // shares  # rows per share
+    first, last = rank * n_local, (rank + 1) * n_local
+    cuts = []
+    for share in range(first // size, -(-last // size)):
+        start, stop = max(share * size, first), min((share + 1) * size, last)
+        cuts.append((share, slice(start - first, stop - first)))
+    return cuts
+
+def per_share(loss, shares, *tensors):
+    """This process's part of the average over the global batch's `shares` shares of each share's mean loss.
+
+    loss(*rows) -> (mean, count): the mean over `count` pixels of some rows of `tensors`. UniMatch takes each
+    loss's mean on each of its 4 GPUs, over that GPU's images, and DDP averages the gradients; the paper's
+    protocol takes one mean over the whole batch (shares=1). Each process weighs its rows' means by their
+    share of the share's pixels, counted over all processes (one all-reduce of `shares` numbers), so that
+    all_reduce_grads' average over the processes is the same step on 1, 2, 4 or 8 of them. One process
+    and one share: the loss's own mean, to the bit."""
+    world = process_group()[1]
+    parts = [(share, *loss(*(t[rows] for t in tensors))) for share, rows in share_rows(len(tensors[0]), shares)]
+    counts = torch.zeros(shares, device=tensors[0].device)
+    for share, _, count in parts:
+        counts[share] += count
+    counts = all_reduce_sum(counts).clamp(min=1)  # a share without a counted pixel: its mean is 0
+    return sum(mean * (count / counts[share]) for share, mean, count in parts) * (world / shares)
+
+def global_mean(t):
+    """The mean of `t` over the global batch (every process holds as many elements): t.mean() in one process.
+    The batch statistics that a method's loss uses, as the paper's confidence share, are the whole batch's."""
+    world = process_group()[1]
+    if world == 1:
+        return t.mean()
+    return all_reduce_sum(t.detach().float().sum()[None])[0] / (t.numel() * world)
 
 def all_reduce_sum(t):
     """Sum a tensor over the processes (in place) and return it."""
@@ -1170,21 +1298,22 @@ def build_net(args, num_classes, device):
     return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
 
 # ---- 10. Today's protocol (--protocol unimatch): UniMatch's, for modern tables (README) -----------------
-# Today's protocol (--protocol unimatch): UniMatch's (LiheYoung/UniMatch at 0324f3d), on which every semi-supervised
-# segmentation paper since 2021 reports. DeepLab v3+ on a deep-stem ResNet-101 (output stride 16, BatchNorm trained),
+# Today's protocol (--protocol unimatch): UniMatch's (LiheYoung/UniMatch at 0324f3d), whose split lists and settings
+# many later papers reuse. DeepLab v3+ on a deep-stem ResNet-101 (output stride 16, BatchNorm trained),
 # SGD (momentum 0.9, weight decay 1e-4 on every parameter) with the poly rate set after each step, 8 labeled + 8
 # unlabeled crops per iteration, UniMatch's weak view (long side 0.5-2x, crop, flip), epochs of the unlabeled images,
 # an evaluation every epoch. lr: the head's, UniMatch's base rate x its lr_multi (Pascal 0.001 x 10, Cityscapes
 # 0.005 x 1); the backbone runs at the base rate. The method itself (EMA teacher, masks, weights) stays the paper's.
 UNIMATCH = {
     "cityscapes": dict(n_labeled=186, crop_size=(801, 801), epochs=240, lr=0.005, backbone_lr_mult=1.0,
-                       ohem=dict(thresh=0.7, min_kept=200_000, per_images=2), eval_window=801),
+                       ohem=dict(thresh=0.7, min_kept=200_000), eval_window=801),
     "pascal_aug": dict(n_labeled=92, crop_size=(321, 321), epochs=80, lr=0.01, backbone_lr_mult=0.1),
 }
 
 UNIMATCH_ALL = dict(arch="deeplabv3plus_deepstem", batch_size=8, iters=None, eval_every=None, optimizer="sgd",
                     momentum=0.9, nesterov=False, weight_decay=1e-4, lr_schedule="poly_after", poly_power=0.9,
                     freeze_bn=False, aug=dict(weak_view=True), student_every_eval=True)
+UNIMATCH_GPUS = 4  # UniMatch's runs: its losses are means per GPU, its epochs dealt to 4 GPUs
 
 UNIMATCH_SPLITS = Path(__file__).resolve().parent / "cutmixseg" / "splits" / "unimatch"
 
@@ -1196,6 +1325,8 @@ def resolve_unimatch(args, count_given):
                         "today's protocol crops squares, as UniMatch")
     if args.eval_window:  # UniMatch's evaluation windows are its training crops
         args.eval_window = args.crop_size[0]
+    # the run computes what UniMatch's 4 GPUs compute; a batch that does not split 4 ways: as many GPUs as it splits
+    args.loss_shares = max(n for n in range(1, UNIMATCH_GPUS + 1) if args.batch_size % n == 0)
     if args.split_file or args.n_labeled == -1:  # -1: every training image labeled
         if args.split_file and not count_given:
             args.n_labeled = len(prepare.read_lines(args.split_file))
@@ -1215,12 +1346,13 @@ def unimatch_list_name(args):
         return None
     return listed.parent.name if listed.name == "labeled.txt" else listed.stem
 
-def epochs_to_iters(args, n_images, world):
+def epochs_to_iters(args, n_images, gpus):
     """--iters and --eval-every where a protocol counts epochs (today's): an epoch is one pass over the unlabeled
     images (the labeled ones repeated alongside; the supervised baseline: over the labeled images), dealt as
-    UniMatch's DistributedSampler deals them: ceil(n / processes) images per process, in full batches only. One
-    process, batch 8, Cityscapes 186: 2789 unlabeled -> 348 per epoch; 4 processes x 2: 349."""
-    args.iters_per_epoch = per_epoch = max(1, -(-n_images // world) // (args.batch_size // world))
+    UniMatch's DistributedSampler deals them to its `gpus` GPUs (args.loss_shares, whatever the kit's process
+    count): ceil(n / gpus) images per GPU, in full batches only. Batch 8, Cityscapes 186: 2789 unlabeled -> 349
+    per epoch on 4 GPUs x 2 (348 on one GPU); the baseline on Pascal 366, batch 16: 23 (22 on one GPU)."""
+    args.iters_per_epoch = per_epoch = max(1, -(-n_images // gpus) // (args.batch_size // gpus))
     args.iters, args.eval_every = args.iters or args.epochs * per_epoch, args.eval_every or per_epoch
 
 def _long_side_size(size, long_side):
@@ -1277,26 +1409,55 @@ def ohem_loss(logits, labels, thresh=0.7, min_kept=200_000, per_images=None):
 
     logits (B, K, H, W), labels (B, H, W) with 255 = ignore. Hard: the true class's probability is <= the
     threshold, `thresh` or, when higher, the min_kept-th smallest of those probabilities, so that at least
-    min_kept pixels count; with fewer than min_kept labeled pixels all count. UniMatch applies it on each
-    GPU to that GPU's 2 images (4 GPUs x 2); per_images=2 keeps that meaning on fewer, larger processes:
-    the rule per chunk of 2 images, the chunks' losses averaged, as DDP averages the 4 GPUs' gradients.
+    min_kept pixels count; with fewer than min_kept labeled pixels all count. UniMatch applies it on each GPU
+    to that GPU's images; per_images=n: the rule per chunk of n images, the chunks' losses averaged, as DDP
+    averages the GPUs' gradients (a run: supervised_loss, per UniMatch GPU share on any number of processes).
     per_images=None: the whole batch is one chunk. 0 (no gradient) for a chunk without a labeled pixel."""
-    if per_images is not None and len(logits) > per_images:
-        chunks = zip(logits.split(per_images), labels.split(per_images))
-        return torch.stack([ohem_loss(lo, la, thresh, min_kept) for lo, la in chunks]).mean()
-    logits = logits.float()
-    valid = labels != IGNORE  # (B, H, W)
-    target = torch.where(valid, labels, 0)
-    p_true = logits.softmax(1).gather(1, target[:, None])[:, 0]  # (B, H, W) probability of the true class
-    k = min(min_kept, p_true.numel())
-    if k > 0:  # ignored pixels count as probability 1, as the original: with fewer than k labeled pixels the
-        # k-th smallest is such a 1 (or the largest probability), and every labeled pixel is kept
-        kth = p_true.masked_fill(~valid, 1).flatten().kthvalue(k).values
-        valid &= p_true <= kth.clamp(min=thresh)  # le() and the k-th smallest, as the original; ties all kept
-    else:
-        valid &= p_true <= thresh
-    loss = F.cross_entropy(logits, target, reduction="none")  # (B, H, W)
-    return torch.where(valid, loss, 0).sum() / valid.sum().clamp(min=1)  # no kept pixel: 0, not 0/0
+    size = per_images or len(logits)
+    means = []
+    for chunk_logits, chunk_labels in zip(logits.split(size), labels.split(size)):
+        p_true = true_class_probability(chunk_logits, chunk_labels)
+        limit = ohem_limit(p_true, len(p_true), thresh, min_kept)
+        means.append(ohem_mean(chunk_logits, chunk_labels, p_true, limit)[0])
+    return torch.stack(means).mean()
+
+def true_class_probability(logits, labels):
+    """(B, H, W) softmax probability of each pixel's true class, 1 where ignored (255), without gradient."""
+    with torch.no_grad():
+        valid = labels != IGNORE
+        p_true = logits.float().softmax(1).gather(1, torch.where(valid, labels, 0)[:, None])[:, 0]
+        return p_true.masked_fill(~valid, 1)
+
+def ohem_limit(p_true, size, thresh, min_kept):
+    """(B,) each row's probability limit: its group of `size` rows counts its pixels whose true class's probability
+    is <= max(thresh, the min_kept-th smallest probability of the group). Ignored pixels count as probability 1,
+    as the original: with fewer than min_kept labeled pixels the k-th smallest is such a 1 (or the largest
+    probability), and every labeled pixel is kept."""
+    groups = p_true.reshape(len(p_true) // size, -1)  # (groups, size·H·W)
+    k = min(min_kept, groups.shape[1])
+    limit = groups.kthvalue(k, dim=1).values.clamp(min=thresh) if k > 0 else groups.new_full((len(groups),), thresh)
+    return limit.repeat_interleave(size)
+
+def ohem_limits(logits, labels, shares, thresh=0.7, min_kept=200_000):
+    """(p_true, limits) of this process's rows, each limit its share's (ohem_limit). A share that spans processes
+    (more processes than shares) needs the whole share's probabilities: then every process gathers all of them."""
+    p_true = true_class_probability(logits, labels)
+    rank, world = process_group()
+    size = len(p_true) * world // shares  # rows per share
+    if len(p_true) % size == 0:  # this process holds whole shares
+        return p_true, ohem_limit(p_true, size, thresh, min_kept)
+    gathered = [torch.empty_like(p_true) for _ in range(world)]
+    torch.distributed.all_gather(gathered, p_true)
+    rows = slice(rank * len(p_true), (rank + 1) * len(p_true))
+    return p_true, ohem_limit(torch.cat(gathered), size, thresh, min_kept)[rows]
+
+def ohem_mean(logits, labels, p_true, limit):
+    """(the mean cross-entropy over the hard labeled pixels of these rows, their count): a row's hard pixels are
+    those whose true class's probability is <= its limit (le(), as the original: ties all kept)."""
+    kept = (labels != IGNORE) & (p_true <= limit[:, None, None])  # (B, H, W)
+    loss = F.cross_entropy(logits.float(), torch.where(labels != IGNORE, labels, 0), reduction="none")
+    count = kept.sum()
+    return torch.where(kept, loss, 0).sum() / count.clamp(min=1), count  # no kept pixel: 0, not 0/0
 
 def sliding_window(net, images, window):
     """The summed softmax (B, K, H, W) over square windows, UniMatch's Cityscapes evaluation; argmax it.
@@ -1383,7 +1544,7 @@ class Benchmark(Run):
         train = Split(*train)
         labeled = choose_labeled(train.names, a.n_labeled, a.split_seed)  # a random subset of the list's size
         if a.epochs:
-            epochs_to_iters(a, len(train) - len(labeled) if self.unlabeled else len(labeled), self.world)
+            epochs_to_iters(a, len(train) - len(labeled) if self.unlabeled else len(labeled), a.loss_shares)
         return Data(train, Split(*val), num_classes, [f"class_{c}" for c in range(num_classes)], labeled, train)
 
     def start(self, data, device, student, teacher, optimizer, scaler, generator=None):
@@ -1444,7 +1605,7 @@ class Benchmark(Run):
         n = min(len(val), a.batch_size * (4 if self.device.type == "cuda" else 1) * self.world)
         subset = val_loader(Split(val.names[:n], val.load, val.sizes[:n]), a.batch_size, a.num_workers)
         score = lambda: evaluate(self.nets[self.reported], subset, self.device, self.data.num_classes,  # noqa: E731
-                                 a.amp, a.lesion_scoring)
+                                 a.amp, a.lesion_scoring, a.eval_window)
         if self.device.type == "cuda":
             score()  # cudnn autotuning for the new shapes
         timer.sync()

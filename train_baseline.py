@@ -21,8 +21,8 @@ import common
 class Args(common.TrainArgs):
     # the original ran its ISIC baselines with its std-aug program, whose SGD has Nesterov momentum on
     nesterov: bool = common.resolved(True)
-    # today's protocol: UniMatch's supervised.py, 16 labeled crops per iteration
-    PER_PROTOCOL = {"unimatch": dict(batch_size=16)}
+    # today's protocol: UniMatch's supervised.py, 16 labeled crops per iteration, its one network reported
+    PER_PROTOCOL = {"unimatch": dict(batch_size=16, reported_net="student")}
 
 
 def main(args):
@@ -47,7 +47,7 @@ def main(args):
         # 4. the student predicts the labeled batch
         with common.autocast(args.amp, device):
             logits_l = student(x_l)
-        loss = loss_sup = common.supervised_loss(logits_l, y_l, args.ohem)
+        loss = loss_sup = common.supervised_loss(logits_l, y_l, args.ohem, args.loss_shares)
 
         # 6. step: one backward pass, gradients averaged over torchrun processes, the teacher follows by EMA
         scaler.scale(loss).backward()

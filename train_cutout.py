@@ -76,7 +76,8 @@ def consistency_loss(p_student, p_teacher, loss_mask, conf_thresh):
     count in the denominator), scaled by the share of confident teacher pixels in the whole batch,
     blanked pixels included: that share grows during training and stands in for a sigmoid ramp-up.
     """
-    conf_weight = (p_teacher.amax(1, keepdim=True) >= conf_thresh).float().mean()
+    confident = (p_teacher.amax(1, keepdim=True) >= conf_thresh).float()  # (B, 1, H, W)
+    conf_weight = common.global_mean(confident)  # the whole batch's, under torchrun too
     sq_err = (p_student - p_teacher).pow(2).sum(1, keepdim=True)  # (B, 1, H, W)
     return (sq_err * loss_mask * conf_weight).mean(), conf_weight
 
@@ -116,7 +117,7 @@ def main(args):
         #    mean colour
         with common.autocast(args.amp, device):
             logits_l, logits_cut = common.forward_each(student, x_l, x_u * cut_mask)
-        loss_sup = common.supervised_loss(logits_l, y_l, args.ohem)
+        loss_sup = common.supervised_loss(logits_l, y_l, args.ohem, args.loss_shares)
         # 5. confidence-modulated consistency loss, only where the student sees real image content
         loss_cons, conf_weight = consistency_loss(logits_cut.float().softmax(1), p_teacher, cut_mask * v_u,
                                                   args.conf_thresh)

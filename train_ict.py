@@ -58,7 +58,8 @@ def consistency_loss(p_student, p_teacher, conf_teacher, loss_mask, conf_thresh)
     denominator), scaled by the share of confident pixels in the whole batch: that share grows during
     training and stands in for a sigmoid ramp-up.
     """
-    conf_weight = (conf_teacher >= conf_thresh).float().mean()
+    confident = (conf_teacher >= conf_thresh).float()  # (B, 1, H, W)
+    conf_weight = common.global_mean(confident)  # the whole batch's, under torchrun too
     sq_err = (p_student - p_teacher).pow(2).sum(1, keepdim=True)  # (B, 1, H, W)
     return (sq_err * loss_mask * conf_weight).mean(), conf_weight
 
@@ -104,7 +105,7 @@ def main(args):
         x_mix, loss_mask = ict_mix(x_0, x_1, lam), ict_mix(v_0, v_1, lam)
         with common.autocast(args.amp, device):
             logits_l, logits_mix = common.forward_each(student, x_l, x_mix)
-        loss_sup = common.supervised_loss(logits_l, y_l, args.ohem)
+        loss_sup = common.supervised_loss(logits_l, y_l, args.ohem, args.loss_shares)
         # 5. confidence-modulated consistency loss, added to the supervised one
         loss_cons, conf_weight = consistency_loss(logits_mix.float().softmax(1), p_teacher, conf_teacher,
                                                   loss_mask, args.conf_thresh)

@@ -184,7 +184,8 @@ def consistency_loss(p_student, p_teacher, loss_mask, conf_thresh):
     count in the denominator), scaled by the share of confident warped teacher pixels in the whole
     batch: that share grows during training and stands in for a sigmoid ramp-up.
     """
-    conf_weight = (p_teacher.amax(1, keepdim=True) >= conf_thresh).float().mean()
+    confident = (p_teacher.amax(1, keepdim=True) >= conf_thresh).float()  # (B, 1, H, W)
+    conf_weight = common.global_mean(confident)  # the whole batch's, under torchrun too
     sq_err = (p_student - p_teacher).pow(2).sum(1, keepdim=True)  # (B, 1, H, W)
     return (sq_err * loss_mask * conf_weight).mean(), conf_weight
 
@@ -226,7 +227,7 @@ def main(args):
         # 4. the student predicts the labeled batch and its own views
         with common.autocast(args.amp, device):
             logits_l, logits_s = common.forward_each(student, x_l, x_s)
-        loss_sup = common.supervised_loss(logits_l, y_l, args.ohem)
+        loss_sup = common.supervised_loss(logits_l, y_l, args.ohem, args.loss_shares)
         # 5. confidence-modulated consistency loss, added to the supervised one
         loss_cons, conf_weight = consistency_loss(logits_s.float().softmax(1), p_teacher, loss_mask, args.conf_thresh)
         loss = loss_sup + args.cons_weight * loss_cons

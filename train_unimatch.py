@@ -34,6 +34,9 @@ from common import arg
 class Args(common.TrainArgs):
     cons_weight: float = arg(1.0, "λ, weight of the unlabeled loss (1 in UniMatch's code)")
     conf_thresh: float = arg(0.95, "τ, weak-view confidence from which a pseudo-label counts (Cityscapes: 0)")
+
+    # --- no options ---
+    reported_net: str = common.resolved("student")  # the one network (today's protocol: its best evaluation)
     # UniMatch's configs: 0.95 on Pascal (and here every other dataset), 0 on Cityscapes
     PER_DATASET: ClassVar[dict] = {"cityscapes": dict(conf_thresh=0.0)}
 

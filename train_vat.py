@@ -101,7 +101,8 @@ def consistency_loss(logits_student, p_teacher, loss_mask, conf_thresh):
     scaled by the share of confident teacher pixels in the whole batch: that share grows during
     training and stands in for a sigmoid ramp-up.
     """
-    conf_weight = (p_teacher.amax(1, keepdim=True) >= conf_thresh).float().mean()
+    confident = (p_teacher.amax(1, keepdim=True) >= conf_thresh).float()  # (B, 1, H, W)
+    conf_weight = common.global_mean(confident)  # the whole batch's, under torchrun too
     kl = F.kl_div(F.log_softmax(logits_student, 1), p_teacher, reduction="none").sum(1, keepdim=True)  # (B, 1, H, W)
     return (kl * loss_mask * conf_weight).mean(), conf_weight
 
@@ -143,7 +144,7 @@ def main(args):
         # 4. the student predicts the labeled batch and the perturbed images
         with common.autocast(args.amp, device):
             logits_l, logits_adv = common.forward_each(student, x_l, x_u + r_adv)
-        loss_sup = common.supervised_loss(logits_l, y_l, args.ohem)
+        loss_sup = common.supervised_loss(logits_l, y_l, args.ohem, args.loss_shares)
         # 5. confidence-modulated KL consistency loss, added to the supervised one
         loss_cons, conf_weight = consistency_loss(logits_adv.float(), p_teacher, v_u, args.conf_thresh)
         loss = loss_sup + args.cons_weight * loss_cons

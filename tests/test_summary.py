@@ -77,13 +77,17 @@ def test_summary_puts_todays_protocol_apart_scored_by_the_best_evaluation(tmp_pa
         fake_run(runs / name, "pascal_aug", arch, method, n, 40.0, protocol="unimatch", split_file=split_file,
                  crop_size=crop)
         results = json.loads((runs / name / "results.json").read_text())
-        (runs / name / "results.json").write_text(json.dumps(dict(results, best_miou=n / 10)))
+        student = dict(best_student_miou=4.0) if method == "baseline" else {}
+        (runs / name / "results.json").write_text(json.dumps(dict(results, best_miou=n / 10, **student)))
     fake_run(runs / "paper", "pascal_aug", "deeplabv2", "baseline", 92, 30.0)
     out = tool("summary", runs, cwd=tmp_path, capture=capsys).stdout
-    assert f"pascal_aug, {arch}, today's protocol: best mIoU (%), ours mean ± std [runs] / UniMatch's table" in out
-    assert "| baseline | 9.20 [1] / 45.1 | — [0] / — |" in out  # columns 92 and 662
-    assert "| cutmix | — [0] / — | 66.20 [1] / — |" in out  # UniMatch's blended list
-    assert "| cutmix, crop 513x513, list u2pl_1_16 | — [0] / — | 66.20 [1] / — |" in out  # U2PL's, apart
+    assert (f"pascal_aug, {arch}, today's protocol: best mIoU of the network named (%), ours mean ± std [runs] / "
+            f"UniMatch's table") in out
+    # each network's best on a row of its own; UniMatch's published number beside the network it scores
+    assert "| baseline, student | 4.00 [1] / 45.1 | — [0] / — |" in out  # columns 92 and 662
+    assert "| baseline, teacher | 9.20 [1] / — | — [0] / — |" in out
+    assert "| cutmix, teacher | — [0] / — | 66.20 [1] / — |" in out  # UniMatch's blended list
+    assert "| cutmix, crop 513x513, list u2pl_1_16, teacher | — [0] / — | 66.20 [1] / — |" in out  # U2PL's, apart
     assert "pascal_aug, deeplabv2: mIoU (%), ours mean ± std [runs] / paper" in out and "| baseline | 30.00 [1]" in out
 
 

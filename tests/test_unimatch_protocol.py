@@ -59,7 +59,8 @@ def test_settings_of_the_protocol():
         "deeplabv3plus_deepstem", (801, 801), 8, 240, 0.005, 1.0)
     assert (city.optimizer, city.momentum, city.weight_decay, city.nesterov, city.freeze_bn) == ("sgd", 0.9, 1e-4,
                                                                                                False, False)
-    assert city.ohem == dict(thresh=0.7, min_kept=200_000, per_images=2) and city.eval_window == 801
+    assert city.ohem == dict(thresh=0.7, min_kept=200_000) and city.eval_window == 801
+    assert city.loss_shares == 4  # every loss a mean per UniMatch GPU, averaged
     assert city.iters is None and city.n_labeled == 186  # iterations follow the data: epochs_to_iters
     assert unimatch_args("--dataset", "cityscapes", "--crop-size", 769).eval_window == 769  # windows = crops
     voc = unimatch_args("--dataset", "pascal_aug", "--no-pretrained")
@@ -71,14 +72,16 @@ def test_settings_of_the_protocol():
 
 
 def test_iterations_per_epoch_as_unimatchs_distributed_sampler():
-    def count(n_images, world, batch_size=8, epochs=240):
+    def count(n_images, gpus, batch_size=8, epochs=240):
         a = SimpleNamespace(batch_size=batch_size, epochs=epochs, iters=None, eval_every=None)
-        common.epochs_to_iters(a, n_images, world)
+        common.epochs_to_iters(a, n_images, gpus)
         return a.iters_per_epoch, a.iters, a.eval_every
-    assert count(2975 - 186, 1) == (348, 83_520, 348)  # one process, batch 8
-    assert count(2975 - 186, 4) == (349, 83_760, 349)  # 4 processes x 2: ceil(2789 / 4) = 698 each
-    assert count(10582 - 92, 1, epochs=80) == (1311, 104_880, 1311)
-    assert count(186, 1, batch_size=16) == (11, 2640, 11)  # the supervised baseline: passes over the labeled
+    assert count(2975 - 186, 1) == (348, 83_520, 348)  # one GPU, batch 8
+    assert count(2975 - 186, 4) == (349, 83_760, 349)  # 4 GPUs x 2: ceil(2789 / 4) = 698 each
+    assert count(10582 - 92, 4, epochs=80) == (1311, 104_880, 1311)  # ceil(10490 / 4) = 2623: 1311 batches of 2
+    assert count(186, 4, batch_size=16) == (11, 2640, 11)  # the supervised baseline: passes over the labeled
+    assert count(366, 4, batch_size=16, epochs=80) == (23, 1840, 23)  # one GPU would deal 22 (1,760)
+    assert count(366, 1, batch_size=16, epochs=80) == (22, 1760, 22)
     given = SimpleNamespace(batch_size=8, epochs=240, iters=100, eval_every=7)
     common.epochs_to_iters(given, 2789, 1)
     assert (given.iters, given.eval_every) == (100, 7)  # --iters and --eval-every win
@@ -147,9 +150,10 @@ def test_weak_view_pads_labels_with_ignore_and_marks_padding_invalid():
     image, label = rng.integers(0, 256, (10, 20, 3), dtype=np.uint8), np.ones((10, 20), np.uint8)
     for _ in range(20):
         img, lab, valid = common.augment(image, label, rng, (41, 41), dict(weak_view=True))
-        assert img.shape == (3, 41, 41) and lab.shape == valid.shape == (41, 41)
+        assert img.shape == (4, 41, 41) and lab.shape == valid.shape == (41, 41)
         assert torch.equal(lab == 255, valid == 0)  # padding: ignored if labeled, no loss if not
-        assert (img[:, valid == 0] == 0).all()
+        assert (img[:3, valid == 0] == 0).all()  # black
+        assert (img[3] == 255).all()  # and image content to the network (to_device), as UniMatch's
         unlabeled = common.augment(image, None, np.random.default_rng(1), (41, 41), dict(weak_view=True))
         assert unlabeled[1] is None and unlabeled[2].shape == (41, 41)
 

@@ -3,6 +3,7 @@
 
   predict RUN_DIR INPUT... --out OUT_DIR [--masks MASK_DIR] [--net teacher|student] [--device D] [--amp A]
           [--tile H,W] [--overlay] [--batch-size N]                                    (predict.py)
+  evaluate SOURCE [--net teacher|student] [--json FILE] [TRAINING OPTIONS]      (evaluate.py)
   seeds SCRIPT [--seeds S ...] [--runs RUNS] [--dry-run] -- SCRIPT_OPTIONS            (paper.py)
   summary [RUNS_DIR]                                                                  (paper.py)
   costs [--datasets D ...] [--methods M ...] [--iters N] [--nproc K] [-- OPTIONS]     (costs.py)

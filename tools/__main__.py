@@ -2,10 +2,10 @@
 import sys
 
 import common
-from tools import costs, paper, predict, sbd
+from tools import costs, evaluate, paper, predict, sbd
 
-COMMANDS = {"predict": predict.main, "seeds": paper.main, "summary": paper.main, "costs": costs.main,
-            "sbd-to-aug": sbd.main}
+COMMANDS = {"predict": predict.main, "evaluate": evaluate.main, "seeds": paper.main, "summary": paper.main,
+            "costs": costs.main, "sbd-to-aug": sbd.main}
 
 if __name__ == "__main__":
     sys.excepthook = common.excepthook  # bad input: one line, no traceback

@@ -42,9 +42,10 @@ PAPER_RESULTS = {
 }
 # Today's protocol (--protocol unimatch): UniMatch's table, supervised R101 rows (its best epoch), the only published
 # numbers under exactly this protocol; CutMix-Seg's modern rows used U2PL's (README "Under today's protocol").
+# The network each published number scores: UniMatch's supervised baseline trains one model, the kit's student.
 UNIMATCH_PUBLISHED = {
-    ("pascal_aug", "baseline"): {92: 45.1, 183: 55.3, 366: 64.8, 732: 69.7, 1464: 73.5},
-    ("cityscapes", "baseline"): {186: 66.3, 372: 72.8, 744: 75.0, 1488: 78.0},
+    ("pascal_aug", "baseline, student"): {92: 45.1, 183: 55.3, 366: 64.8, 732: 69.7, 1464: 73.5},
+    ("cityscapes", "baseline, student"): {186: 66.3, 372: 72.8, 744: 75.0, 1488: 78.0},
 }
 TODAY = "today's protocol"  # the tables' arch column for such runs: "<arch>, today's protocol"
 METHOD_ORDER = ["baseline", "stdaug", "vat", "ict", "cutout", "cutmix", "fixmatch", "unimatch"]
@@ -76,10 +77,17 @@ def collect_results(paths):
             args = json.loads(file.read_text()) if file.is_file() else {}
             file = path
             today = args.get("protocol") == "unimatch"
-            score = results["best_miou" if today else "lesion_iou" if results["dataset"] == "isic2017" else "miou"]
+            label = run_label(results, args)
+            if today:  # each network's best evaluation, on a row of its own: "cutmix, teacher", "cutmix, student"
+                scores = {f"{label}, {net}": results.get(key) for net, key in (("teacher", "best_miou"),
+                                                                                ("student", "best_student_miou"))}
+            else:
+                scores = {label: results["lesion_iou" if results["dataset"] == "isic2017" else "miou"]}
             arch = f"{results['arch']}, {TODAY}" if today else results["arch"]
-            key = (results["dataset"], arch, run_label(results, args), int(results["n_labeled"]))
-            cells.setdefault(key, []).append(float(score))
+            for row, score in scores.items():
+                if score is not None:
+                    key = (results["dataset"], arch, row, int(results["n_labeled"]))
+                    cells.setdefault(key, []).append(float(score))
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
             problem = str(e) if not isinstance(e, RecursionError) else "nested too deeply"
             print(f"skipped {path.parent}: {file.name} cannot be read ({type(e).__name__}: {problem})", file=sys.stderr)
@@ -104,7 +112,7 @@ def summary(cells):
         keys = [key for key in cells if key[:2] == (dataset, arch)]
         order = lambda m: (METHOD_ORDER.index(m.split(",")[0]) if m.split(",")[0] in METHOD_ORDER else 99, m)
         labels, counts = sorted({k[2] for k in keys}, key=order), sorted({k[3] for k in keys})
-        metric = "best mIoU" if arch.endswith(TODAY) else "lesion IoU" if dataset == "isic2017" else "mIoU"
+        metric = "best mIoU of the network named" if arch.endswith(TODAY) else "lesion IoU" if dataset == "isic2017" else "mIoU"
         published = "UniMatch's table" if arch.endswith(TODAY) else "paper"
         lines += [f"{dataset}, {arch}: {metric} (%), ours mean ± std [runs] / {published}", "",
                   "| method | " + " | ".join(map(str, counts)) + " |", "|---" * (len(counts) + 1) + "|"]
