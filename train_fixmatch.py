@@ -1,5 +1,5 @@
 """FixMatch for segmentation: self-training on weak-view pseudo-labels, as UniMatch's fixmatch.py (FixMatch: Sohn
-et al., NeurIPS 2020; its segmentation form and this code's: Yang et al., CVPR 2023, Sec. 3.1).
+et al., NeurIPS 2020; its segmentation form and this code: UniMatch, Yang et al., CVPR 2023).
 
     L = ( CE(f_θ(x_l), y_l) + λ · L_s ) / 2
     L_s = Σ_pixels 1[c ≥ τ] · CE(f_θ(A_s(x)), ŷ) / #(pixels that are not padding)
@@ -11,10 +11,11 @@ et al., NeurIPS 2020; its segmentation form and this code's: Yang et al., CVPR 2
     no teacher, the trained model is evaluated and reported (results.json "network": "student").
 
     The mix partners: today's protocol (--protocol unimatch), UniMatch's second pass over its one unlabeled loader,
-    the same images in the same order under independent augmentation draws; the paper's, an independent shuffle, as
-    CutMix's second stream.
+    the same images in the same order under independent augmentation draws (so a box holds another crop of the same
+    image); the paper's, an independent shuffle, as CutMix's second stream.
 
-Run:   python train_fixmatch.py --protocol unimatch --dataset pascal_aug --n-labeled 92 --backbone-weights resnet101.pth
+Run:   python train_fixmatch.py --protocol unimatch --dataset pascal_aug --data-root VOC --n-labeled 92 \
+           --backbone-weights pretrained/resnet101.pth
 Diff:  train_baseline.py's loop without its teacher, plus the blocks marked `# --- FixMatch ---`; train_unimatch.py
        adds to this file its blocks marked `# --- UniMatch ---` (diff train_fixmatch.py train_unimatch.py)
 """

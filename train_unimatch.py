@@ -1,5 +1,5 @@
-"""UniMatch: FixMatch with two strong views and a feature-perturbed view, as UniMatch's unimatch.py (Yang et al.,
-CVPR 2023, Sec. 3.2-3.3, Eq. 6; FixMatch: Sohn et al., NeurIPS 2020).
+"""UniMatch: FixMatch with two strong views and a feature-perturbed view, as UniMatch's unimatch.py (UniMatch: Yang
+et al., CVPR 2023; FixMatch: Sohn et al., NeurIPS 2020).
 
     L = ( CE(f_θ(x_l), y_l) + λ · (0.25 · L_s1 + 0.25 · L_s2 + 0.5 · L_fp) ) / 2
     L_s = Σ_pixels 1[c ≥ τ] · CE(f_θ(A_s(x)), ŷ) / #(pixels that are not padding), for each strong view s1, s2
@@ -14,10 +14,11 @@ CVPR 2023, Sec. 3.2-3.3, Eq. 6; FixMatch: Sohn et al., NeurIPS 2020).
     evaluated and reported (results.json "network": "student").
 
     The mix partners: today's protocol (--protocol unimatch), UniMatch's second pass over its one unlabeled loader,
-    the same images in the same order under independent augmentation draws; the paper's, an independent shuffle, as
-    CutMix's second stream.
+    the same images in the same order under independent augmentation draws (so a box holds another crop of the same
+    image); the paper's, an independent shuffle, as CutMix's second stream.
 
-Run:   python train_unimatch.py --protocol unimatch --dataset pascal_aug --n-labeled 92 --backbone-weights resnet101.pth
+Run:   python train_unimatch.py --protocol unimatch --dataset pascal_aug --data-root VOC --n-labeled 92 \
+           --backbone-weights pretrained/resnet101.pth
 Diff:  train_fixmatch.py plus the blocks marked `# --- UniMatch ---` (diff train_fixmatch.py train_unimatch.py)
 """
 from dataclasses import dataclass
