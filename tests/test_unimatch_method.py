@@ -2,6 +2,7 @@
 hand re-implementation of UniMatch's forward; one step on tiny data under both protocols; an exact resume; a crop
 too small for the perturbed features; the diff from train_fixmatch.py."""
 import difflib
+import json
 
 import pytest
 import torch
@@ -122,3 +123,19 @@ def test_the_diff_from_fixmatch_is_unimatchs_additions():
              if line.startswith("+") and not line.startswith("+++")]
     assert sum("--- UniMatch ---" in line for line in added) >= 5
     assert len(added) < 40  # the additions fit on a screen
+
+
+def test_summary_puts_a_run_without_teacher_beside_unimatchs_published_row(tmp_path):
+    """Under today's protocol a FixMatch or UniMatch run scores its one network: a student row, no teacher row;
+    UniMatch's README numbers stand beside its own method's row."""
+    from tools import paper
+    folder = tmp_path / "run"
+    folder.mkdir()
+    results = dict(miou=70.0, best_miou=71.0, best_student_miou=71.0, network="student", dataset="pascal_aug",
+                   arch="deeplabv3plus_deepstem", method="unimatch", n_labeled=92)
+    (folder / "results.json").write_text(json.dumps(results))
+    (folder / "args.json").write_text(json.dumps(dict(protocol="unimatch", dataset="pascal_aug", crop_size=[321, 321])))
+    arch = f"deeplabv3plus_deepstem, {paper.TODAY}"
+    assert paper.collect_results([folder / "results.json"]) == {("pascal_aug", arch, "unimatch, student", 92): [71.0]}
+    assert paper.paper_value("pascal_aug", arch, "unimatch, student", 92) == "75.2"
+    assert paper.paper_value("cityscapes", arch, "unimatch, student", 186) == "76.6"
