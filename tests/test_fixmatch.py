@@ -203,7 +203,8 @@ def record_unlabeled_losses(monkeypatch):
     pseudo_label_share's loss: logits, pseudo-labels, confidences and ignore masks)."""
     items, calls = [], []
     get, per_share = common.StrongViewSet.__getitem__, common.per_share
-    monkeypatch.setattr(common.StrongViewSet, "__getitem__", lambda self, key: items.append(get(self, key)) or items[-1])
+    monkeypatch.setattr(common.StrongViewSet, "__getitem__",
+                        lambda self, key: items.append(get(self, key)) or items[-1])
 
     def recording(loss_fn, shares, *tensors):
         if loss_fn.__qualname__.startswith("pseudo_label_share"):
