@@ -477,11 +477,14 @@ class StreamSampler(torch.utils.data.Sampler):
             yield batch[rank * share:(rank + 1) * share]
 
 def train_loader(dataset, indices, batch_size, seed, stream_id, start, num_workers):
-    """Iterator over batches of `dataset` (indexed by (sample, augmentation seed)) from iteration `start`."""
+    """Iterator over batches of `dataset` (indexed by (sample, augmentation seed)) from iteration `start`. The
+    iterator draws its workers' seed from a generator of its own: from torch's global RNG, that draw would shift
+    the dropout that follows between a run and its resume (which makes its streams after restoring the RNGs)."""
     sampler = StreamSampler(indices, batch_size, seed, stream_id, start)
     return one_report_of_dead_workers(iter(torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)))
+        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed))))
 
 def val_loader(split, batch_size, num_workers=0):
     """Whole images at their own size; images of equal size share a batch, none is padded. Under
@@ -713,9 +716,10 @@ class Run:
 
     def start(self, data, device, student, teacher, optimizer, scaler, generator=None):
         """Create the folder and its log, or, resuming, restore from the checkpoint what the run tracks: the
-        nets, the optimizer, the loss scaler, the method's generator (masks, probes) and the global RNGs."""
+        nets, the optimizer, the loss scaler, the method's generator (masks, probes) and the global RNGs.
+        teacher None: a self-training method (FixMatch, UniMatch), whose one network is evaluated and reported."""
         self.data, self.device, self.start_iter, self.timer_state = data, device, 0, None
-        self.nets = dict(student=student, teacher=teacher)
+        self.nets, self.reported = one_or_two_nets(student, teacher)
         self.tracked = dict(self.nets, optimizer=optimizer, scaler=scaler)
         self.tracked.update({} if generator is None else dict(generator=generator))
         self.val_loader = val_loader(data.val, self.args.batch_size, self.args.num_workers)
@@ -806,19 +810,22 @@ class Run:
 
     def evaluate(self, done):
         """The teacher (the evaluated network) at every evaluation, the student at the last one only (a
-        pass over Cityscapes' validation set costs ~200 training iterations): logged, and kept in last_eval."""
+        pass over Cityscapes' validation set costs ~200 training iterations): logged, and kept in last_eval.
+        A run without a teacher evaluates its one network, the student, and says so ("network")."""
         data, args = self.data, self.args
         score = functools.partial(evaluate, loader=self.val_loader, device=self.device, num_classes=data.num_classes,
                                   amp=args.amp, lesion_scoring=args.lesion_scoring, window=args.eval_window)
-        miou, per_class, _ = score(self.nets["teacher"])
-        self.last_eval = dict(miou=miou, per_class_iou=per_class)
-        line = f"eval it {done} | teacher mIoU {miou:.2f}"
-        if done == args.iters or args.student_every_eval:
+        miou, per_class, _ = score(self.nets[self.reported])
+        self.last_eval = dict(miou=miou, per_class_iou=per_class, network=self.reported)
+        line = f"eval it {done} | {self.reported} mIoU {miou:.2f}"
+        if "teacher" not in self.nets:  # one network: its mIoU is the student's
+            self.last_eval["student_miou"] = miou
+        elif done == args.iters or args.student_every_eval:
             self.last_eval["student_miou"] = score(self.nets["student"])[0]
             line += f" | student mIoU {self.last_eval['student_miou']:.2f}"
         if args.lesion_scoring:  # ISIC: the paper reports the lesion IoU, pooled over the set
             self.last_eval["lesion_iou"] = per_class[1]
-            line += f" | teacher lesion IoU {self.last_eval['lesion_iou']:.2f}"
+            line += f" | {self.reported} lesion IoU {self.last_eval['lesion_iou']:.2f}"
         self.print(line)
         self.print("-- per class: " + " ".join(f"{n}={v:.1f}" for n, v in zip(data.class_names, per_class)))
         self.metrics(iter=done, **self.last_eval)
@@ -835,7 +842,7 @@ class Run:
     def draw(self):
         """preview.png (the teacher's predictions on the first validation images) and curves.png, redrawn."""
         if self.main:
-            teacher, device, amp = self.nets["teacher"], self.device, self.args.amp
+            teacher, device, amp = self.nets[self.reported], self.device, self.args.amp
             def predict(images):
                 with inference(teacher), autocast(amp, device):
                     return teacher(normalise(images, device)).argmax(1)
@@ -871,12 +878,14 @@ class Run:
             final = results["reported_miou"]
         if self.main:
             atomic_write(self.out / "results.json", json.dumps(results, indent=2))
-            self.print(f"results in {self.out}: teacher mIoU {results['miou']:.2f}, student "
-                       f"{results['student_miou']:.2f}, {results['seconds_per_iter']:.3f} s/it")
+            student = f", student {results['student_miou']:.2f}" if "teacher" in self.nets else ""
+            self.print(f"results in {self.out}: {self.reported} mIoU {results['miou']:.2f}{student}, "
+                       f"{results['seconds_per_iter']:.3f} s/it")
             if "reported" in results:
+                both = (f" (best teacher {results['best_miou']:.2f}, best student {results['best_student_miou']:.2f})"
+                        if "teacher" in self.nets else "")
                 self.print(f"reported, as UniMatch: the {results['reported']}'s best mIoU, {final:.2f} at iteration "
-                           f"{results['reported_iter']} (best teacher {results['best_miou']:.2f}, best student "
-                           f"{results['best_student_miou']:.2f})")
+                           f"{results['reported_iter']}{both}")
             self.log_file.close()
             self.metrics_file.close()
             print(f"FINAL mIoU={final:.2f}", flush=True)
@@ -901,6 +910,7 @@ def load_model(run_dir, net="teacher", device="cpu"):
     saved = guard.read_json(run_dir / "args.json", "record of the run's settings")
     try:
         state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+        net = "student" if "teacher" not in state else net  # a self-training run's one network (section 12)
         names = list(state["class_names"])
         args = argparse.Namespace(arch=saved["arch"], aspp_all_branches=saved.get("aspp_all_branches", False),
                                   pretrained=False)
@@ -1565,7 +1575,8 @@ class Benchmark(Run):
         return Data(train, Split(*val), num_classes, [f"class_{c}" for c in range(num_classes)], labeled, train)
 
     def start(self, data, device, student, teacher, optimizer, scaler, generator=None):
-        self.data, self.device, self.start_iter, self.nets = data, device, 0, dict(student=student, teacher=teacher)
+        self.data, self.device, self.start_iter = data, device, 0
+        self.nets, self.reported = one_or_two_nets(student, teacher)
         self.print("settings: " + " ".join(f"{k}={v}" for k, v in sorted(vars(self.args).items())))
         return 0
 
@@ -1620,7 +1631,7 @@ class Benchmark(Run):
         a, val, timer = self.args, self.data.val, timing.Timer(self.device)
         n = min(len(val), a.batch_size * (4 if self.device.type == "cuda" else 1) * self.world)
         subset = val_loader(Split(val.names[:n], val.load, val.sizes[:n]), a.batch_size, a.num_workers)
-        score = lambda: evaluate(self.nets["teacher"], subset, self.device, self.data.num_classes,  # noqa: E731
+        score = lambda: evaluate(self.nets[self.reported], subset, self.device, self.data.num_classes,  # noqa: E731
                                  a.amp, a.lesion_scoring, a.eval_window)
         if self.device.type == "cuda":
             score()  # cudnn autotuning for the new shapes
@@ -1638,6 +1649,130 @@ class Benchmark(Run):
             print("BENCHMARK " + json.dumps(record), flush=True)
         leave_process_group()
         return record
+
+# ---- 12. Strong views and pseudo-labels (FixMatch, UniMatch: train_fixmatch.py, train_unimatch.py) ----------
+# UniMatch's dataset/semi.py builds, from each unlabeled crop (the weak view), strong views in this order: colour
+# jitter (0.5, 0.5, 0.5, 0.25) with p 0.8, grayscale with p 0.2, a Gaussian blur with p 0.5, and a CutMix box with
+# p 0.5, into which the training loop pastes a partner image's strong view. The draws here come from the sample's
+# own numpy Generator (StrongViewSet), never from a global RNG, so that a view is fixed by its stream position.
+def strong_view_draws(rng):
+    """dict(jitter, grayscale, blur) for strong_view, with UniMatch's probabilities: jitter None or (order,
+    brightness, contrast, saturation, hue) as torchvision's ColorJitter.get_params returns them (order: a
+    permutation of 0-3 = brightness, contrast, saturation, hue; factors U(0.5, 1.5), hue U(-0.25, 0.25)) with
+    p 0.8; grayscale with p 0.2; blur None or σ ~ U(0.1, 2.0) with p 0.5."""
+    jitter = None
+    if rng.random() < 0.8:
+        order = tuple(int(i) for i in rng.permutation(4))
+        jitter = (order, *(float(rng.uniform(0.5, 1.5)) for _ in range(3)), float(rng.uniform(-0.25, 0.25)))
+    grayscale = bool(rng.random() < 0.2)
+    blur = float(rng.uniform(0.1, 2.0)) if rng.random() < 0.5 else None
+    return dict(jitter=jitter, grayscale=grayscale, blur=blur)
+
+def strong_view(image, draws):
+    """PIL RGB image -> its strong view for given draws, as UniMatch's transforms compute it on PIL images:
+    ColorJitter's four adjustments in the drawn order, RandomGrayscale (L, copied to 3 channels), then
+    ImageFilter.GaussianBlur(radius=σ) (UniMatch's blur passes σ as PIL's radius)."""
+    from PIL import ImageFilter
+    from torchvision.transforms import functional as TF  # PIL's arithmetic, as torchvision applies it
+    if draws["jitter"] is not None:
+        order, *factors = draws["jitter"]
+        adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        for i in order:  # a factor None is skipped, as ColorJitter's forward
+            image = image if factors[i] is None else adjust[i](image, factors[i])
+    if draws["grayscale"]:
+        image = TF.rgb_to_grayscale(image, num_output_channels=3)
+    if draws["blur"] is not None:
+        image = image.filter(ImageFilter.GaussianBlur(radius=draws["blur"]))
+    return image
+
+def cutmix_box_draws(size, rng, p=0.5):
+    """None (probability 1 - p) or (x, y, w, h) of a box inside a crop of `size` (its side, or (H, W)), as
+    UniMatch's obtain_cutmix_box: an area of U(0.02, 0.4) of the crop, drawn once; then aspect r ~ U(0.3, 1/0.3),
+    w = int(sqrt(area / r)), h = int(sqrt(area · r)), corner x ~ {0..W-1}, y ~ {0..H-1}, all three redrawn until
+    the box lies inside."""
+    h_crop, w_crop = (size, size) if isinstance(size, int) else size
+    if rng.random() > p:
+        return None
+    area = rng.uniform(0.02, 0.4) * h_crop * w_crop
+    while True:
+        ratio = rng.uniform(0.3, 1 / 0.3)
+        w, h = int(np.sqrt(area / ratio)), int(np.sqrt(area * ratio))
+        x, y = int(rng.integers(0, w_crop)), int(rng.integers(0, h_crop))
+        if x + w <= w_crop and y + h <= h_crop:
+            return x, y, w, h
+
+def cutmix_box(size, draws):
+    """(H, W) float 0/1 tensor of a crop of `size` (its side, or (H, W)), 1 inside the box `draws` (x, y, w, h);
+    all 0 for None. 1 = the pixel comes from the mix partner."""
+    box = torch.zeros((size, size) if isinstance(size, int) else tuple(size))
+    if draws is not None:
+        x, y, w, h = draws
+        box[y:y + h, x:x + w] = 1
+    return box
+
+class StrongViewSet(torch.utils.data.Dataset):
+    """Unlabeled crops as (weak view, n_strong strong views, valid, n_strong boxes), indexed like TrainSet by
+    (sample index, augmentation seed): the weak view is the dataset's crop (augment: today's protocol UniMatch's
+    weak view, the paper's its own crop); each strong view is built from it (RGB; a 4th channel, content or
+    not, is kept) with its draws and then its box's, in UniMatch's order. Views (C, H, W) uint8, valid (H, W)
+    uint8 (255 = image content), boxes (H, W) float, 1 = from the partner. partner=True: the same sample under
+    other draws (UniMatch's second pass over one loader: the same images, independent augmentation)."""
+
+    def __init__(self, split, crop, aug, n_strong, partner=False):
+        self.split, self.crop, self.aug, self.n_strong, self.partner = split, tuple(crop), aug, n_strong, partner
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, key):
+        index, seed = key
+        rng = np.random.default_rng([*np.atleast_1d(seed), 1] if self.partner else seed)
+        weak, _, valid = augment(self.split.load(index)[0], None, rng, self.crop, self.aug)
+        strong, boxes = [], []
+        for _ in range(self.n_strong):
+            rgb = Image.fromarray(weak[:3].permute(1, 2, 0).numpy())
+            rgb = torch.from_numpy(np.array(strong_view(rgb, strong_view_draws(rng)))).permute(2, 0, 1)
+            strong.append(torch.cat([rgb, weak[3:]]))  # the alpha channel, where there is one, unchanged
+            boxes.append(cutmix_box(self.crop, cutmix_box_draws(self.crop, rng)))
+        return (weak, *strong, valid, *boxes)
+
+def pseudo_label_loss(logits, pseudo, conf, ignore, conf_thresh):
+    """UniMatch's unlabeled loss, fp32: the cross-entropy of logits (B, K, H, W) against the pseudo-labels (B, H, W)
+    where the confidence (B, H, W) reaches conf_thresh and ignore (B, H, W) is not 255 (255 = padding), summed, over
+    the number of pixels that are not padding (confident or not: the loss grows with the confident share). 0 (no
+    gradient) where every pixel is padding."""
+    counted = ignore != IGNORE
+    loss = F.cross_entropy(logits.float(), pseudo, reduction="none")  # (B, H, W)
+    return torch.where(counted & (conf >= conf_thresh), loss, 0).sum() / counted.sum().clamp(min=1)
+
+def pseudo_label_share(conf_thresh):
+    """pseudo_label_loss as per_share takes it: rows -> (the loss, the pixels it is a mean over: not padding)."""
+    def loss_fn(logits, pseudo, conf, ignore):
+        return pseudo_label_loss(logits, pseudo, conf, ignore, conf_thresh), (ignore != IGNORE).sum()
+    return loss_fn
+
+def confident_share(conf, ignore, conf_thresh):
+    """The share of the pixels that are not padding whose confidence reaches conf_thresh (UniMatch's mask ratio)."""
+    counted = ignore != IGNORE
+    return (counted & (conf >= conf_thresh)).sum() / counted.sum().clamp(min=1)
+
+def one_or_two_nets(student, teacher):
+    """(Run's nets, the reported one's name): the teacher, or, for a self-training method (teacher None), the
+    one network it trains, named student (checkpoint.pt, results.json "network")."""
+    if teacher is None:
+        return dict(student=student), "student"
+    return dict(student=student, teacher=teacher), "teacher"
+
+def padding_as_ignore(valid):
+    """The loss mask v (B, 1, H, W), 1 = image content, as UniMatch's ignore mask (B, H, W): 255 on padding."""
+    return torch.where(valid[:, 0] > 0, 0, IGNORE)
+
+def check_fp_crop(net, crop, arch):
+    """One line where the crop is smaller than the stride of the features that need_fp drops out (net.fp_stride):
+    they would hold less than one pixel of the crop."""
+    if min(crop) < net.fp_stride:
+        raise UserError(f"--crop-size {crop[0]},{crop[1]}: {arch}'s feature perturbation drops out features at 1/"
+                        f"{net.fp_stride} of the crop; give a crop of at least {net.fp_stride} pixels a side")
 
 # ---- `python common.py TOOL ...`: a shortcut to `python -m tools TOOL ...`, run as its own program --------
 if __name__ == "__main__":  # this file imports nothing of tools/: the shortcut starts a new process

@@ -8,6 +8,9 @@
   UNetSmall        a small U-Net from scratch (demo, tests)
   sync_batchnorm   BatchNorm across torchrun processes (GlobalBatchNorm off CUDA)
 
+Every network's forward(x, need_fp=True) returns (out, out_fp): UniMatch's feature perturbation, the features that
+its classifier reads passed on twice, as they are and under Dropout2d(0.5) (fp_features; each docstring names them).
+
 Imports nothing of the kit but the bottom file (UserError)."""
 import re
 import warnings
@@ -19,6 +22,24 @@ import torch.nn.functional as F
 
 from .files import UserError
 
+
+def fp_features(*features):
+    """UniMatch's feature perturbation: each (B, C, h, w) feature map batch-concatenated with itself under
+    Dropout2d(0.5) -> (2B, C, h, w), the clean half first. The dropout is made afresh, as UniMatch's
+    nn.Dropout2d(0.5) inside its forward, so it drops in eval mode too; the maps draw from torch's global RNG
+    in the order given."""
+    return [torch.cat((f, F.dropout2d(f, 0.5, training=True))) for f in features]
+
+def check_fp_input(net, x, need_fp):
+    """need_fp on an input smaller than the stride of the features it drops out (net.fp_stride): one line."""
+    if need_fp and min(x.shape[2:]) < net.fp_stride:
+        raise UserError(f"need_fp: a {x.shape[2]}x{x.shape[3]} input is smaller than the {net.fp_stride}-pixel stride "
+                        f"of the features that {type(net).__name__} drops out; give crops of at least "
+                        f"{net.fp_stride} pixels a side")
+
+def fp_split(out, need_fp):
+    """(out, out_fp) from a need_fp pass's (2B, ...) output; the output itself otherwise."""
+    return tuple(out.chunk(2)) if need_fp else out
 
 class Bottleneck(nn.Module):
     """Caffe-style ResNet bottleneck (stride on the first 1x1 conv), as DeepLab v2 / AdvSemiSeg."""
@@ -38,7 +59,9 @@ class Bottleneck(nn.Module):
 
 class DeepLabV2(nn.Module):
     """DeepLab v2 on ResNet-101, as the original (from Hung et al.'s AdvSemiSeg): output stride 8, ASPP
-    rates 6/12/18/24, BatchNorm frozen."""
+    rates 6/12/18/24, BatchNorm frozen. need_fp drops out layer4's features (2048 channels at /8), which its
+    ASPP classifier reads."""
+    fp_stride = 8
 
     def __init__(self, num_classes, aspp_all_branches=False):
         super().__init__()
@@ -72,15 +95,18 @@ class DeepLabV2(nn.Module):
     def backbone_modules(self):
         return [self.conv1, self.bn1, self.layer1, self.layer2, self.layer3, self.layer4]
 
-    def head_logits(self, x):
-        """Stride-8 logits (321x321 in -> 41x41 out)."""
+    def head_logits(self, x, need_fp=False):
+        """Stride-8 logits (321x321 in -> 41x41 out); need_fp: (2B, ...), the perturbed half second."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = fp_features(x)[0] if need_fp else x
         return sum(branch(x) for branch in self.aspp[:self.n_branches])
 
-    def forward(self, x):
+    def forward(self, x, need_fp=False):
+        check_fp_input(self, x, need_fp)
         # align_corners=True, as the original (from Hung et al., whose numbers the paper compares to)
-        return F.interpolate(self.head_logits(x), size=x.shape[2:], mode="bilinear", align_corners=True)
+        out = F.interpolate(self.head_logits(x, need_fp), size=x.shape[2:], mode="bilinear", align_corners=True)
+        return fp_split(out, need_fp)
 
     def load_imagenet(self):
         """Copy torchvision's ImageNet ResNet-101 (IMAGENET1K_V1) wherever name and shape match."""
@@ -101,7 +127,8 @@ def load_torchvision_weights(weights):
                         f"{weights.url} to {file}, or run with --no-pretrained")
 
 class UNetSmall(nn.Module):
-    """A small U-Net trained from scratch (demo, tests, small images): 4 levels, 16..128 channels."""
+    """A small U-Net trained from scratch (demo, tests, small images): 4 levels, 16..128 channels. need_fp drops
+    out every encoder level's features (the skips and the bottom, which the decoder reads), as UniMatch's U-Net."""
 
     def __init__(self, num_classes, width=16, depth=3):
         super().__init__()
@@ -114,18 +141,22 @@ class UNetSmall(nn.Module):
         self.down = nn.ModuleList(block(ci, co) for ci, co in zip([3] + chans[:-1], chans))
         self.up = nn.ModuleList(block(chans[i + 1] + chans[i], chans[i]) for i in reversed(range(depth)))
         self.classifier = nn.Conv2d(chans[0], num_classes, 1)
-        self.multiple = 2 ** depth
+        self.multiple = self.fp_stride = 2 ** depth
 
-    def forward(self, x):
+    def forward(self, x, need_fp=False):
         h, w = x.shape[2:]
+        check_fp_input(self, x, need_fp)
         x = F.pad(x, (0, -w % self.multiple, 0, -h % self.multiple))  # zero = the mean colour; cropped off below
         skips = []
         for i, block in enumerate(self.down):
             x = block(x if i == 0 else F.max_pool2d(x, 2))
             skips.append(x)
+        if need_fp:
+            skips = fp_features(*skips)
+            x = skips[-1]
         for block, skip in zip(self.up, reversed(skips[:-1])):
             x = block(torch.cat([F.interpolate(x, size=skip.shape[2:], mode="nearest"), skip], 1))
-        return self.classifier(x)[:, :, :h, :w]
+        return fp_split(self.classifier(x)[:, :, :h, :w], need_fp)
 
 def resnet101_dilated():
     """torchvision's ResNet-101 with layer3/layer4 dilated 2/4 (output stride 8, torchvision's scheme: each
@@ -160,7 +191,9 @@ def init_head(modules, bn_bias=0.0):
 class DeepLabV3Plus(nn.Module):
     """DeepLab v3+ on a dilated ResNet-101, as the original: ASPP rates 12/24/36 (its projection ends in
     Dropout 0.5), a 48-channel layer1 skip, two 3x3 conv-BN-ReLU blocks, bilinear upsampling
-    (align_corners=False)."""
+    (align_corners=False). need_fp drops out the low-level (layer1, /4) and the high-level (layer4, /8) features,
+    as UniMatch's DeepLab v3+."""
+    fp_stride = 8
 
     def __init__(self, num_classes):
         super().__init__()
@@ -174,12 +207,15 @@ class DeepLabV3Plus(nn.Module):
             nn.Conv2d(256, num_classes, 1))
         init_head([*self.project.modules(), *self.aspp.modules(), *self.classifier.modules()])
 
-    def forward(self, x):
+    def forward(self, x, need_fp=False):
+        check_fp_input(self, x, need_fp)
         low, high = resnet_features(self.backbone, x)
+        if need_fp:
+            low, high = fp_features(low, high)
         low = self.project(low)  # (B, 48, H/4, W/4)
         high = F.interpolate(self.aspp(high), size=low.shape[2:], mode="bilinear", align_corners=False)
-        return F.interpolate(self.classifier(torch.cat([low, high], 1)), size=x.shape[2:], mode="bilinear",
-                             align_corners=False)
+        return fp_split(F.interpolate(self.classifier(torch.cat([low, high], 1)), size=x.shape[2:], mode="bilinear",
+                                      align_corners=False), need_fp)
 
     def backbone_modules(self):
         return []  # the original's wrapper quirk: no pretrained group, all parameters at the head's rate
@@ -199,7 +235,9 @@ def pad_centred(x, multiple):
 
 class DenseUNet161(nn.Module):
     """U-Net on torchvision's DenseNet-161 features, as the original (after Li et al.):
-    each decoder block upsamples x2 (nearest), *adds* the skip, then conv 3x3 + BN + ReLU."""
+    each decoder block upsamples x2 (nearest), *adds* the skip, then conv 3x3 + BN + ReLU. need_fp drops out
+    the encoder's features that the decoder reads (the four skips and the bottom), as UniMatch's U-Net."""
+    fp_stride = 32
 
     TAPS = ("pool0", "transition1", "transition2", "transition3")  # skips = the inputs of these layers
 
@@ -217,7 +255,8 @@ class DenseUNet161(nn.Module):
                                    nn.Dropout(0.3), nn.BatchNorm2d(64), nn.ReLU(inplace=True),  # conv, dropout, BN
                                    nn.Conv2d(64, num_classes, 1))
 
-    def forward(self, x):
+    def forward(self, x, need_fp=False):
+        check_fp_input(self, x, need_fp)
         x, crop = pad_centred(x, 32)
         skips = []
         for name, layer in self.features.named_children():
@@ -225,10 +264,12 @@ class DenseUNet161(nn.Module):
                 skips.append(x)
             x = layer(x)
         x = F.relu(x)  # (B, 2208, H/32, W/32): norm5, then ReLU
+        if need_fp:
+            *skips, x = fp_features(*skips, x)
         skips[-1] = self.line0(skips[-1])
         for block, skip in zip(self.decoder, reversed(skips)):
             x = block(F.interpolate(x, scale_factor=2, mode="nearest") + skip)
-        return self.final(x)[crop]
+        return fp_split(self.final(x)[crop], need_fp)
 
     def backbone_modules(self):
         return [self.features]
@@ -245,7 +286,9 @@ class DenseUNet161(nn.Module):
 
 class PSPNet101(nn.Module):
     """PSPNet on a dilated ResNet-101: pyramid pooling 1/2/3/6, no auxiliary loss. The original used MIT
-    CSAIL's deep-stem `resnet101dilated` and weights; torchvision has only the standard stem (README)."""
+    CSAIL's deep-stem `resnet101dilated` and weights; torchvision has only the standard stem (README). need_fp
+    drops out layer4's features (/8), which the pyramid pooling reads, as UniMatch's PSPNet."""
+    fp_stride = 8
 
     def __init__(self, num_classes, scales=(1, 2, 3, 6)):
         super().__init__()
@@ -258,12 +301,15 @@ class PSPNet101(nn.Module):
             nn.ReLU(inplace=True), nn.Dropout2d(0.1), nn.Conv2d(512, num_classes, 1))
         init_head([*self.ppm.modules(), *self.classifier.modules()], bn_bias=1e-4)  # MIT's weights_init
 
-    def forward(self, x):
+    def forward(self, x, need_fp=False):
+        check_fp_input(self, x, need_fp)
         _, f = resnet_features(self.backbone, x)  # (B, 2048, H/8, W/8)
+        if need_fp:
+            f = fp_features(f)[0]
         pyramid = [f] + [F.interpolate(branch(f), size=f.shape[2:], mode="bilinear", align_corners=False)
                          for branch in self.ppm]
         logits = self.classifier(torch.cat(pyramid, 1))
-        return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)
+        return fp_split(F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False), need_fp)
 
     def backbone_modules(self):
         return [self.backbone]
@@ -336,7 +382,9 @@ class DeepLabV3PlusDeepStem(nn.Module):
     """DeepLab v3+ as UniMatch's DeepLabV3Plus (today's protocol): deep-stem ResNet-101 at output stride 16,
     ASPP 6/12/18 without dropout, a 48-channel layer1 skip, two 3x3 fuse convs, a 1x1 classifier, bilinear
     upsampling with align_corners=True. Same state_dict keys, so a UniMatch checkpoint loads strictly.
-    New layers keep PyTorch's default init, as UniMatch's."""
+    New layers keep PyTorch's default init, as UniMatch's. need_fp drops out the low-level (layer1, /4) and the
+    high-level (layer4, /16) features, as UniMatch's: the same outputs given the same torch RNG state."""
+    fp_stride = 16
 
     def __init__(self, num_classes):
         super().__init__()
@@ -346,11 +394,14 @@ class DeepLabV3PlusDeepStem(nn.Module):
         self.fuse = nn.Sequential(*conv_bn_relu(256 + 48, 256, 3), *conv_bn_relu(256, 256, 3))
         self.classifier = nn.Conv2d(256, num_classes, 1)
 
-    def forward(self, x):
+    def forward(self, x, need_fp=False):
+        check_fp_input(self, x, need_fp)
         low, high = self.backbone(x)  # (B, 256, H/4, W/4), (B, 2048, H/16, W/16)
+        if need_fp:
+            low, high = fp_features(low, high)  # (2B, ...): low's dropout draws first, as UniMatch's
         high = F.interpolate(self.head(high), size=low.shape[2:], mode="bilinear", align_corners=True)
         logits = self.classifier(self.fuse(torch.cat([self.reduce(low), high], 1)))  # (B, K, H/4, W/4)
-        return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=True)
+        return fp_split(F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=True), need_fp)
 
     def backbone_modules(self):
         return [self.backbone]  # UniMatch's base-lr group; everything else runs at lr x lr_multi

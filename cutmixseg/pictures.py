@@ -91,7 +91,8 @@ def curves(metrics_path, width=640, panel=150):
     """One panel per series of metrics.jsonl against the iteration: the teacher's mIoU (at evaluations),
     then each logged loss (at log intervals), each with its range written beside it."""
     records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    series = {"teacher mIoU": [(r["iter"], r["miou"]) for r in records if "miou" in r]}
+    evaluated = next((r["network"] for r in records if "network" in r), "teacher")  # a run without teacher: student
+    series = {f"{evaluated} mIoU": [(r["iter"], r["miou"]) for r in records if "miou" in r]}
     logged = (k for r in records if "lr" in r for k in r if k not in ("iter", "lr", "seconds_per_iter"))
     for name in dict.fromkeys(logged):
         series[name] = [(r["iter"], r[name]) for r in records if name in r and "lr" in r]
@@ -115,7 +116,7 @@ def curves(metrics_path, width=640, panel=150):
         xy = [(left + (right - left) * it / last, bottom - (bottom - top) * (v - lo) / span) for it, v in points]
         if len(xy) > 1:
             draw.line(xy, fill=(30, 90, 200), width=2)
-        for x, y in xy[-1:] if name != "teacher mIoU" else xy:
+        for x, y in xy[-1:] if not name.endswith(" mIoU") else xy:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(200, 60, 30))
     return picture
 

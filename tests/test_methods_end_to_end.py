@@ -1,4 +1,4 @@
-"""Cutout, ICT, VAT and std-aug end to end, as a user runs them: the demo, a folder dataset, tiny copies
+"""Cutout, ICT, VAT, std-aug, FixMatch and UniMatch end to end, as a user runs them: the demo, a folder dataset, tiny copies
 of each official download (protocol defaults included), and an exact resume."""
 import json
 import math
@@ -9,12 +9,14 @@ import pytest
 from conftest import read_results, run_main, run_script
 from test_scripts import check_outputs
 
-METHODS = {"train_cutout.py": "cutout", "train_ict.py": "ict", "train_vat.py": "vat", "train_stdaug.py": "stdaug"}
+METHODS = {"train_cutout.py": "cutout", "train_ict.py": "ict", "train_vat.py": "vat", "train_stdaug.py": "stdaug",
+           "train_fixmatch.py": "fixmatch", "train_unimatch.py": "unimatch"}
 # class counts of the official datasets; the BMVC consistency weights (the original's run_*.sh at commit
 # 79ece5a) where not the default
 PROTOCOLS = {"cityscapes": 19, "pascal_aug": 21, "isic2017": 2}
-WEIGHTS = {"cutout": {}, "ict": {"isic2017": 0.0003}, "vat": {"isic2017": 0.001}, "stdaug": {"isic2017": 0.1}}
-DEFAULT_WEIGHT = {"cutout": 1.0, "ict": 0.01, "vat": 0.1, "stdaug": 0.003}
+WEIGHTS = {"cutout": {}, "ict": {"isic2017": 0.0003}, "vat": {"isic2017": 0.001}, "stdaug": {"isic2017": 0.1},
+           "fixmatch": {}, "unimatch": {}}
+DEFAULT_WEIGHT = {"cutout": 1.0, "ict": 0.01, "vat": 0.1, "stdaug": 0.003, "fixmatch": 1.0, "unimatch": 1.0}
 # few iterations and one evaluation each: these runs must stay quick on a small shared CPU
 SHORT = ["--iters", 2, "--eval-every", 2, "--batch-size", 2, "--num-workers", 0]
 
@@ -87,5 +89,5 @@ def test_official_layouts_end_to_end_with_the_method_defaults(script, dataset, o
     args = json.loads((out / "args.json").read_text())
     method = METHODS[script]
     assert args["cons_weight"] == WEIGHTS[method].get(dataset, DEFAULT_WEIGHT[method])
-    assert args["nesterov"] == (method != "cutout")  # on in the original's aug/ICT/VAT programs
+    assert args["nesterov"] == (method in ("stdaug", "vat", "ict"))  # on in the original's aug/ICT/VAT programs
     check_training_log(out)

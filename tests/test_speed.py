@@ -11,7 +11,7 @@ from cutmixseg import nets
 
 # images per iteration of each script's streams at batch 8: labeled + unlabeled batches
 IMAGES = {"train_baseline.py": 8, "train_cutmix.py": 24, "train_cutout.py": 16, "train_vat.py": 16,
-          "train_ict.py": 24, "train_stdaug.py": 16}
+          "train_ict.py": 24, "train_stdaug.py": 16, "train_fixmatch.py": 24, "train_unimatch.py": 24}
 KEYS = {"script", "method", "dataset", "arch", "device", "amp", "compile", "world_size", "batch_size", "crop_size",
         "data", "ms_per_iter", "iters_per_s", "images_per_s", "peak_memory_gib", "memory_kind", "tflop_per_iter",
         "tflops", "peak_tflops", "mfu", "eval_seconds", "iters", "train_minutes", "run_minutes",
@@ -68,6 +68,12 @@ def test_flop_counts_follow_the_passes_of_each_method(demo_benchmarks):
     # VAT: teacher forward (1); the direction's forward and backward through the frozen teacher, to
     # the input only, no weight gradients (1 + 1); the student's forward and backward (3)
     assert flops["train_vat.py"] / base == pytest.approx(9 / 3, rel=0.03)
+    # FixMatch: the partner's forward (1); the labeled and weak batches' joint forward and backward (2 + 4; the
+    # weak rows' gradient is 0 but computed); the strong batch's (3). UniMatch: need_fp runs the decoder over both
+    # halves (the joint pass's decoder doubled) and two strong batches: 13 / 3 where the decoder is cheap (DeepLab
+    # v2), more where it is most of the network (the U-Net's, at full resolution)
+    assert flops["train_fixmatch.py"] / base == pytest.approx(10 / 3, rel=0.03)
+    assert 13 / 3 < flops["train_unimatch.py"] / base < 19 / 3
 
 
 def deeplabv2_flops(script, cwd):
@@ -79,7 +85,7 @@ def deeplabv2_flops(script, cwd):
 
 
 RATIOS = {"train_cutmix.py": 8 / 3, "train_ict.py": 8 / 3, "train_cutout.py": 7 / 3, "train_stdaug.py": 7 / 3,
-          "train_vat.py": 9 / 3}
+          "train_vat.py": 9 / 3, "train_fixmatch.py": 10 / 3, "train_unimatch.py": 13 / 3}
 
 
 @pytest.mark.slow

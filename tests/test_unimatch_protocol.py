@@ -16,7 +16,7 @@ from conftest import read_results, refused, run_main
 from cutmixseg import files, prepare
 
 SCRIPTS = ["train_baseline.py", "train_cutmix.py", "train_cutout.py", "train_vat.py", "train_ict.py",
-           "train_stdaug.py"]
+           "train_stdaug.py", "train_fixmatch.py", "train_unimatch.py"]
 UNIMATCH = ["--protocol", "unimatch", "--device", "cpu"]
 
 

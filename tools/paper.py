@@ -47,9 +47,12 @@ PAPER_RESULTS = {
 UNIMATCH_PUBLISHED = {
     ("pascal_aug", "baseline, student"): {92: 45.1, 183: 55.3, 366: 64.8, 732: 69.7, 1464: 73.5},
     ("cityscapes", "baseline, student"): {186: 66.3, 372: 72.8, 744: 75.0, 1488: 78.0},
+    # UniMatch's own rows (its README's tables: Pascal 321 crops, Cityscapes R101); one model, the kit's student
+    ("pascal_aug", "unimatch, student"): {92: 75.2, 183: 77.2, 366: 78.8, 732: 79.9, 1464: 81.2},
+    ("cityscapes", "unimatch, student"): {186: 76.6, 372: 77.9, 744: 79.2, 1488: 79.5},
 }
 TODAY = "today's protocol"  # the tables' arch column for such runs: "<arch>, today's protocol"
-METHOD_ORDER = ["baseline", "stdaug", "vat", "ict", "cutout", "cutmix"]
+METHOD_ORDER = ["baseline", "stdaug", "vat", "ict", "cutout", "cutmix", "fixmatch", "unimatch"]
 
 
 def run_label(results, args):
@@ -80,8 +83,9 @@ def collect_results(paths):
             today = args.get("protocol") == "unimatch"
             label = run_label(results, args)
             if today:  # each network's best evaluation, on a row of its own: "cutmix, teacher", "cutmix, student"
-                scores = {f"{label}, {net}": results.get(key) for net, key in (("teacher", "best_miou"),
-                                                                                ("student", "best_student_miou"))}
+                nets = (("teacher", "best_miou"), ("student", "best_student_miou"))
+                one = results.get("network") == "student"  # a run without a teacher (FixMatch, UniMatch)
+                scores = {f"{label}, {net}": results.get(key) for net, key in nets[one:]}
             else:
                 scores = {label: results["lesion_iou" if results["dataset"] == "isic2017" else "miou"]}
             arch = f"{results['arch']}, {TODAY}" if today else results["arch"]
