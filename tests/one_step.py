@@ -14,8 +14,9 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 
+# train_unimatch.py is left out: its feature perturbation's dropout is a draw of each process (as on UniMatch's GPUs)
 SCRIPTS = ["train_baseline.py", "train_cutmix.py", "train_cutout.py", "train_vat.py", "train_ict.py",
-           "train_stdaug.py"]
+           "train_stdaug.py", "train_fixmatch.py"]
 # Cityscapes' tiny official layout: the paper's halved images (16x32) in padded crops, today's full ones
 # (32x64) in UniMatch's weak view with OHEM; unet_small (BatchNorm trains: global statistics) for speed
 PROTOCOLS = {"paper": ["--crop-size", "20,36", "--batch-size", "4"],

@@ -189,7 +189,7 @@ def test_one_step_of_every_script_is_the_same_on_one_and_two_processes(official,
         proc = subprocess.run([*launcher, *program], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = optimiser_states(tmp_path / "one"), optimiser_states(tmp_path / "two")
-    assert len(one) == 12 and one.keys() == two.keys()
+    assert len(one) == 14 and one.keys() == two.keys()
     for run in one:
         distance = ((one[run] - two[run]).norm() / one[run].norm()).item()
         assert distance <= 1e-5, (run, distance)
