@@ -1,7 +1,7 @@
 """What the paper takes for granted, shared by every train_*.py script.
 
-A script holds its method: the mean-teacher loop and its perturbation. This module holds what is
-around the loop, in the order a script uses it. Read the first part; the rest is a catalogue.
+A script holds its method: its loop (a mean teacher, or self-training) and its perturbation. This module
+holds what is around the loop, in the order a script uses it. Read the first part; the rest is a catalogue.
 
   Read first (what a training step runs)
     1. Arguments and protocols   TrainArgs, parse_args: dataset -> arch -> method -> command line
@@ -18,6 +18,7 @@ around the loop, in the order a script uses it. Read the first part; the rest is
    10. Today's protocol          --protocol unimatch: UniMatch's settings, lists (cutmixseg/splits/), weak view,
                                  OHEM, sliding windows, its Cityscapes and Pascal readers
    11. --benchmark               the loop timed instead of trained
+   12. Strong views              FixMatch's and UniMatch's: strong_view, cutmix_box, pseudo_label_loss
 
 Below it, cutmixseg/ holds the rest of what a run executes and imports nothing of this file: files.py (bad
 input, atomic files, image reading), guard.py (the run folder, --resume), prepare.py (data checks, caches,
