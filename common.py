@@ -139,7 +139,7 @@ class TrainArgs:
     compile: bool = arg(False, "torch.compile student and teacher for training (pays off on long CUDA runs)")
     compile_mode: str = arg("reduce-overhead", "torch.compile mode (reduce-overhead: CUDA graphs)", choices=[
         "reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs"])
-    benchmark: int = arg(0, "time this many iterations instead of training (README 'Speed'); writes nothing")
+    benchmark: int = arg(0, "time this many iterations instead of training (docs/speed.md); writes nothing")
     # --- no options: the protocols set these ---
     aug: dict = resolved()                # the training crops' augmentation, see DATASETS
     optimizer: str = resolved("adam")     # adam or sgd
@@ -1549,7 +1549,7 @@ def pascal_unimatch_dataset(root, cache):
                             cache, len(PASCAL_CLASSES))
     return splits["train"], splits["val"], len(PASCAL_CLASSES), PASCAL_CLASSES
 
-# ---- 11. --benchmark: the loop timed instead of trained (README 'Speed') -----------------------------
+# ---- 11. --benchmark: the loop timed instead of trained (docs/speed.md) -----------------------------
 class Benchmark(Run):
     """--benchmark N: the script's own loop timed instead of trained, with the same methods as Run and no
     folder, no files. The loop runs on two cached batches per stream, so that it times the training step:

@@ -177,7 +177,11 @@ def test_the_readme_commands_are_found():
     assert any(t[1:3] == ["-m", "tools"] for t in commands)
 
 
-@pytest.mark.parametrize("line, tokens", readme_commands((ROOT / "README.md").read_text()),
+USER_DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # the README and the pages it links
+
+
+@pytest.mark.parametrize("line, tokens", [found for doc in USER_DOCUMENTS for found in
+                                          readme_commands(doc.read_text())],
                          ids=lambda value: value if isinstance(value, str) else "")
 def test_every_readme_command_parses(line, tokens, monkeypatch):
     monkeypatch.chdir(ROOT)
