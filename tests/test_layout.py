@@ -175,6 +175,10 @@ def test_a_copy_of_common_cutmixseg_and_one_script_trains_resumes_and_draws(tmp_
     resumed = in_copy(kit, "train_cutmix.py", "--out", "runs/demo", "--resume", "--iters", 9)
     assert "resumed from iteration 6" in resumed.stdout
     assert trained_in_copy(resumed, kit / "runs" / "demo", iters=9)["resumed_from"] == 6
+    # the copy applies its trained run in Python: load_model, the network it scored (its teacher, as evaluated)
+    loaded = in_copy(kit, "-c", "import common, json; net, info = common.load_model('runs/demo'); "
+                                "print(json.dumps([info['arch'], info['num_classes'], info['iteration']]))")
+    assert loaded.returncode == 0 and loaded.stdout.strip().splitlines()[-1] == '["unet_small", 5, 9]', loaded.stderr
     # the commands that use trained runs live in tools/, which the copy lacks: said in one line
     proc = in_copy(kit, "common.py", "predict", "runs/demo", "data/val/images", "--out", "pred")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
