@@ -685,6 +685,13 @@ def make_run(args, method, unlabeled=True):
     times the same loop instead of training (section 11)."""
     return (Benchmark if args.benchmark else Run)(args, method, unlabeled)
 
+def run_nets(student, teacher):
+    """(a run's nets, the name of the one evaluated every time): the teacher, or, for a self-training method
+    (teacher None), the one network it trains, named student (checkpoint.pt, results.json "network")."""
+    if teacher is None:
+        return dict(student=student), "student"
+    return dict(student=student, teacher=teacher), "teacher"
+
 class Run:
     """One training run and its folder: args.json, labeled.txt, log.txt, metrics.jsonl, checkpoint.pt,
     results.json, preview.png, curves.png. A script calls load_data, start, stream, iterations,
@@ -720,7 +727,7 @@ class Run:
         nets, the optimizer, the loss scaler, the method's generator (masks, probes) and the global RNGs.
         teacher None: a self-training method (FixMatch, UniMatch), whose one network is evaluated and reported."""
         self.data, self.device, self.start_iter, self.timer_state = data, device, 0, None
-        self.nets, self.reported = one_or_two_nets(student, teacher)
+        self.nets, self.evaluated = run_nets(student, teacher)
         self.tracked = dict(self.nets, optimizer=optimizer, scaler=scaler)
         self.tracked.update({} if generator is None else dict(generator=generator))
         self.val_loader = val_loader(data.val, self.args.batch_size, self.args.num_workers)
@@ -816,9 +823,9 @@ class Run:
         data, args = self.data, self.args
         score = functools.partial(evaluate, loader=self.val_loader, device=self.device, num_classes=data.num_classes,
                                   amp=args.amp, lesion_scoring=args.lesion_scoring, window=args.eval_window)
-        miou, per_class, _ = score(self.nets[self.reported])
-        self.last_eval = dict(miou=miou, per_class_iou=per_class, network=self.reported)
-        line = f"eval it {done} | {self.reported} mIoU {miou:.2f}"
+        miou, per_class, _ = score(self.nets[self.evaluated])
+        self.last_eval = dict(miou=miou, per_class_iou=per_class, network=self.evaluated)
+        line = f"eval it {done} | {self.evaluated} mIoU {miou:.2f}"
         if "teacher" not in self.nets:  # one network: its mIoU is the student's
             self.last_eval["student_miou"] = miou
         elif done == args.iters or args.student_every_eval:
@@ -826,7 +833,7 @@ class Run:
             line += f" | student mIoU {self.last_eval['student_miou']:.2f}"
         if args.lesion_scoring:  # ISIC: the paper reports the lesion IoU, pooled over the set
             self.last_eval["lesion_iou"] = per_class[1]
-            line += f" | {self.reported} lesion IoU {self.last_eval['lesion_iou']:.2f}"
+            line += f" | {self.evaluated} lesion IoU {self.last_eval['lesion_iou']:.2f}"
         self.print(line)
         self.print("-- per class: " + " ".join(f"{n}={v:.1f}" for n, v in zip(data.class_names, per_class)))
         self.metrics(iter=done, **self.last_eval)
@@ -843,7 +850,7 @@ class Run:
     def draw(self):
         """preview.png (the teacher's predictions on the first validation images) and curves.png, redrawn."""
         if self.main:
-            teacher, device, amp = self.nets[self.reported], self.device, self.args.amp
+            teacher, device, amp = self.nets[self.evaluated], self.device, self.args.amp
             def predict(images):
                 with inference(teacher), autocast(amp, device):
                     return teacher(normalise(images, device)).argmax(1)
@@ -880,7 +887,7 @@ class Run:
         if self.main:
             atomic_write(self.out / "results.json", json.dumps(results, indent=2))
             student = f", student {results['student_miou']:.2f}" if "teacher" in self.nets else ""
-            self.print(f"results in {self.out}: {self.reported} mIoU {results['miou']:.2f}{student}, "
+            self.print(f"results in {self.out}: {self.evaluated} mIoU {results['miou']:.2f}{student}, "
                        f"{results['seconds_per_iter']:.3f} s/it")
             if "reported" in results:
                 both = (f" (best teacher {results['best_miou']:.2f}, best student {results['best_student_miou']:.2f})"
@@ -1577,7 +1584,7 @@ class Benchmark(Run):
 
     def start(self, data, device, student, teacher, optimizer, scaler, generator=None):
         self.data, self.device, self.start_iter = data, device, 0
-        self.nets, self.reported = one_or_two_nets(student, teacher)
+        self.nets, self.evaluated = run_nets(student, teacher)
         self.print("settings: " + " ".join(f"{k}={v}" for k, v in sorted(vars(self.args).items())))
         return 0
 
@@ -1632,7 +1639,7 @@ class Benchmark(Run):
         a, val, timer = self.args, self.data.val, timing.Timer(self.device)
         n = min(len(val), a.batch_size * (4 if self.device.type == "cuda" else 1) * self.world)
         subset = val_loader(Split(val.names[:n], val.load, val.sizes[:n]), a.batch_size, a.num_workers)
-        score = lambda: evaluate(self.nets[self.reported], subset, self.device, self.data.num_classes,  # noqa: E731
+        score = lambda: evaluate(self.nets[self.evaluated], subset, self.device, self.data.num_classes,  # noqa: E731
                                  a.amp, a.lesion_scoring, a.eval_window)
         if self.device.type == "cuda":
             score()  # cudnn autotuning for the new shapes
@@ -1756,13 +1763,6 @@ def confident_share(conf, ignore, conf_thresh):
     """The share of the pixels that are not padding whose confidence reaches conf_thresh (UniMatch's mask ratio)."""
     counted = ignore != IGNORE
     return (counted & (conf >= conf_thresh)).sum() / counted.sum().clamp(min=1)
-
-def one_or_two_nets(student, teacher):
-    """(Run's nets, the reported one's name): the teacher, or, for a self-training method (teacher None), the
-    one network it trains, named student (checkpoint.pt, results.json "network")."""
-    if teacher is None:
-        return dict(student=student), "student"
-    return dict(student=student, teacher=teacher), "teacher"
 
 def padding_as_ignore(valid):
     """The loss mask v (B, 1, H, W), 1 = image content, as UniMatch's ignore mask (B, H, W): 255 on padding."""

@@ -263,7 +263,7 @@ def test_evaluation_and_pictures_leave_the_modes_as_they_found_them(tmp_path):
     net = nets.UNetSmall(3)
     split = common.Split(["a"], lambda i: (np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8)), [(8, 8)])
     (tmp_path / "metrics.jsonl").write_text(json.dumps(dict(iter=1, miou=1.0)) + "\n")
-    run = SimpleNamespace(main=True, nets=dict(teacher=net), reported="teacher", device=torch.device("cpu"),
+    run = SimpleNamespace(main=True, nets=dict(teacher=net), evaluated="teacher", device=torch.device("cpu"),
                           args=SimpleNamespace(amp="off"), out=tmp_path,
                           data=SimpleNamespace(val=split, class_names=["a", "b", "c"]))
     for freeze_bn in (True, False):
