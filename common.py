@@ -6,7 +6,8 @@ holds what is around the loop, in the order a script uses it. Read the first par
   Read first (what a training step runs)
     1. Arguments and protocols   TrainArgs, parse_args: dataset -> arch -> method -> command line
     2. Reproducibility, device   seed_everything, setup_device, autocast
-    3. Data flow                 load_dataset (labeled subset, unlabeled images), augmentation, streams, to_device
+    3. Data flow                 load_dataset (labeled subset, unlabeled images), augmentation, streams,
+                                 to_device
     4. Mean teacher, optimizer   make_teacher, ema_update, RepeatAdam, set_lr, set_train_mode, forward_each,
                                  supervised_loss
     5. Metrics, evaluation       confusion matrix, IoU, evaluate
@@ -15,16 +16,17 @@ holds what is around the loop, in the order a script uses it. Read the first par
   Catalogues (read per dataset or per architecture)
     8. Dataset readers           demo, folder, cityscapes, pascal_aug, isic2017
     9. Networks                  build_net (the networks themselves: cutmixseg/nets.py)
-   10. Today's protocol          --protocol unimatch: UniMatch's settings, lists (cutmixseg/splits/), weak view,
-                                 OHEM, sliding windows, its Cityscapes and Pascal readers
+   10. Today's protocol          --protocol unimatch: UniMatch's settings, lists (cutmixseg/splits/),
+                                 weak view, OHEM, sliding windows, its Cityscapes and Pascal readers
    11. --benchmark               the loop timed instead of trained
    12. Strong views              FixMatch's and UniMatch's: strong_view, cutmix_box, pseudo_label_loss
 
 Below it, cutmixseg/ holds the rest of what a run executes and imports nothing of this file: files.py (bad
 input, atomic files, image reading), guard.py (the run folder, --resume), prepare.py (data checks, caches,
 split files), crops.py (today's crop), pictures.py, demo.py, nets.py, timing.py. Above it, tools/ holds
-commands that use this file (`python -m tools predict | evaluate | costs | seeds | summary | compare | loader |
-sbd-to-aug`). Copy this file, cutmixseg/ and one train_*.py into a project and that copy trains on its own.
+commands that use this file
+(`python -m tools predict | evaluate | costs | seeds | summary | compare | loader | sbd-to-aug`).
+Copy this file, cutmixseg/ and one train_*.py into a project and that copy trains on its own.
 """
 import argparse
 import collections
@@ -53,8 +55,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cutmixseg import crops, demo, files, guard, nets, pictures, prepare, timing
-from cutmixseg.files import (CHECKPOINTED, IGNORE, IMAGE_SUFFIXES, UserError, atomic_write, excepthook,  # noqa: F401
-                             image_files, image_size, one_report_of_dead_workers, read_image, read_mask)
+from cutmixseg.files import (  # noqa: F401
+    CHECKPOINTED, IGNORE, IMAGE_SUFFIXES, UserError, atomic_write, excepthook, image_files, image_size,
+    one_report_of_dead_workers, read_image, read_mask)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -74,8 +77,8 @@ def resolved(default=None):
 DATASETS = {
     "demo": dict(arch="unet_small", n_labeled=60, crop_size=None, batch_size=8, iters=1500, eval_every=500,
                  aug=dict(hflip=True), num_workers=0),
-    "folder": dict(arch="deeplabv2", n_labeled=-1, crop_size=None, batch_size=10, iters=40000, eval_every=1000,
-                   aug=dict(hflip=True)),
+    "folder": dict(arch="deeplabv2", n_labeled=-1, crop_size=None, batch_size=10, iters=40000,
+                   eval_every=1000, aug=dict(hflip=True)),
     "cityscapes": dict(arch="deeplabv2", n_labeled=372, crop_size=(256, 512), batch_size=4, iters=40000,
                        eval_every=1000, aug=dict(hflip=True)),
     "pascal_aug": dict(arch="deeplabv2", n_labeled=106, crop_size=(321, 321), batch_size=10, iters=40000,
@@ -83,7 +86,8 @@ DATASETS = {
     # SGD with a poly schedule; the original script's lr 0.1 (the paper says 0.05) belongs to the Dense
     # U-Net, hence per-arch rates that win over ARCHS' Adam ones
     "isic2017": dict(arch="denseunet161", n_labeled=50, crop_size=(224, 224), batch_size=10, iters=40000,
-                     eval_every=400, aug=dict(hflip=True, vflip=True, transpose=True, rot=45.0, max_scale=1.1),
+                     eval_every=400,
+                     aug=dict(hflip=True, vflip=True, transpose=True, rot=45.0, max_scale=1.1),
                      optimizer="sgd", lr_schedule="poly", weight_decay=5e-4, lesion_scoring=True,
                      arch_overrides=dict(denseunet161=dict(lr=0.1, freeze_bn=False),
                                          deeplabv2=dict(lr=2.5e-4), unet_small=dict(lr=0.1))),
@@ -97,24 +101,28 @@ ARCHS = {
     "deeplabv3plus": dict(lr=1e-5, backbone_lr_mult=1.0, freeze_bn=True),
     "denseunet161": dict(lr=3e-4, backbone_lr_mult=0.1, freeze_bn=True),
     "pspnet101": dict(lr=1e-4, backbone_lr_mult=0.1, freeze_bn=True),
-    "deeplabv3plus_deepstem": dict(lr=0.01, backbone_lr_mult=0.1, freeze_bn=False),  # today's protocol's (UNIMATCH)
+    # today's protocol's (UNIMATCH)
+    "deeplabv3plus_deepstem": dict(lr=0.01, backbone_lr_mult=0.1, freeze_bn=False),
 }
 @dataclass
 class TrainArgs:
     """Options shared by every train_*.py, in the same order everywhere; None = from the protocol."""
-    dataset: str = arg("demo", "demo (built in), folder (your own), or the official downloads", choices=list(DATASETS))
-    protocol: str = arg("paper", "paper (DeepLab v2, half-size Cityscapes, 40k iterations) or unimatch (today's: "
-                                 "README 'Under today's protocol')", choices=["paper", "unimatch"])
+    dataset: str = arg("demo", "demo (built in), folder (your own), or the official downloads",
+                       choices=list(DATASETS))
+    protocol: str = arg("paper", "paper (DeepLab v2, half-size Cityscapes, 40k iterations) or unimatch "
+                                 "(today's: README 'Under today's protocol')", choices=["paper", "unimatch"])
     data_root: str = arg(None, "the dataset's folder (default: data/<dataset>, $CITYSCAPES_DATASET first)")
     n_labeled: int = arg(None, "labeled training images; -1 = all (default: the dataset's)")
     split_seed: int = arg(12345, "seed of the labeled subset, independent of --seed")
-    split_file: str = arg(None, "the labeled images: a list of names, or the original's .pkl index permutation")
+    split_file: str = arg(None, "the labeled images: a list of names, "
+                                "or the original's .pkl index permutation")
     arch: str = arg(None, "network (default: the dataset's)", choices=list(ARCHS))
     no_pretrained: bool = arg(False, "random initialisation instead of ImageNet weights")
-    backbone_weights: str = arg(None, "deeplabv3plus_deepstem's ImageNet weights: UniMatch's pretrained/resnet101.pth")
+    backbone_weights: str = arg(None, "deeplabv3plus_deepstem's ImageNet weights: "
+                                      "UniMatch's pretrained/resnet101.pth")
     iters: int = arg(None, "training iterations (default: the dataset's; today's protocol: from --epochs)")
-    epochs: int = arg(None, "today's protocol: passes over the unlabeled images (default: UniMatch's 80 Pascal, 240 "
-                            "Cityscapes); --iters wins")
+    epochs: int = arg(None, "today's protocol: passes over the unlabeled images "
+                            "(default: UniMatch's 80 Pascal, 240 Cityscapes); --iters wins")
     batch_size: int = arg(None, "images per labeled batch and per unlabeled batch (default: the dataset's)")
     lr: float = arg(None, "learning rate of the head (default: the protocol's); the pretrained backbone's is "
                           "1/10 of it, but all of it for deeplabv3plus, unet_small and today's Cityscapes")
@@ -124,18 +132,21 @@ class TrainArgs:
     device: str = arg("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
     out: str = arg(None, "run folder (default: runs/<script>_<dataset>_<n_labeled>_s<seed>)")
     resume: bool = arg(False, "continue the run in --out from its last checkpoint")
-    amp: str = arg(None, "bf16/fp16 autocast; off: plain fp32, TF32 off; tf32: fp32 with TF32 convolutions, PyTorch's "
-                         "default (default on CUDA: bf16, today's protocol tf32, as UniMatch)",
+    amp: str = arg(None, "bf16/fp16 autocast; off: plain fp32, TF32 off; tf32: fp32 with TF32 convolutions, "
+                         "PyTorch's default (default on CUDA: bf16, today's protocol tf32, as UniMatch)",
                    choices=["off", "tf32", "bf16", "fp16"])
     deterministic: bool = arg(False, "deterministic kernels (with --num-workers 0: bit-exact resume)")
     num_workers: int = arg(None, "DataLoader worker processes (default: the dataset's, else min(8, CPUs))")
     num_classes: int = arg(None, "class count for --dataset folder (default: from the masks)")
     teacher_alpha: float = arg(0.99, "EMA decay of the teacher, which is the evaluated network")
     dedupe_params: bool = arg(False, "deeplabv2: step each backbone weight once per iteration, not 3-4 times")
-    aspp_all_branches: bool = arg(False, "deeplabv2: sum all four ASPP branches, not only the original's first two")
-    cache_dir: str = arg(None, "prepared data and checks (default: beside the data, else ~/.cache/cutmix-seg)")
+    aspp_all_branches: bool = arg(False, "deeplabv2: sum all four ASPP branches, "
+                                         "not only the original's first two")
+    cache_dir: str = arg(None, "prepared data and checks "
+                               "(default: beside the data, else ~/.cache/cutmix-seg)")
     no_cache: bool = arg(False, "today's Cityscapes decoded on the fly, not once into the cache (~25 GB)")
-    unlabeled_dir: str = arg(None, "a folder of images without masks (nested, any format) for the unlabeled stream")
+    unlabeled_dir: str = arg(None, "a folder of images without masks (nested, any format) "
+                                   "for the unlabeled stream")
     compile: bool = arg(False, "torch.compile student and teacher for training (pays off on long CUDA runs)")
     compile_mode: str = arg("reduce-overhead", "torch.compile mode (reduce-overhead: CUDA graphs)", choices=[
         "reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs"])
@@ -150,21 +161,28 @@ class TrainArgs:
     nesterov: bool = resolved(False)      # SGD's
     backbone_lr_mult: float = resolved()  # the pretrained backbone's share of --lr
     freeze_bn: bool = resolved()          # BatchNorm frozen: statistics fixed, in eval mode
-    pretrained: bool = resolved(True)     # ImageNet weights: not with --no-pretrained, nor --benchmark (random)
+    pretrained: bool = resolved(True)     # ImageNet weights: not with --no-pretrained,
+                                          # nor --benchmark (random)
     lesion_scoring: bool = resolved(False)  # ISIC: the predicted lesion hole-filled, its IoU reported
-    iters_per_epoch: int = resolved()     # today's protocol: as UniMatch's sampler deals them (epochs_to_iters)
-    loss_shares: int = resolved(1)        # the batch's shares whose loss means are averaged (per_share): today's 4
-    ohem: dict = resolved()               # unimatch, Cityscapes: the labeled loss is OHEM (ohem_loss's keywords)
-    eval_window: int = resolved()         # unimatch, Cityscapes: evaluation by sliding windows, the crop's side
+    iters_per_epoch: int = resolved()     # today's protocol: as UniMatch's sampler deals them
+                                          # (epochs_to_iters)
+    loss_shares: int = resolved(1)        # the batch's shares whose loss means are averaged (per_share):
+                                          # today's 4
+    ohem: dict = resolved()               # unimatch, Cityscapes: the labeled loss is OHEM
+                                          # (ohem_loss's keywords)
+    eval_window: int = resolved()         # unimatch, Cityscapes: evaluation by sliding windows,
+                                          # the crop's side
     student_every_eval: bool = resolved(False)  # the student evaluated every time, not at the end only
     reported_net: str = resolved("teacher")  # today's protocol: the network whose best evaluation is reported
-    PER_DATASET: ClassVar[dict] = {}      # a method's values that differ by dataset: {dataset: {field: value}}
+    PER_DATASET: ClassVar[dict] = {}      # a method's values that differ by dataset:
+                                          # {dataset: {field: value}}
     PER_PROTOCOL: ClassVar[dict] = {}     # the same by protocol: {"unimatch": {field: value}}
 
 def parse_size(text, option="--crop-size"):
     """'256,512' or '321' or (256, 512) -> (H, W)."""
     try:
-        parts = [int(v) for v in (text if isinstance(text, (tuple, list)) else str(text).replace("x", ",").split(","))]
+        values = text if isinstance(text, (tuple, list)) else str(text).replace("x", ",").split(",")
+        parts = [int(v) for v in values]
     except ValueError:
         parts = []
     parts = parts * 2 if len(parts) == 1 else parts
@@ -180,29 +198,32 @@ def command_line(args_class, argv=None, prog=None):
     summary = " ".join((sys.modules["__main__"].__doc__ or "").split("\n\n")[0].split())  # first paragraph
     parser = argparse.ArgumentParser(prog, description=summary, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(args_class):
-        flag, kind = "--" + f.name.replace("_", "-"), {"int": int, "float": float, "str": str}.get(f.type, f.type)
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
         if kind in (bool, "bool") and f.metadata.get("cli"):
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
         elif f.metadata.get("cli"):
             shown = "" if f.default is None else f" (default: {f.default})"
             parse = functools.partial(parse_size, option=flag) if f.metadata.get("parse") == "size" else kind
-            parser.add_argument(flag, type=parse, choices=f.metadata.get("choices"), help=f.metadata["help"] + shown)
+            parser.add_argument(flag, type=parse, choices=f.metadata.get("choices"),
+                                help=f.metadata["help"] + shown)
     return vars(parser.parse_args(argv))
 
-# Values out of range stop a run before anything is written: (field, test, what the option expects)
-# (the methods' own options too, and toy2d.py's and patch_analysis.py's, where declared; NaN fails every test)
-LIMITS = [*[(name, lambda v: v >= 1, "must be at least 1") for name in (
-              "iters", "epochs", "batch_size", "eval_every", "n_boxes", "steps", "seeds", "grid", "n_anchors")],
+# Values out of range stop a run before anything is written: (field, test, what the option expects) (the
+# methods' own options too, and toy2d.py's and patch_analysis.py's, where declared; NaN fails every test)
+LIMITS = [*[(name, lambda v: v >= 1, "must be at least 1")
+            for name in ("iters", "epochs", "batch_size", "eval_every", "n_boxes", "steps", "seeds", "grid",
+                         "n_anchors")],
           ("n_labeled", lambda v: v == -1 or v > 0, "must be a positive count or -1 (all)"),
           *[(name, lambda v: 0 <= v <= 1, "must lie in [0, 1]") for name in ("teacher_alpha", "conf_thresh")],
           ("benchmark", lambda v: v >= 0, "expects a number of iterations"),
           *[(name, lambda v: 0 <= v < 2**32, "must lie in [0, 2**32)") for name in ("seed", "split_seed")],
           ("lr", lambda v: 0 < v < math.inf, "must be a positive number"),
-          *[(name, lambda v: 0 <= v < math.inf, "must be 0 or more") for name in ("cons_weight", "vat_radius",
-                                                                                 "num_workers", "offset_range")],
+          *[(name, lambda v: 0 <= v < math.inf, "must be 0 or more")
+            for name in ("cons_weight", "vat_radius", "num_workers", "offset_range")],
           ("ict_alpha", lambda v: 0 < v < math.inf, "must be positive (λ ~ Beta(α, α))"),
-          ("num_classes", lambda v: v is None or 2 <= v <= 255, "must lie in [2, 255]: masks hold 8-bit class "
-                                                                "indices, 255 = ignore")]
+          ("num_classes", lambda v: v is None or 2 <= v <= 255,
+           "must lie in [2, 255]: masks hold 8-bit class indices, 255 = ignore")]
 
 def check_limits(args):
     """One clear line for the first option of `args` (a dataclass) that LIMITS refuses."""
@@ -210,7 +231,8 @@ def check_limits(args):
         if getattr(args, name) is not None and not ok(getattr(args, name)):
             raise UserError(f"--{name.replace('_', '-')} {expected}, got {getattr(args, name)}")
 
-PATHS = ("data_root", "cache_dir", "unlabeled_dir", "split_file")  # recorded absolute: --resume works from anywhere
+# recorded absolute: --resume works from anywhere
+PATHS = ("data_root", "cache_dir", "unlabeled_dir", "split_file")
 
 def parse_args(args_class, argv=None):
     """Command line -> resolved Args: field defaults, then the dataset's protocol, the arch's, the method's
@@ -218,7 +240,8 @@ def parse_args(args_class, argv=None):
     the run's own settings (its args.json) complete those given (cutmixseg/guard.py)."""
     given = command_line(args_class, argv)
     if given.get("resume"):  # the folder to resume: --out, or where these options write by default
-        out, script = given.get("out"), sys.argv[0] if sys.argv[0].endswith(".py") else None
+        out = given.get("out")
+        script = sys.argv[0] if sys.argv[0].endswith(".py") else None
         if not out and script:
             out = run_folder(script, resolve(args_class, given))
         given = guard.resume_settings(args_class, given, out)
@@ -228,8 +251,8 @@ def parse_args(args_class, argv=None):
         raise UserError(f"--batch-size {args.batch_size} is the global batch of all {world} processes: "
                         f"it must be divisible by {world}")
     if args.batch_size // world < 2 and args.arch in ("pspnet101", "deeplabv3plus", "deeplabv3plus_deepstem"):
-        raise UserError(f"--batch-size {args.batch_size}: {args.arch}'s pooling branch trains BatchNorm on 1x1 maps, "
-                        f"which needs at least 2 images per batch and process")
+        raise UserError(f"--batch-size {args.batch_size}: {args.arch}'s pooling branch trains BatchNorm "
+                        f"on 1x1 maps, which needs at least 2 images per batch and process")
     args.device = str(resolve_device(args.device, world))
     args.amp = args.amp or default_amp(args.protocol, args.device)
     args.pretrained = not (args.no_pretrained or args.benchmark)
@@ -243,8 +266,10 @@ def default_amp(protocol, device):
     return "tf32" if protocol == "unimatch" else "bf16"
 
 def resolve(args_class, given):
-    """The Args of the options `given`: the protocols' values under them, the limits checked, paths absolute."""
-    dataset, name = given.get("dataset", args_class.dataset), given.get("protocol", args_class.protocol)
+    """The Args of the options `given`: the protocols' values under them, the limits checked, paths
+    absolute."""
+    dataset = given.get("dataset", args_class.dataset)
+    name = given.get("protocol", args_class.protocol)
     protocol = dict(DATASETS[dataset])
     arch_overrides = protocol.pop("arch_overrides", {})
     if name == "unimatch":  # today's protocol wins over the arch's defaults
@@ -254,11 +279,13 @@ def resolve(args_class, given):
         protocol.update({**ARCHS[arch], **UNIMATCH_ALL, **UNIMATCH[dataset], "arch": arch})
     else:
         if given.get("epochs"):
-            raise UserError("--epochs counts today's protocol's epochs (--protocol unimatch); here use --iters")
+            raise UserError("--epochs counts today's protocol's epochs (--protocol unimatch); "
+                            "here use --iters")
         arch = given.get("arch") or protocol["arch"]
         protocol.update(ARCHS[arch])
         protocol.update(arch_overrides.get(arch, {}))  # a dataset's word on one arch (ISIC's SGD)
-        if given.get("no_pretrained"):  # nothing pretrained: one learning rate, BatchNorm learns from the data
+        # nothing pretrained: one learning rate, BatchNorm learns from the data
+        if given.get("no_pretrained"):
             protocol.update(backbone_lr_mult=1.0, freeze_bn=False)
     protocol.update(args_class.PER_DATASET.get(dataset, {}), **args_class.PER_PROTOCOL.get(name, {}))
     args = args_class(**{**protocol, **given})
@@ -306,7 +333,8 @@ def setup_device(args):
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":  # off: the paper's plain fp32, TF32 off; tf32: PyTorch's defaults (convolutions)
+    # off: the paper's plain fp32, TF32 off; tf32: PyTorch's defaults (convolutions)
+    if device.type == "cuda":
         torch.backends.cudnn.allow_tf32 = args.amp != "off"
         torch.backends.cuda.matmul.allow_tf32 = args.amp in ("bf16", "fp16")
     seed_everything(args.seed, args.deterministic)
@@ -319,10 +347,13 @@ def autocast(amp, device):
 
 # ---- 3. Data flow: dataset -> labeled subset -> augmented crops -> infinite streams -> the device ---
 class Split(torch.utils.data.Dataset):
-    """Samples: load(i) -> (image uint8 (H, W, 3), label uint8 (H, W)), sizes (H, W); as a Dataset, tensors."""
+    """Samples: load(i) -> (image uint8 (H, W, 3), label uint8 (H, W)), sizes (H, W); as a Dataset,
+    tensors."""
 
     def __init__(self, names, load, sizes):
-        self.names, self.load, self.sizes = list(names), load, list(sizes)
+        self.names = list(names)
+        self.load = load
+        self.sizes = list(sizes)
 
     def __len__(self):
         return len(self.names)
@@ -343,26 +374,33 @@ def load_dataset(name, root=None, n_labeled=-1, split_seed=12345, split_file=Non
         raise UserError(f"--unlabeled-dir {unlabeled_dir}: no such folder")
     folders = [Path(unlabeled_dir).expanduser()] if unlabeled_dir and with_unlabeled else []
     if name == "demo":  # generated (cutmixseg/demo.py)
-        (train, val), class_names = [Split(*s) for s in demo.demo_splits()], demo.DEMO_CLASSES
+        train, val = [Split(*s) for s in demo.demo_splits()]
+        class_names = demo.DEMO_CLASSES
         num_classes = len(class_names)
         cache = cache_folder(folders[0], cache_dir) if folders else None
     else:
         root = require_root(root, name)
         cache = cache_folder(root, cache_dir)
-        read = dict(folder=functools.partial(folder_dataset, num_classes=num_classes), cityscapes=cityscapes_dataset,
-                    pascal_aug=functools.partial(pascal_aug_dataset, split_file=split_file),
-                    isic2017=isic2017_dataset) if protocol == "paper" else dict(
-                    cityscapes=functools.partial(cityscapes_full_dataset, cached=not no_cache),
-                    pascal_aug=pascal_unimatch_dataset)
+        if protocol == "paper":
+            read = dict(folder=functools.partial(folder_dataset, num_classes=num_classes),
+                        cityscapes=cityscapes_dataset,
+                        pascal_aug=functools.partial(pascal_aug_dataset, split_file=split_file),
+                        isic2017=isic2017_dataset)
+        else:
+            read = dict(cityscapes=functools.partial(cityscapes_full_dataset, cached=not no_cache),
+                        pascal_aug=pascal_unimatch_dataset)
         train, val, num_classes, class_names = read[name](root, cache)
         own = root / "unlabeled"  # folder's images without masks
         folders = [own] * (name == "folder" and with_unlabeled and own.is_dir()) + folders
     labeled = choose_labeled(train.names, n_labeled, split_seed, split_file)
     rest = np.setdiff1d(np.arange(len(train)), labeled) if protocol == "unimatch" else np.arange(len(train))
-    stream = Split([train.names[i] for i in rest], lambda i: train.load(rest[i]), [train.sizes[i] for i in rest])
+    stream = Split([train.names[i] for i in rest], lambda i: train.load(rest[i]),
+                   [train.sizes[i] for i in rest])
     extra = unlabeled_split(name, folders, cache, unlabeled_dir, protocol) if folders else None
-    unlabeled = stream if extra is None else Split(  # the training images first: the paper's stream, unchanged
-        stream.names + extra.names, lambda i: stream.load(i) if i < len(stream) else extra.load(i - len(stream)),
+    # the training images first: the paper's stream, unchanged
+    unlabeled = stream if extra is None else Split(
+        stream.names + extra.names,
+        lambda i: stream.load(i) if i < len(stream) else extra.load(i - len(stream)),
         stream.sizes + extra.sizes)
     return Data(train, val, num_classes, class_names, labeled, unlabeled if with_unlabeled else None)
 
@@ -402,10 +440,12 @@ def augment(image, label, rng, crop, aug):
     lab = torch.from_numpy(np.ascontiguousarray(label)) if label is not None else None
     valid = torch.full(img.shape[1:], 255, dtype=torch.uint8)
     ch, cw = crop
-    f = 0.5 + rng.integers(0, 11) / 10 if aug.get("hung_scale") else 1  # a window of crop/f resized to the crop
+    # a window of crop/f resized to the crop
+    f = 0.5 + rng.integers(0, 11) / 10 if aug.get("hung_scale") else 1
     wh, ww = round(ch / f), round(cw / f)
     if aug.get("rot") or aug.get("max_scale"):  # ISIC: rotated and scaled crop, no padding
-        img, lab, valid = rotate_scale_crop(img, lab, valid, rng, crop, aug.get("rot") or 0, aug.get("max_scale") or 1)
+        img, lab, valid = rotate_scale_crop(img, lab, valid, rng, crop, aug.get("rot") or 0,
+                                            aug.get("max_scale") or 1)
     else:
         img, lab, valid = pad_to(img, lab, valid, wh, ww)
         y0 = round((img.shape[1] - wh) * rng.uniform())
@@ -435,8 +475,8 @@ def pad_to(img, lab, valid, h, w):
 
 def resize(t, size, mode):
     """Resize a (C, H, W) uint8 tensor; bilinear rounds back to uint8."""
-    out = F.interpolate(t[None].float(), size=size, mode=mode, **({} if mode == "nearest" else
-                                                                   dict(align_corners=False)))[0]
+    options = {} if mode == "nearest" else dict(align_corners=False)
+    out = F.interpolate(t[None].float(), size=size, mode=mode, **options)[0]
     return out.round().clamp(0, 255).to(torch.uint8)
 
 class TrainSet(torch.utils.data.Dataset):
@@ -444,7 +484,10 @@ class TrainSet(torch.utils.data.Dataset):
     position alone, the same in any worker, after a resume, whatever the worker count."""
 
     def __init__(self, split, crop, aug, with_label=True):
-        self.split, self.crop, self.aug, self.with_label = split, crop, aug, with_label
+        self.split = split
+        self.crop = crop
+        self.aug = aug
+        self.with_label = with_label
 
     def __getitem__(self, key):
         index, seed = key
@@ -460,11 +503,16 @@ class StreamSampler(torch.utils.data.Sampler):
     process cuts the same global batch and keeps its own rows."""
 
     def __init__(self, indices, batch_size, seed, stream, start=0):
-        self.indices, self.batch_size = np.asarray(indices), batch_size
-        self.seed, self.stream, self.start = seed, stream, start
+        self.indices = np.asarray(indices)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.stream = stream
+        self.start = start
 
     def __iter__(self):
-        n, pos, current_pass = len(self.indices), self.start * self.batch_size, None
+        n = len(self.indices)
+        pos = self.start * self.batch_size  # position in the stream, counted in samples
+        current_pass = None
         rank, world = process_group()
         share = self.batch_size // world
         while True:
@@ -472,15 +520,17 @@ class StreamSampler(torch.utils.data.Sampler):
             for _ in range(self.batch_size):
                 k, j = divmod(pos, n)
                 if k != current_pass:
-                    order, current_pass = np.random.default_rng([self.seed, self.stream, k]).permutation(n), k
+                    order = np.random.default_rng([self.seed, self.stream, k]).permutation(n)
+                    current_pass = k
                 batch.append((int(self.indices[order[j]]), (self.seed, self.stream, pos)))
                 pos += 1
             yield batch[rank * share:(rank + 1) * share]
 
 def train_loader(dataset, indices, batch_size, seed, stream_id, start, num_workers):
-    """Iterator over batches of `dataset` (indexed by (sample, augmentation seed)) from iteration `start`. The
-    iterator draws its workers' seed from a generator of its own: from torch's global RNG, that draw would shift
-    the dropout that follows between a run and its resume (which makes its streams after restoring the RNGs)."""
+    """Iterator over batches of `dataset` (indexed by (sample, augmentation seed)) from iteration `start`.
+    The iterator draws its workers' seed from a generator of its own: from torch's global RNG, that draw
+    would shift the dropout that follows between a run and its resume (which makes its streams after
+    restoring the RNGs)."""
     sampler = StreamSampler(indices, batch_size, seed, stream_id, start)
     return one_report_of_dead_workers(iter(torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
@@ -496,8 +546,8 @@ def val_loader(split, batch_size, num_workers=0):
             batches.append([])
         batches[-1].append(i)
     rank, world = process_group()
-    return torch.utils.data.DataLoader(split, batch_sampler=batches[rank::world], num_workers=min(num_workers, 4),
-                                       pin_memory=torch.cuda.is_available())
+    return torch.utils.data.DataLoader(split, batch_sampler=batches[rank::world],
+                                       num_workers=min(num_workers, 4), pin_memory=torch.cuda.is_available())
 
 @functools.lru_cache(maxsize=None)
 def normalisation(device):
@@ -515,15 +565,18 @@ def normalise(images, device, valid=None):
 
 def to_device(batch, device):
     """A loader batch on the device: (images, valid) -> (x, v), (images, labels, valid) -> (x, y, v). x:
-    normalised (B, 3, H, W), 0 where padded: where v is 0, or a 4th (alpha) channel of the images is (ISIC's
-    mirrored borders are no padding; today's protocol's black padding enters the network as it is, as UniMatch's);
-    y: long, 255 = ignore; v: (B, 1, H, W), the loss mask, 1 = in the image."""
+    normalised (B, 3, H, W), 0 where padded: where v is 0, or a 4th (alpha) channel of the images is
+    (ISIC's mirrored borders are no padding; today's protocol's black padding enters the network as it is,
+    as UniMatch's); y: long, 255 = ignore; v: (B, 1, H, W), the loss mask, 1 = in the image."""
     *images_labels, valid = batch
     v = valid.to(device, non_blocking=True).float().div_(255).unsqueeze(1)
     images = images_labels[0]
     alpha = v if images.shape[1] == 3 else images[:, 3:].to(device, non_blocking=True).float().div_(255)
     x = normalise(images[:, :3], device, alpha)
-    return (x, v) if len(images_labels) == 1 else (x, images_labels[1].to(device, non_blocking=True).long(), v)
+    if len(images_labels) == 1:
+        return x, v
+    y = images_labels[1].to(device, non_blocking=True).long()
+    return x, y, v
 
 # ---- 4. Mean teacher and optimizer ----------------------------------------------------------------
 def make_teacher(student):
@@ -561,7 +614,8 @@ class RepeatAdam(torch.optim.Adam):
 def param_groups(net, args):
     """Backbone at lr · backbone_lr_mult, the rest (the head) at lr; DeepLab v2's multiplicities kept."""
     wanted = hasattr(net, "backbone_modules") and (args.backbone_lr_mult != 1.0 or args.arch == "deeplabv2")
-    backbone = net.backbone_modules() if wanted else []  # a net without one (unet_small): all at the head's rate
+    # a net without one (unet_small): all at the head's rate
+    backbone = net.backbone_modules() if wanted else []
     counts = {}
     for top in backbone:  # the original's walk: every module's recursive .parameters(), duplicates kept
         for m in top.modules():
@@ -634,7 +688,8 @@ def confusion_matrix(pred, target, num_classes):
     return torch.bincount(index, minlength=num_classes ** 2).view(num_classes, num_classes)
 
 def iou_from_confusion(conf):
-    """Per-class IoU pooled over the set; a class absent from prediction and truth counts 0, as the original."""
+    """Per-class IoU pooled over the set; a class absent from prediction and truth counts 0, as the
+    original."""
     conf = conf.double()
     inter = conf.diag()
     return inter / (conf.sum(0) + conf.sum(1) - inter).clamp(min=1)
@@ -670,9 +725,10 @@ def evaluate(net, loader, device, num_classes, amp="off", lesion_scoring=False, 
 
 # ---- 6. Run: the run folder, its log, metrics, checkpoints and results ----------------------------
 def run_folder(script, args):
-    """The default run folder of resolved Args: runs/<script>_<dataset>[_unimatch][_<arch>]_<n_labeled>[_<list>]
-    _s<seed>[_ss<split_seed>]: the arch when not the protocol's; under today's protocol a --split-file that
-    --n-labeled did not pick (its folder's name for a labeled.txt, else its stem); the split seed when not 12345."""
+    """The default run folder of resolved Args:
+    runs/<script>_<dataset>[_unimatch][_<arch>]_<n_labeled>[_<list>]_s<seed>[_ss<split_seed>]: the arch
+    when not the protocol's; under today's protocol a --split-file that --n-labeled did not pick (its
+    folder's name for a labeled.txt, else its stem); the split seed when not 12345."""
     today = args.protocol == "unimatch"
     parts = [Path(script).stem, args.dataset] + (["unimatch"] if today else [])
     parts += [args.arch] if args.arch != (UNIMATCH_ALL if today else DATASETS[args.dataset])["arch"] else []
@@ -698,11 +754,17 @@ class Run:
     end_iteration (each iteration) and finish, in this order. Under torchrun process 0 writes."""
 
     def __init__(self, args, method, unlabeled=True):
-        self.args, self.method, self.unlabeled, (self.rank, self.world) = args, method, unlabeled, process_group()
-        self.main, self.log_file, self.metrics_file, self.last_eval = self.rank == 0, None, None, None
+        self.args = args
+        self.method = method
+        self.unlabeled = unlabeled  # does the method stream unlabeled images
+        self.rank, self.world = process_group()
+        self.main = self.rank == 0  # process 0 writes the run folder
+        self.log_file = self.metrics_file = None  # opened by start()
+        self.last_eval = None
         script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else f"train_{method}"
         args.out = args.out or str(run_folder(script, args))
-        self.out, self.checkpoint_path = Path(args.out), Path(args.out) / "checkpoint.pt"
+        self.out = Path(args.out)
+        self.checkpoint_path = Path(args.out) / "checkpoint.pt"
         if self.main:  # --out checked and claimed (cutmixseg/guard.py)
             guard.claim(self)
         self.resume = args.resume and self.checkpoint_path.is_file()
@@ -725,8 +787,12 @@ class Run:
     def start(self, data, device, student, teacher, optimizer, scaler, generator=None):
         """Create the folder and its log, or, resuming, restore from the checkpoint what the run tracks: the
         nets, the optimizer, the loss scaler, the method's generator (masks, probes) and the global RNGs.
-        teacher None: a self-training method (FixMatch, UniMatch), whose one network is evaluated and reported."""
-        self.data, self.device, self.start_iter, self.timer_state = data, device, 0, None
+        teacher None: a self-training method (FixMatch, UniMatch), whose one network is evaluated and
+        reported."""
+        self.data = data
+        self.device = device
+        self.start_iter = 0  # the checkpoint's iteration when resuming
+        self.timer_state = None
         self.nets, self.evaluated = run_nets(student, teacher)
         self.tracked = dict(self.nets, optimizer=optimizer, scaler=scaler)
         self.tracked.update({} if generator is None else dict(generator=generator))
@@ -741,24 +807,27 @@ class Run:
             record = dict(dataclasses.asdict(self.args), method=self.method)
             if self.main:
                 atomic_write(self.out / "args.json", json.dumps(record, indent=2, default=str))
-                atomic_write(self.out / "labeled.txt", "".join(data.train.names[i] + "\n" for i in data.labeled))
+                atomic_write(self.out / "labeled.txt",
+                             "".join(data.train.names[i] + "\n" for i in data.labeled))
             self.print("settings: " + " ".join(f"{k}={v}" for k, v in sorted(record.items())))
-            in_train = len(data.train) - len(data.labeled) * (self.args.protocol == "unimatch")  # the rest, or all
+            # the training images in the unlabeled stream: the rest, or all
+            in_train = len(data.train) - len(data.labeled) * (self.args.protocol == "unimatch")
             unlabeled = (f"{len(data.unlabeled)} unlabeled ({len(data.unlabeled) - in_train} without masks)"
                          if data.unlabeled else "no unlabeled stream")
-            self.print(f"data: {len(data.train)} train ({len(data.labeled)} labeled), {unlabeled}, {len(data.val)} "
-                       f"val, {data.num_classes} classes; labeled: {data.labeled.tolist()[:20]}"
-                       f"{' ...' if len(data.labeled) > 20 else ''}")
+            self.print(f"data: {len(data.train)} train ({len(data.labeled)} labeled), {unlabeled}, "
+                       f"{len(data.val)} val, {data.num_classes} classes; "
+                       f"labeled: {data.labeled.tolist()[:20]}{' ...' if len(data.labeled) > 20 else ''}")
         a = self.args
         if a.epochs:
-            self.print(f"epochs: {a.epochs} x {a.iters_per_epoch} iterations, as UniMatch's sampler deals the "
-                       f"images to {a.loss_shares} GPUs")
+            self.print(f"epochs: {a.epochs} x {a.iters_per_epoch} iterations, "
+                       f"as UniMatch's sampler deals the images to {a.loss_shares} GPUs")
         if a.protocol == "unimatch" and a.loss_shares != UNIMATCH_GPUS:
             images = a.batch_size // a.loss_shares
-            self.print(f"loss: --batch-size {a.batch_size} does not split among UniMatch's {UNIMATCH_GPUS} GPUs; "
-                       f"each loss is averaged over {a.loss_shares} shares of the batch ({images} "
+            self.print(f"loss: --batch-size {a.batch_size} does not split among UniMatch's {UNIMATCH_GPUS} "
+                       f"GPUs; each loss is averaged over {a.loss_shares} shares of the batch ({images} "
                        f"image{'s' * (images > 1)} each), as on {a.loss_shares} GPUs")
-        CHECKPOINTED.update(iter=self.start_iter or None, batch=self.args.batch_size, crop=self.args.crop_size)
+        CHECKPOINTED.update(iter=self.start_iter or None, batch=self.args.batch_size,
+                            crop=self.args.crop_size)
         if self.world > 1:
             for net in self.nets.values():  # one set of weights on every process, from process 0
                 for t in net.state_dict().values():
@@ -787,8 +856,9 @@ class Run:
         """Iteration numbers from the start (or the checkpoint) to --iters, with a progress bar."""
         if self.args.compile:
             self.compile()
-        self.bar = tqdm(range(self.start_iter, self.args.iters), initial=self.start_iter, total=self.args.iters,
-                        desc=self.method, dynamic_ncols=True, leave=False, disable=not self.main)
+        self.bar = tqdm(range(self.start_iter, self.args.iters), initial=self.start_iter,
+                        total=self.args.iters, desc=self.method, dynamic_ncols=True, leave=False,
+                        disable=not self.main)
         self.timer = timing.Timer(self.device, self.timer_state)
         yield from self.bar
 
@@ -804,7 +874,8 @@ class Run:
             for name, value in zip(scalars, means):
                 if not math.isfinite(value):  # as the original: a NaN loss ends the run
                     raise RuntimeError(f"the {name} loss became {value} by iteration {done}; stopping")
-            lr, rate = self.tracked["optimizer"].param_groups[-1]["lr"], self.timer.rate()
+            lr = self.tracked["optimizer"].param_groups[-1]["lr"]
+            rate = self.timer.rate()  # seconds per iteration
             self.print(f"it {done}/{self.args.iters} | " + " | ".join(
                 f"{k} {v:.4f}" for k, v in zip(scalars, means)) + f" | lr {lr:.1e} | {rate:.3f} s/it")
             self.metrics(iter=done, lr=lr, seconds_per_iter=rate, **dict(zip(scalars, means)))
@@ -821,8 +892,9 @@ class Run:
         pass over Cityscapes' validation set costs ~200 training iterations): logged, and kept in last_eval.
         A run without a teacher evaluates its one network, the student, and says so ("network")."""
         data, args = self.data, self.args
-        score = functools.partial(evaluate, loader=self.val_loader, device=self.device, num_classes=data.num_classes,
-                                  amp=args.amp, lesion_scoring=args.lesion_scoring, window=args.eval_window)
+        score = functools.partial(evaluate, loader=self.val_loader, device=self.device,
+                                  num_classes=data.num_classes, amp=args.amp,
+                                  lesion_scoring=args.lesion_scoring, window=args.eval_window)
         miou, per_class, _ = score(self.nets[self.evaluated])
         self.last_eval = dict(miou=miou, per_class_iou=per_class, network=self.evaluated)
         line = f"eval it {done} | {self.evaluated} mIoU {miou:.2f}"
@@ -839,11 +911,13 @@ class Run:
         self.metrics(iter=done, **self.last_eval)
 
     def save(self, done):
-        """checkpoint.pt, written atomically: what the run tracks, the global RNGs, the timer, the class names."""
+        """checkpoint.pt, written atomically: what the run tracks, the global RNGs, the timer, the class
+        names."""
         if self.main:
             state = {name: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
                      for name, obj in self.tracked.items()}
-            state.update(iter=done, class_names=self.data.class_names, rng=guard.rng_state(), timer=self.timer.saved())
+            state.update(iter=done, class_names=self.data.class_names, rng=guard.rng_state(),
+                         timer=self.timer.saved())
             atomic_write(self.checkpoint_path, state)
             CHECKPOINTED["iter"] = done
 
@@ -873,10 +947,12 @@ class Run:
         self.bar.close()
         if self.last_eval is None:  # resumed from a checkpoint written at the very end
             self.evaluate(self.args.iters)
-        timer, best = self.timer.saved(), guard.best_evaluations(self.out / "metrics.jsonl") if self.main else {}
-        results = dict(self.last_eval, **best, iters=self.args.iters, method=self.method, dataset=self.args.dataset,
-                       n_labeled=len(self.data.labeled), arch=self.args.arch, train_seconds=timer["wall"],
-                       seconds_per_iter=self.timer.per_iteration(), resumed_from=self.start_iter,
+        timer = self.timer.saved()
+        best = guard.best_evaluations(self.out / "metrics.jsonl") if self.main else {}
+        results = dict(self.last_eval, **best, iters=self.args.iters, method=self.method,
+                       dataset=self.args.dataset, n_labeled=len(self.data.labeled), arch=self.args.arch,
+                       train_seconds=timer["wall"], seconds_per_iter=self.timer.per_iteration(),
+                       resumed_from=self.start_iter,
                        **(dict(world_size=self.world) if self.world > 1 else {}))
         final = results["miou"]  # the paper's: the teacher's last evaluation
         if self.args.protocol == "unimatch" and self.main:  # UniMatch's: the best evaluation of its network
@@ -890,10 +966,10 @@ class Run:
             self.print(f"results in {self.out}: {self.evaluated} mIoU {results['miou']:.2f}{student}, "
                        f"{results['seconds_per_iter']:.3f} s/it")
             if "reported" in results:
-                both = (f" (best teacher {results['best_miou']:.2f}, best student {results['best_student_miou']:.2f})"
-                        if "teacher" in self.nets else "")
-                self.print(f"reported, as UniMatch: the {results['reported']}'s best mIoU, {final:.2f} at iteration "
-                           f"{results['reported_iter']}{both}")
+                both = (f" (best teacher {results['best_miou']:.2f}, "
+                        f"best student {results['best_student_miou']:.2f})" if "teacher" in self.nets else "")
+                self.print(f"reported, as UniMatch: the {results['reported']}'s best mIoU, {final:.2f} "
+                           f"at iteration {results['reported_iter']}{both}")
             self.log_file.close()
             self.metrics_file.close()
             print(f"FINAL mIoU={final:.2f}", flush=True)
@@ -902,10 +978,10 @@ class Run:
 
 def load_model(run_dir, net="teacher", device="cpu"):
     """(network in eval mode on `device`, info) from a run folder's args.json and checkpoint.pt, as Run.save
-    wrote them, or from a checkpoint file (load_weights_file: UniMatch's released ones too). info: class_names,
-    num_classes, mean and std (of normalisation), preprocess ("halve" for the paper's half-size Cityscapes; "resize
-    248x248" for ISIC; None), eval_window (sliding windows' side, today's protocol's Cityscapes; None: whole
-    images), dataset, arch, iteration, lesion_scoring."""
+    wrote them, or from a checkpoint file (load_weights_file: UniMatch's released ones too). info:
+    class_names, num_classes, mean and std (of normalisation), preprocess ("halve" for the paper's half-size
+    Cityscapes; "resize 248x248" for ISIC; None), eval_window (sliding windows' side, today's protocol's
+    Cityscapes; None: whole images), dataset, arch, iteration, lesion_scoring."""
     run_dir = Path(run_dir)
     if run_dir.is_file():
         return load_weights_file(run_dir, net, device)
@@ -925,19 +1001,22 @@ def load_model(run_dir, net="teacher", device="cpu"):
         model = build_net(args, len(names), torch.device(device))
         model.load_state_dict(state[net])
     except Exception as e:  # a truncated or foreign file, a state that does not fit the arch
-        raise UserError(f"{run_dir / 'checkpoint.pt'}: cannot load the {net} from it ({type(e).__name__}: {e})")
-    preprocess = {"cityscapes": "halve", "isic2017": "resize 248x248"}.get(saved["dataset"])  # the paper's sizes
+        raise UserError(f"{run_dir / 'checkpoint.pt'}: cannot load the {net} from it "
+                        f"({type(e).__name__}: {e})")
+    # the paper's sizes
+    preprocess = {"cityscapes": "halve", "isic2017": "resize 248x248"}.get(saved["dataset"])
     return model.eval(), dict(class_names=names, num_classes=len(names), mean=IMAGENET_MEAN, std=IMAGENET_STD,
                               preprocess=None if saved.get("protocol") == "unimatch" else preprocess,
-                              eval_window=saved.get("eval_window"), dataset=saved["dataset"], arch=saved["arch"],
-                              iteration=state["iter"], lesion_scoring=saved.get("lesion_scoring", False))
+                              eval_window=saved.get("eval_window"), dataset=saved["dataset"],
+                              arch=saved["arch"], iteration=state["iter"],
+                              lesion_scoring=saved.get("lesion_scoring", False))
 
 def load_weights_file(path, net="teacher", device="cpu"):
-    """(network in eval mode, info) of a checkpoint file without its run folder: UniMatch's ({'model': state dict
-    with DDP's 'module.' prefixes, 'optimizer', 'epoch', 'previous_best'}), a bare state dict with or without
-    the prefixes, or a kit run's checkpoint.pt (its `net`). The architecture and the class count are read from
-    the weights' names and shapes; a deep-stem DeepLab v3+ of 19 classes is applied as UniMatch evaluates
-    Cityscapes, by sliding windows of 801 (its crop)."""
+    """(network in eval mode, info) of a checkpoint file without its run folder: UniMatch's ({'model':
+    state dict with DDP's 'module.' prefixes, 'optimizer', 'epoch', 'previous_best'}), a bare state dict with
+    or without the prefixes, or a kit run's checkpoint.pt (its `net`). The architecture and the class count
+    are read from the weights' names and shapes; a deep-stem DeepLab v3+ of 19 classes is applied as
+    UniMatch evaluates Cityscapes, by sliding windows of 801 (its crop)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, truncated, or pickled objects beyond tensors
@@ -947,8 +1026,8 @@ def load_weights_file(path, net="teacher", device="cpu"):
     elif isinstance(state, dict) and isinstance(state.get("model"), dict):  # UniMatch's
         state = state["model"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise UserError(f"{path}: holds no network weights (expected a state dict, UniMatch's {{'model': ...}} "
-                        f"or a run's checkpoint.pt)")
+        raise UserError(f"{path}: holds no network weights (expected a state dict, "
+                        f"UniMatch's {{'model': ...}} or a run's checkpoint.pt)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     arch, num_classes = recognise_weights(state, path)
     model = build_net(argparse.Namespace(arch=arch, aspp_all_branches=False, pretrained=False), num_classes,
@@ -958,7 +1037,8 @@ def load_weights_file(path, net="teacher", device="cpu"):
     window = 801 if arch == "deeplabv3plus_deepstem" and num_classes == 19 else None
     return model.eval(), dict(class_names=names or [f"class_{c}" for c in range(num_classes)],
                               num_classes=num_classes, mean=IMAGENET_MEAN, std=IMAGENET_STD, preprocess=None,
-                              eval_window=window, dataset=None, arch=arch, iteration=None, lesion_scoring=False)
+                              eval_window=window, dataset=None, arch=arch, iteration=None,
+                              lesion_scoring=False)
 
 def recognise_weights(state, path):
     """(arch, class count) of a state dict: the network whose parameter names it holds, built on the meta
@@ -975,8 +1055,8 @@ def recognise_weights(state, path):
                 return arch, 2
             raise UserError(f"{path}: {arch} weights whose shapes fit no class count")
     some = ", ".join(list(state)[:3])
-    raise UserError(f"{path}: weights of no network the kit builds ({len(state)} tensors: {some}, ...); the kit "
-                    f"builds {', '.join(ARCHS)}")
+    raise UserError(f"{path}: weights of no network the kit builds ({len(state)} tensors: {some}, ...); "
+                    f"the kit builds {', '.join(ARCHS)}")
 
 # ---- 7. torchrun: several processes, one run (BatchNorm across processes: section 9, sync_batchnorm) ---
 def process_group():
@@ -1024,7 +1104,8 @@ def per_share(loss, shares, *tensors):
     all_reduce_grads' average over the processes is the same step on 1, 2, 4 or 8 of them. One process
     and one share: the loss's own mean, to the bit."""
     world = process_group()[1]
-    parts = [(share, *loss(*(t[rows] for t in tensors))) for share, rows in share_rows(len(tensors[0]), shares)]
+    rows_by_share = share_rows(len(tensors[0]), shares)
+    parts = [(share, *loss(*(t[rows] for t in tensors))) for share, rows in rows_by_share]
     counts = torch.zeros(shares, device=tensors[0].device)
     for share, _, count in parts:
         counts[share] += count
@@ -1054,18 +1135,22 @@ def leave_process_group():
 # ============================== Catalogues: read the part for your dataset or your network ==========
 # ---- 8. Dataset readers: (train Split, val Split, class count, class names) from the files on disk ---
 LAYOUTS = {
-    "folder": "ROOT/train/images/NAME.png|jpg, ROOT/train/masks/NAME.png, ROOT/val/images/..., ROOT/val/masks/...",
-    "cityscapes": "ROOT/leftImg8bit/{train,val}/CITY/NAME_leftImg8bit.png and ROOT/gtFine/{train,val}/CITY/"
-                  "NAME_gtFine_labelIds.png, i.e. leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from "
+    "folder": "ROOT/train/images/NAME.png|jpg, ROOT/train/masks/NAME.png, "
+              "ROOT/val/images/..., ROOT/val/masks/...",
+    "cityscapes": "ROOT/leftImg8bit/{train,val}/CITY/NAME_leftImg8bit.png and "
+                  "ROOT/gtFine/{train,val}/CITY/NAME_gtFine_labelIds.png, "
+                  "i.e. leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from "
                   "https://www.cityscapes-dataset.com/downloads/ unzipped into ROOT",
-    "pascal_aug": "VOCdevkit/VOC2012/{JPEGImages/NAME.jpg, SegmentationClassAug/NAME.png, ImageSets/Segmentation/"
-                  "val.txt, optionally ImageSets/SegmentationAug/train_aug.txt}, i.e. VOCtrainval_11-May-2012.tar "
-                  "from http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ plus SegmentationClassAug.zip (as distributed "
-                  "by Hung et al.'s AdvSemiSeg) unzipped inside VOC2012, or the labels built from SBD with "
+    "pascal_aug": "VOCdevkit/VOC2012/{JPEGImages/NAME.jpg, SegmentationClassAug/NAME.png, "
+                  "ImageSets/Segmentation/val.txt, optionally ImageSets/SegmentationAug/train_aug.txt}, "
+                  "i.e. VOCtrainval_11-May-2012.tar from http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ "
+                  "plus SegmentationClassAug.zip (as distributed by Hung et al.'s AdvSemiSeg) unzipped "
+                  "inside VOC2012, or the labels built from SBD with "
                   "`python -m tools sbd-to-aug SBD_ROOT VOC2012` from the whole kit (README 'Datasets')",
-    "isic2017": "ROOT/ISIC-2017_Training_Data/ISIC_NNNNNNN.jpg, ROOT/ISIC-2017_Training_Part1_GroundTruth/"
-                "ISIC_NNNNNNN_segmentation.png and the same for ISIC-2017_Validation_*, i.e. the ISIC 2017 Part 1 "
-                "zips from https://challenge.isic-archive.com/data/#2017 unzipped into ROOT",
+    "isic2017": "ROOT/ISIC-2017_Training_Data/ISIC_NNNNNNN.jpg, "
+                "ROOT/ISIC-2017_Training_Part1_GroundTruth/ISIC_NNNNNNN_segmentation.png "
+                "and the same for ISIC-2017_Validation_*, i.e. the ISIC 2017 Part 1 zips from "
+                "https://challenge.isic-archive.com/data/#2017 unzipped into ROOT",
 }
 
 def layout_error(root, dataset, problem):
@@ -1081,8 +1166,8 @@ def default_places(dataset):
     return ([Path(env).expanduser()] if env else []) + [Path("data") / dataset]
 
 def default_root(dataset):
-    """The first of default_places(dataset) that is a folder, else None (resolve() records it in args.json; not
-    for --benchmark, which without --data-root times random images of the dataset's sizes)."""
+    """The first of default_places(dataset) that is a folder, else None (resolve() records it in args.json;
+    not for --benchmark, which without --data-root times random images of the dataset's sizes)."""
     return next((place for place in default_places(dataset) if place.is_dir()), None)
 
 def require_root(root, dataset):
@@ -1096,8 +1181,9 @@ def require_root(root, dataset):
         first = ""  # Cityscapes' place before data/cityscapes
         if dataset == "cityscapes":
             first = f"$CITYSCAPES_DATASET={env} is no folder, " if env else "$CITYSCAPES_DATASET is not set, "
-        raise UserError(f"--dataset {dataset} found no data: {first}no folder data/{dataset} in {Path.cwd()}; "
-                        f"put the data there or give --data-root (expected layout: {LAYOUTS[dataset]})")
+        raise UserError(f"--dataset {dataset} found no data: {first}no folder data/{dataset} in "
+                        f"{Path.cwd()}; put the data there or give --data-root "
+                        f"(expected layout: {LAYOUTS[dataset]})")
     if not Path(root).expanduser().is_dir():
         raise UserError(f"--data-root {root}: no such folder (expected layout: {LAYOUTS[dataset]})")
     return Path(root).expanduser()
@@ -1108,7 +1194,8 @@ def cache_folder(root, explicit=None):
     written (read-only, another user's), with a line."""
     tag = hashlib.sha1(os.fsencode(root.resolve())).hexdigest()[:12]
     user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cutmix-seg" / tag
-    path = Path(explicit).expanduser() if explicit else root / ".cutmix_seg_cache" if os.access(root, os.W_OK) else user
+    path = (Path(explicit).expanduser() if explicit
+            else root / ".cutmix_seg_cache" if os.access(root, os.W_OK) else user)
     for candidate in dict.fromkeys([path, user]):
         with contextlib.suppress(OSError):
             candidate.mkdir(parents=True, exist_ok=True)
@@ -1128,19 +1215,21 @@ def split_pairs(root, dataset, image_dir, label_dir, list_images, label_of):
         raise layout_error(root, dataset, f"no images in {image_dir}")
     for image, label in pairs:
         if not (image.is_file() and label.is_file()):
-            raise layout_error(root, dataset, f"missing mask {label} for image {image}" if image.is_file() else
-                                              f"missing image {image}")
+            if image.is_file():
+                raise layout_error(root, dataset, f"missing mask {label} for image {image}")
+            raise layout_error(root, dataset, f"missing image {image}")
     return pairs
 
 def checked_splits(pairs_by_split, cache, num_classes=None):
-    """{split: Split decoding its (image, mask) pairs, or (image,) alone, on the fly, "max_label": int}, once
-    cutmixseg/prepare.py checked every pair (sizes agree, classes in range); its verdict is cached, keyed by the
-    files' names, sizes and times."""
+    """{split: Split decoding its (image, mask) pairs, or (image,) alone, on the fly, "max_label": int},
+    once cutmixseg/prepare.py checked every pair (sizes agree, classes in range); its verdict is cached,
+    keyed by the files' names, sizes and times."""
     verdict = prepare.verdict(pairs_by_split, cache, num_classes)
     def load(pairs):
         return lambda i: (read_image(pairs[i][0]), read_mask(pairs[i][1]) if len(pairs[i]) > 1 else None)
-    return {split: Split([pair[0].stem for pair in pairs], load(pairs), verdict[split]) for split, pairs in
-            pairs_by_split.items()} | {key: verdict[key] for key in ("classes", "labeled_pixels")}
+    splits = {split: Split([pair[0].stem for pair in pairs], load(pairs), verdict[split])
+              for split, pairs in pairs_by_split.items()}
+    return splits | {key: verdict[key] for key in ("classes", "labeled_pixels")}
 
 def prepared_split(root, cache, tag, names, pairs, convert):
     """A Split over uint8 arrays that cutmixseg/prepare.py fills once with `convert`(image[, label] path):
@@ -1152,8 +1241,9 @@ def prepared_split(root, cache, tag, names, pairs, convert):
                  [images.shape[1:3]] * len(names))
 
 def unlabeled_split(dataset, folders, cache, unlabeled_dir=None, protocol="paper"):
-    """The images in `folders` (image_files) as a Split of (image, None), prepared as the dataset's training
-    images: the paper's Cityscapes halved, ISIC at 248x248 (cached), others decoded on the fly once checked."""
+    """The images in `folders` (image_files) as a Split of (image, None), prepared as the dataset's
+    training images: the paper's Cityscapes halved, ISIC at 248x248 (cached), others decoded on the fly
+    once checked."""
     paths = [p for d in folders for p in image_files(d)]
     if not paths and unlabeled_dir:
         raise UserError(f"--unlabeled-dir {unlabeled_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
@@ -1162,7 +1252,8 @@ def unlabeled_split(dataset, folders, cache, unlabeled_dir=None, protocol="paper
     names = [p.relative_to(next(d for d in folders if p.is_relative_to(d))).as_posix() for p in paths]
     if dataset in ("cityscapes", "isic2017") and protocol == "paper":
         convert = dict(cityscapes=prepare.halve_cityscapes, isic2017=prepare.shrink_isic)[dataset]
-        return prepared_split(folders[0], cache, f"{dataset}_unlabeled", names, [(p,) for p in paths], convert)
+        return prepared_split(folders[0], cache, f"{dataset}_unlabeled", names, [(p,) for p in paths],
+                              convert)
     split = checked_splits({"unlabeled": [(p,) for p in paths]}, cache)["unlabeled"]
     return Split(names, split.load, split.sizes)
 
@@ -1175,26 +1266,31 @@ def folder_dataset(root, cache, num_classes=None):
         below = image.relative_to(root / split / "images").with_suffix("")
         masks = [root / split / "masks" / f"{below}{suffix}" for suffix in (".png", ".PNG")]
         return next((m for m in masks if m.is_file()), masks[0])
-    splits = checked_splits({split: split_pairs(root, "folder", root / split / "images", root / split / "masks",
-                                                image_files, functools.partial(mask_of, split=split))
-                             for split in ("train", "val")}, cache, num_classes)
+    pairs = {split: split_pairs(root, "folder", root / split / "images", root / split / "masks",
+                                image_files, functools.partial(mask_of, split=split))
+             for split in ("train", "val")}
+    splits = checked_splits(pairs, cache, num_classes)
     prepare.check_listable(splits["train"].names, root)  # labeled.txt lists them
-    found, given = splits["classes"], num_classes
+    found = splits["classes"]  # the class indices in the masks
+    given = num_classes  # --num-classes, or None
     num_classes = num_classes or max(found, default=0) + 1
     if num_classes < 2:
-        raise UserError(f"--data-root {root}: the masks hold class 0 alone besides 255 = ignore; masks stored as "
-                        f"0/255 need 255 -> 1 (e.g. np.where(mask == 255, 1, mask)), or give --num-classes")
+        raise UserError(f"--data-root {root}: the masks hold class 0 alone besides 255 = ignore; "
+                        f"masks stored as 0/255 need 255 -> 1 (e.g. np.where(mask == 255, 1, mask)), "
+                        f"or give --num-classes")
     if not given and found != list(range(num_classes)):
-        raise UserError(f"--data-root {root}: the masks hold classes {found}, so {num_classes} classes with gaps; "
-                        f"give --num-classes {num_classes} if that is right, else fix the stray values")
+        raise UserError(f"--data-root {root}: the masks hold classes {found}, so {num_classes} classes "
+                        f"with gaps; give --num-classes {num_classes} if that is right, "
+                        f"else fix the stray values")
     if not splits["labeled_pixels"]["val"]:
-        raise UserError(f"--data-root {root}: the validation masks label no pixel (all 255): nothing to score")
+        raise UserError(f"--data-root {root}: the validation masks label no pixel (all 255): "
+                        f"nothing to score")
     return splits["train"], splits["val"], num_classes, [str(c) for c in range(num_classes)]
 
 # ---- cityscapes: the official leftImg8bit/ and gtFine/ trees, prepared once at half size ---------------
-CITYSCAPES_CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic_light", "traffic_sign",
-                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
-                      "bicycle"]
+CITYSCAPES_CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic_light",
+                      "traffic_sign", "vegetation", "terrain", "sky", "person", "rider", "car", "truck",
+                      "bus", "train", "motorcycle", "bicycle"]
 
 def cityscapes_images(folder):
     """leftImg8bit/<split>/<city>/*_leftImg8bit.png sorted by <city>/<name>: the original's order, which the
@@ -1202,65 +1298,74 @@ def cityscapes_images(folder):
     return sorted(folder.glob("*/*_leftImg8bit.png"), key=lambda p: p.relative_to(folder).as_posix())
 
 def cityscapes_dataset(root, cache):
-    """Cityscapes: 2975 train / 500 val street scenes of 2048x1024, 19 classes, used at half size (1024x512),
-    halved once into the cache (about 7 GB; any even size works); test, _color, _instanceIds etc. ignored."""
+    """Cityscapes: 2975 train / 500 val street scenes of 2048x1024, 19 classes, used at half size
+    (1024x512), halved once into the cache (about 7 GB; any even size works); test, _color, _instanceIds
+    etc. ignored."""
     splits = []
     for split in ("train", "val"):
         label_dir = root / "gtFine" / split
+        def label_of(p, label_dir=label_dir):
+            return label_dir / p.parent.name / p.name.replace("_leftImg8bit", "_gtFine_labelIds")
         pairs = split_pairs(root, "cityscapes", root / "leftImg8bit" / split, label_dir, cityscapes_images,
-                            lambda p: label_dir / p.parent.name / p.name.replace("_leftImg8bit", "_gtFine_labelIds"))
+                            label_of)
         names = [p.name[:-len("_leftImg8bit.png")] for p, _ in pairs]
-        splits.append(prepared_split(root, cache, f"cityscapes_{split}", names, pairs, prepare.halve_cityscapes))
+        splits.append(prepared_split(root, cache, f"cityscapes_{split}", names, pairs,
+                                     prepare.halve_cityscapes))
     return splits[0], splits[1], len(CITYSCAPES_CLASSES), CITYSCAPES_CLASSES
 
 # ---- pascal_aug: VOC 2012 with the SBD-augmented labels (SegmentationClassAug) ------------------------
-PASCAL_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-                  "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-                  "tvmonitor"]
+PASCAL_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+                  "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+                  "sheep", "sofa", "train", "tvmonitor"]
 
 def voc2012_folder(path):
     """VOC2012 itself, found from it, from VOCdevkit or from the folder holding VOCdevkit; else None."""
-    return next((c for c in (path, path / "VOC2012", path / "VOCdevkit" / "VOC2012") if (c / "JPEGImages").is_dir()),
-                None)
+    candidates = (path, path / "VOC2012", path / "VOCdevkit" / "VOC2012")
+    return next((c for c in candidates if (c / "JPEGImages").is_dir()), None)
 
 def read_names(path):
     """Image names, one per line; "/JPEGImages/x.jpg /SegmentationClassAug/x.png" lines give x."""
     return [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
 
 def pascal_aug_dataset(root, cache, split_file=None):
-    """Pascal VOC 2012 augmented: 10,582 train / 1,449 val images up to 500x500, 21 classes. Training names:
-    ImageSets/SegmentationAug/train_aug.txt when present (the order the original's split_0.pkl indexes),
-    else every SegmentationClassAug label not in val.txt, sorted; validation: val.txt, whole images."""
+    """Pascal VOC 2012 augmented: 10,582 train / 1,449 val images up to 500x500, 21 classes. Training
+    names: ImageSets/SegmentationAug/train_aug.txt when present (the order the original's split_0.pkl
+    indexes), else every SegmentationClassAug label not in val.txt, sorted; validation: val.txt, whole
+    images."""
     voc = voc2012_folder(root)
     if voc is None:
         raise layout_error(root, "pascal_aug", "no JPEGImages/ in it, in VOC2012/ or in VOCdevkit/VOC2012/")
-    labels, val_list = voc / "SegmentationClassAug", voc / "ImageSets" / "Segmentation" / "val.txt"
+    labels = voc / "SegmentationClassAug"
+    val_list = voc / "ImageSets" / "Segmentation" / "val.txt"
     for path in (labels, val_list):
         if not path.exists():
             raise layout_error(root, "pascal_aug", f"missing {path}")
-    train_list, val = voc / "ImageSets" / "SegmentationAug" / "train_aug.txt", read_names(val_list)
+    train_list = voc / "ImageSets" / "SegmentationAug" / "train_aug.txt"
+    val = read_names(val_list)
     if train_list.is_file():
         train = read_names(train_list)
     elif split_file and str(split_file).endswith(".pkl"):
-        raise layout_error(root, "pascal_aug", f"--split-file {split_file} indexes the order of {train_list}, which is "
-                                               f"missing (get it from AdvSemiSeg's dataset/voc_list/train_aug.txt)")
+        raise layout_error(root, "pascal_aug",
+                           f"--split-file {split_file} indexes the order of {train_list}, which is missing "
+                           f"(get it from AdvSemiSeg's dataset/voc_list/train_aug.txt)")
     else:
         excluded = set(val)
         train = sorted(p.stem for p in labels.glob("*.png") if p.stem not in excluded)
     if not train or not val:
         raise layout_error(root, "pascal_aug",
                            f"no training labels in {labels}" if not train else f"{val_list} is empty")
-    splits = checked_splits({split: split_pairs(root, "pascal_aug", voc / "JPEGImages", labels,
-                                                lambda d: [d / f"{n}.jpg" for n in names],
-                                                lambda p: labels / f"{p.stem}.png")
-                             for split, names in (("train", train), ("val", val))}, cache, len(PASCAL_CLASSES))
+    pairs = {split: split_pairs(root, "pascal_aug", voc / "JPEGImages", labels,
+                                lambda d: [d / f"{n}.jpg" for n in names],
+                                lambda p: labels / f"{p.stem}.png")
+             for split, names in (("train", train), ("val", val))}
+    splits = checked_splits(pairs, cache, len(PASCAL_CLASSES))
     return splits["train"], splits["val"], len(PASCAL_CLASSES), PASCAL_CLASSES
 
 # ---- isic2017: the official ISIC 2017 Part 1 folders, prepared once at 248x248 -------------------------
 def isic2017_dataset(root, cache):
-    """ISIC 2017 lesion segmentation: 2000 train / 150 val dermoscopy images, classes background and lesion.
-    Superpixel PNGs, metadata CSVs and the Test_v2 folders are ignored. Resized once into the cache to
-    248x248 (aspect ratio not kept)."""
+    """ISIC 2017 lesion segmentation: 2000 train / 150 val dermoscopy images, classes background and
+    lesion. Superpixel PNGs, metadata CSVs and the Test_v2 folders are ignored. Resized once into the cache
+    to 248x248 (aspect ratio not kept)."""
     splits = []
     for split, part in (("train", "Training"), ("val", "Validation")):
         truth_dir = root / f"ISIC-2017_{part}_Part1_GroundTruth"
@@ -1274,14 +1379,17 @@ def isic2017_dataset(root, cache):
 
 def rotate_scale_crop(img, lab, valid, rng, crop, rot, max_scale):
     """A crop turned by θ ~ U(-rot, rot) degrees and scaled by s = exp(U(-ln m, ln m)): the original's
-    cv2.warpAffine with T(crop/2)·R(θ)·S(s)·T(-centre), as its inverse map for grid_sample. Beyond the border
-    as the original's: the image mirrored (BORDER_REFLECT_101; alpha 255, no padding), labels 255 and valid 0
-    (a constant border). The image is sampled nearest when labeled, else nearest or bilinear at random."""
+    cv2.warpAffine with T(crop/2)·R(θ)·S(s)·T(-centre), as its inverse map for grid_sample. Beyond the
+    border as the original's: the image mirrored (BORDER_REFLECT_101; alpha 255, no padding), labels 255 and
+    valid 0 (a constant border). The image is sampled nearest when labeled, else nearest or bilinear at
+    random."""
     scale = math.exp(rng.uniform(-math.log(max_scale), math.log(max_scale)))
     theta = math.radians(rng.uniform(-rot, rot))
-    size, window = np.array(img.shape[1:], float), np.array(crop) / scale  # (H, W), the crop's extent in the image
+    size = np.array(img.shape[1:], float)  # (H, W)
+    window = np.array(crop) / scale  # the crop's extent in the image
     cy, cx = np.maximum(size - window, 0) * rng.uniform(size=2) + np.minimum(window, size) / 2
-    dy, dx = torch.meshgrid(torch.arange(crop[0]) - crop[0] / 2, torch.arange(crop[1]) - crop[1] / 2, indexing="ij")
+    dy, dx = torch.meshgrid(torch.arange(crop[0]) - crop[0] / 2, torch.arange(crop[1]) - crop[1] / 2,
+                            indexing="ij")
     cos, sin = math.cos(theta) / scale, math.sin(theta) / scale
     x, y = cx + cos * dx + sin * dy, cy - sin * dx + cos * dy  # (h, w) source pixel of each output pixel
     # align_corners=True: -1 and 1 are the centres of the first and last pixels, as OpenCV's pixel grid
@@ -1301,10 +1409,12 @@ def rotate_scale_crop(img, lab, valid, rng, crop, rot, max_scale):
 def fill_holes(mask):
     """(B, H, W) bool -> the same with every hole filled, as scipy's binary_fill_holes: background regions
     that no 4-connected path links to the image border become foreground."""
-    background, outside = ~mask, torch.zeros_like(mask)
+    background = ~mask
+    outside = torch.zeros_like(mask)  # the background that the border reaches, grown below
     outside[:, [0, -1], :] = background[:, [0, -1], :]
     outside[:, :, [0, -1]] = background[:, :, [0, -1]]
-    cross = torch.tensor([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.float32, device=mask.device)[None, None]
+    cross = torch.tensor([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.float32,
+                         device=mask.device)[None, None]  # (1, 1, 3, 3): the 4-neighbourhood
     while True:  # grow the border's background to its 4 neighbours per step, through background only
         grown = (F.conv2d(outside[:, None].float(), cross, padding=1)[:, 0] > 0) & background
         if torch.equal(grown, outside):
@@ -1318,17 +1428,18 @@ def check_batchnorm_values(args, world):
     deepest = dict(unet_small=8, denseunet161=32).get(args.arch)  # the pooling nets: parse_args checks them
     h, w = args.crop_size
     if deepest and not args.freeze_bn and args.batch_size // world * -(-h // deepest) * -(-w // deepest) < 2:
-        raise UserError(f"--crop-size {h},{w} with --batch-size {args.batch_size}: {args.arch}'s deepest BatchNorm "
-                        f"would see one value per channel (it shrinks the crop {deepest} times); give a crop over "
-                        f"{deepest} pixels on one side, or --batch-size {2 * world} or more")
+        raise UserError(f"--crop-size {h},{w} with --batch-size {args.batch_size}: {args.arch}'s deepest "
+                        f"BatchNorm would see one value per channel (it shrinks the crop {deepest} times); "
+                        f"give a crop over {deepest} pixels on one side, or --batch-size {2 * world} or more")
 
 def build_net(args, num_classes, device):
     """The student network for --arch on `device` (channels-last on CUDA, where convolutions run faster
     that way), with ImageNet weights where args.pretrained; under torchrun its BatchNorm layers that
     train use the global batch's statistics."""
-    net = dict(deeplabv2=functools.partial(nets.DeepLabV2, aspp_all_branches=args.aspp_all_branches),
-               unet_small=nets.UNetSmall, deeplabv3plus=nets.DeepLabV3Plus, denseunet161=nets.DenseUNet161,
-               pspnet101=nets.PSPNet101, deeplabv3plus_deepstem=nets.DeepLabV3PlusDeepStem)[args.arch](num_classes)
+    build = dict(deeplabv2=functools.partial(nets.DeepLabV2, aspp_all_branches=args.aspp_all_branches),
+                 unet_small=nets.UNetSmall, deeplabv3plus=nets.DeepLabV3Plus, denseunet161=nets.DenseUNet161,
+                 pspnet101=nets.PSPNet101, deeplabv3plus_deepstem=nets.DeepLabV3PlusDeepStem)[args.arch]
+    net = build(num_classes)
     if args.pretrained and hasattr(net, "load_backbone"):  # today's protocol: UniMatch's own ImageNet weights
         if not args.backbone_weights:
             raise UserError(f"--arch {args.arch} needs --backbone-weights: {nets.UNIMATCH_RESNET101}; "
@@ -1340,12 +1451,13 @@ def build_net(args, num_classes, device):
     return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
 
 # ---- 10. Today's protocol (--protocol unimatch): UniMatch's, for modern tables (README) -----------------
-# Today's protocol (--protocol unimatch): UniMatch's (LiheYoung/UniMatch at 0324f3d), whose split lists and settings
-# many later papers reuse. DeepLab v3+ on a deep-stem ResNet-101 (output stride 16, BatchNorm trained),
-# SGD (momentum 0.9, weight decay 1e-4 on every parameter) with the poly rate set after each step, 8 labeled + 8
-# unlabeled crops per iteration, UniMatch's weak view (long side 0.5-2x, crop, flip), epochs of the unlabeled images,
-# an evaluation every epoch. lr: the head's, UniMatch's base rate x its lr_multi (Pascal 0.001 x 10, Cityscapes
-# 0.005 x 1); the backbone runs at the base rate. The method itself (EMA teacher, masks, weights) stays the paper's.
+# Today's protocol (--protocol unimatch): UniMatch's (LiheYoung/UniMatch at 0324f3d), whose split lists and
+# settings many later papers reuse. DeepLab v3+ on a deep-stem ResNet-101 (output stride 16, BatchNorm
+# trained), SGD (momentum 0.9, weight decay 1e-4 on every parameter) with the poly rate set after each step,
+# 8 labeled + 8 unlabeled crops per iteration, UniMatch's weak view (long side 0.5-2x, crop, flip), epochs of
+# the unlabeled images, an evaluation every epoch. lr: the head's, UniMatch's base rate x its lr_multi (Pascal
+# 0.001 x 10, Cityscapes 0.005 x 1); the backbone runs at the base rate. The method itself (EMA teacher,
+# masks, weights) stays the paper's.
 UNIMATCH = {
     "cityscapes": dict(n_labeled=186, crop_size=(801, 801), epochs=240, lr=0.005, backbone_lr_mult=1.0,
                        ohem=dict(thresh=0.7, min_kept=200_000), eval_window=801),
@@ -1360,42 +1472,49 @@ UNIMATCH_GPUS = 4  # UniMatch's runs: its losses are means per GPU, its epochs d
 UNIMATCH_SPLITS = Path(__file__).resolve().parent / "cutmixseg" / "splits" / "unimatch"
 
 def resolve_unimatch(args, count_given):
-    """--protocol unimatch: --n-labeled N picks UniMatch's list of N labeled images (cutmixseg/splits/unimatch/);
-    a --split-file (any list in UniMatch's format, e.g. U2PL's) is used whole unless --n-labeled cuts it."""
+    """--protocol unimatch: --n-labeled N picks UniMatch's list of N labeled images
+    (cutmixseg/splits/unimatch/); a --split-file (any list in UniMatch's format, e.g. U2PL's) is used whole
+    unless --n-labeled cuts it."""
     if args.crop_size[0] != args.crop_size[1]:
         raise UserError(f"--crop-size {args.crop_size[0]},{args.crop_size[1]}: "
                         "today's protocol crops squares, as UniMatch")
     if args.eval_window:  # UniMatch's evaluation windows are its training crops
         args.eval_window = args.crop_size[0]
-    # the run computes what UniMatch's 4 GPUs compute; a batch that does not split 4 ways: as many GPUs as it splits
+    # the run computes what UniMatch's 4 GPUs compute; a batch that does not split 4 ways: as many GPUs as
+    # it splits
     args.loss_shares = max(n for n in range(1, UNIMATCH_GPUS + 1) if args.batch_size % n == 0)
     if args.split_file or args.n_labeled == -1:  # -1: every training image labeled
         if args.split_file and not count_given:
             args.n_labeled = len(prepare.read_lines(args.split_file))
         return
     folder = UNIMATCH_SPLITS / ("pascal" if args.dataset == "pascal_aug" else args.dataset)
-    lists = {len(prepare.read_lines(f)): f for f in sorted(folder.glob("*/labeled.txt")) if "u2pl" not in f.parent.name}
+    lists = {len(prepare.read_lines(f)): f for f in sorted(folder.glob("*/labeled.txt"))
+             if "u2pl" not in f.parent.name}
     if args.n_labeled not in lists:
-        raise UserError(f"--n-labeled {args.n_labeled}: UniMatch's {args.dataset} lists hold {sorted(lists)} labeled "
-                        f"images; give one of these counts, or the labeled images in --split-file")
+        raise UserError(f"--n-labeled {args.n_labeled}: UniMatch's {args.dataset} lists hold {sorted(lists)} "
+                        f"labeled images; give one of these counts, or the labeled images in --split-file")
     args.split_file = str(lists[args.n_labeled])
 
 def unimatch_list_name(args):
-    """The name of a --split-file that --n-labeled does not pick (its folder's for a labeled.txt, else its stem:
-    U2PL's lists, a user's), None for UniMatch's lists picked by their count; run folders and tables name it."""
+    """The name of a --split-file that --n-labeled does not pick (its folder's for a labeled.txt, else its
+    stem: U2PL's lists, a user's), None for UniMatch's lists picked by their count; run folders and tables
+    name it."""
     listed = Path(args.split_file or "")
-    if not args.split_file or (listed.parent.parent.parent == UNIMATCH_SPLITS and "u2pl" not in listed.parent.name):
+    unimatch_list = listed.parent.parent.parent == UNIMATCH_SPLITS and "u2pl" not in listed.parent.name
+    if not args.split_file or unimatch_list:
         return None
     return listed.parent.name if listed.name == "labeled.txt" else listed.stem
 
 def epochs_to_iters(args, n_images, gpus):
-    """--iters and --eval-every where a protocol counts epochs (today's): an epoch is one pass over the unlabeled
-    images (the labeled ones repeated alongside; the supervised baseline: over the labeled images), dealt as
-    UniMatch's DistributedSampler deals them to its `gpus` GPUs (args.loss_shares, whatever the kit's process
-    count): ceil(n / gpus) images per GPU, in full batches only. Batch 8, Cityscapes 186: 2789 unlabeled -> 349
-    per epoch on 4 GPUs x 2 (348 on one GPU); the baseline on Pascal 366, batch 16: 23 (22 on one GPU)."""
+    """--iters and --eval-every where a protocol counts epochs (today's): an epoch is one pass over the
+    unlabeled images (the labeled ones repeated alongside; the supervised baseline: over the labeled images),
+    dealt as UniMatch's DistributedSampler deals them to its `gpus` GPUs (args.loss_shares, whatever the
+    kit's process count): ceil(n / gpus) images per GPU, in full batches only. Batch 8, Cityscapes 186: 2789
+    unlabeled -> 349 per epoch on 4 GPUs x 2 (348 on one GPU); the baseline on Pascal 366, batch 16: 23 (22
+    on one GPU)."""
     args.iters_per_epoch = per_epoch = max(1, -(-n_images // gpus) // (args.batch_size // gpus))
-    args.iters, args.eval_every = args.iters or args.epochs * per_epoch, args.eval_every or per_epoch
+    args.iters = args.iters or args.epochs * per_epoch
+    args.eval_every = args.eval_every or per_epoch
 
 scale_crop_flip = crops.scale_crop_flip  # the weak view on PIL images, the reference (cutmixseg/crops.py)
 
@@ -1409,7 +1528,8 @@ def weak_view(image, label, rng, crop, reference=False):
     long_side, x, y, flip = weak_view_draws((w, h), crop, rng)
     view = crops.scale_crop_flip_arrays if reference else crops.scale_crop_flip_window
     img, lab = view(image, label, long_side, x, y, flip, crop)
-    (w, h), valid = crops.long_side_size((w, h), long_side), np.zeros((crop, crop), np.uint8)
+    w, h = crops.long_side_size((w, h), long_side)  # the resized image's size
+    valid = np.zeros((crop, crop), np.uint8)
     valid[:max(h - y, 0), :max(w - x, 0)] = 255  # the resized image's part of the crop
     img = torch.from_numpy(img).permute(2, 0, 1).contiguous()
     lab = None if lab is None else torch.from_numpy(lab)
@@ -1449,18 +1569,20 @@ def true_class_probability(logits, labels):
         return p_true.masked_fill(~valid, 1)
 
 def ohem_limit(p_true, size, thresh, min_kept):
-    """(B,) each row's probability limit: its group of `size` rows counts its pixels whose true class's probability
-    is <= max(thresh, the min_kept-th smallest probability of the group). Ignored pixels count as probability 1,
-    as the original: with fewer than min_kept labeled pixels the k-th smallest is such a 1 (or the largest
-    probability), and every labeled pixel is kept."""
+    """(B,) each row's probability limit: its group of `size` rows counts its pixels whose true class's
+    probability is <= max(thresh, the min_kept-th smallest probability of the group). Ignored pixels count as
+    probability 1, as the original: with fewer than min_kept labeled pixels the k-th smallest is such a 1 (or
+    the largest probability), and every labeled pixel is kept."""
     groups = p_true.reshape(len(p_true) // size, -1)  # (groups, size·H·W)
     k = min(min_kept, groups.shape[1])
-    limit = groups.kthvalue(k, dim=1).values.clamp(min=thresh) if k > 0 else groups.new_full((len(groups),), thresh)
+    limit = (groups.kthvalue(k, dim=1).values.clamp(min=thresh) if k > 0
+             else groups.new_full((len(groups),), thresh))
     return limit.repeat_interleave(size)
 
 def ohem_limits(logits, labels, shares, thresh=0.7, min_kept=200_000):
-    """(p_true, limits) of this process's rows, each limit its share's (ohem_limit). A share that spans processes
-    (more processes than shares) needs the whole share's probabilities: then every process gathers all of them."""
+    """(p_true, limits) of this process's rows, each limit its share's (ohem_limit). A share that spans
+    processes (more processes than shares) needs the whole share's probabilities: then every process
+    gathers all of them."""
     p_true = true_class_probability(logits, labels)
     rank, world = process_group()
     size = len(p_true) * world // shares  # rows per share
@@ -1472,8 +1594,8 @@ def ohem_limits(logits, labels, shares, thresh=0.7, min_kept=200_000):
     return p_true, ohem_limit(torch.cat(gathered), size, thresh, min_kept)[rows]
 
 def ohem_mean(logits, labels, p_true, limit):
-    """(the mean cross-entropy over the hard labeled pixels of these rows, their count): a row's hard pixels are
-    those whose true class's probability is <= its limit (le(), as the original: ties all kept)."""
+    """(the mean cross-entropy over the hard labeled pixels of these rows, their count): a row's hard pixels
+    are those whose true class's probability is <= its limit (le(), as the original: ties all kept)."""
     kept = (labels != IGNORE) & (p_true <= limit[:, None, None])  # (B, H, W)
     loss = F.cross_entropy(logits.float(), torch.where(labels != IGNORE, labels, 0), reduction="none")
     count = kept.sum()
@@ -1512,7 +1634,8 @@ def cityscapes_full_dataset(root, cache=None, cached=True):
             ids = label_dir / p.parent.name / p.name.replace("_leftImg8bit", "_gtFine_labelIds")
             train_ids = ids.with_name(ids.name.replace("_labelIds", "_labelTrainIds"))
             return train_ids if train_ids.is_file() else ids
-        pairs = split_pairs(root, "cityscapes", root / "leftImg8bit" / split, label_dir, cityscapes_images, label_of)
+        pairs = split_pairs(root, "cityscapes", root / "leftImg8bit" / split, label_dir, cityscapes_images,
+                            label_of)
         names = [p.name[:-len("_leftImg8bit.png")] for p, _ in pairs]
         sizes = [image_size(p) for p, _ in pairs]
         kept = None
@@ -1538,8 +1661,9 @@ def cityscapes_full_pair(image_path, label_path):
 
 def pascal_unimatch_dataset(root, cache):
     """Pascal VOC 2012 augmented as today's protocol reads it: UniMatch's train_aug.txt (10,582) and val.txt
-    (1,449) lists (cutmixseg/splits/unimatch/pascal/), images in JPEGImages/, masks in SegmentationClassAug/ (the
-    usual VOC2012 layout) or, failing that, SegmentationClass/ (UniMatch's download, which holds all 10,582)."""
+    (1,449) lists (cutmixseg/splits/unimatch/pascal/), images in JPEGImages/, masks in SegmentationClassAug/
+    (the usual VOC2012 layout) or, failing that, SegmentationClass/ (UniMatch's download, which holds all
+    10,582)."""
     voc = voc2012_folder(root)
     if voc is None:
         raise layout_error(root, "pascal_aug", "no JPEGImages/ in it, in VOC2012/ or in VOCdevkit/VOC2012/")
@@ -1548,12 +1672,12 @@ def pascal_unimatch_dataset(root, cache):
         raise layout_error(root, "pascal_aug",
                            f"neither {voc / 'SegmentationClassAug'} nor {voc / 'SegmentationClass'}")
     lists = UNIMATCH_SPLITS / "pascal"
-    splits = checked_splits({split: split_pairs(root, "pascal_aug", voc / "JPEGImages", labels,
-                                                lambda d: [d / Path(line.split()[0]).name  # "image mask" lines
-                                                           for _, line in prepare.read_lines(path)],
-                                                lambda p: labels / f"{p.stem}.png")
-                             for split, path in (("train", lists / "train_aug.txt"), ("val", lists / "val.txt"))},
-                            cache, len(PASCAL_CLASSES))
+    pairs = {split: split_pairs(root, "pascal_aug", voc / "JPEGImages", labels,
+                                lambda d: [d / Path(line.split()[0]).name  # "image mask" lines
+                                           for _, line in prepare.read_lines(path)],
+                                lambda p: labels / f"{p.stem}.png")
+             for split, path in (("train", lists / "train_aug.txt"), ("val", lists / "val.txt"))}
+    splits = checked_splits(pairs, cache, len(PASCAL_CLASSES))
     return splits["train"], splits["val"], len(PASCAL_CLASSES), PASCAL_CLASSES
 
 # ---- 11. --benchmark: the loop timed instead of trained (docs/speed.md) -----------------------------
@@ -1565,8 +1689,13 @@ class Benchmark(Run):
     (cutmixseg/timing.py; `python -m tools costs` runs it for a table)."""
 
     def __init__(self, args, method, unlabeled=True):
-        self.args, self.method, self.unlabeled, (self.rank, self.world) = args, method, unlabeled, process_group()
-        self.main, self.images, self.log_file, self.metrics_file = self.rank == 0, 0, None, None
+        self.args = args
+        self.method = method
+        self.unlabeled = unlabeled
+        self.rank, self.world = process_group()
+        self.main = self.rank == 0
+        self.images = 0  # images streamed so far (stream() counts them)
+        self.log_file = self.metrics_file = None  # no folder, no files
         self.real_data = args.dataset == "demo" or args.data_root is not None
 
     def load_data(self):
@@ -1574,16 +1703,20 @@ class Benchmark(Run):
         if self.real_data:
             return super().load_data()
         a = self.args
-        (train, val), num_classes = timing.synthetic_splits(a.dataset, a.num_classes, full=a.protocol == "unimatch")
+        (train, val), num_classes = timing.synthetic_splits(a.dataset, a.num_classes,
+                                                            full=a.protocol == "unimatch")
         a.crop_size = a.crop_size or default_crop(train[2][:1])
         train = Split(*train)
         labeled = choose_labeled(train.names, a.n_labeled, a.split_seed)  # a random subset of the list's size
         if a.epochs:
             epochs_to_iters(a, len(train) - len(labeled) if self.unlabeled else len(labeled), a.loss_shares)
-        return Data(train, Split(*val), num_classes, [f"class_{c}" for c in range(num_classes)], labeled, train)
+        class_names = [f"class_{c}" for c in range(num_classes)]
+        return Data(train, Split(*val), num_classes, class_names, labeled, train)
 
     def start(self, data, device, student, teacher, optimizer, scaler, generator=None):
-        self.data, self.device, self.start_iter = data, device, 0
+        self.data = data
+        self.device = device
+        self.start_iter = 0
         self.nets, self.evaluated = run_nets(student, teacher)
         self.print("settings: " + " ".join(f"{k}={v}" for k, v in sorted(vars(self.args).items())))
         return 0
@@ -1597,7 +1730,8 @@ class Benchmark(Run):
 
     def iterations(self):
         from torch.utils.flop_counter import FlopCounterMode
-        args, timer = self.args, timing.Timer(self.device)
+        args = self.args
+        timer = timing.Timer(self.device)
         self.loading = self.loader_throughput() if self.real_data else None
         counter = FlopCounterMode(display=False)
         with counter:  # FLOPs of one iteration (forward and backward passes), counted once
@@ -1628,7 +1762,8 @@ class Benchmark(Run):
         batches = train_loader(TrainSet(self.data.train, a.crop_size, a.aug), np.arange(len(self.data.train)),
                                a.batch_size, a.seed, 99, 0, a.num_workers)
         next(batches)  # worker start-up is not counted
-        n, started = max(10, 4 * a.num_workers), time.perf_counter()
+        n = max(10, 4 * a.num_workers)  # batches timed
+        started = time.perf_counter()
         for _ in range(n):
             next(batches)
         del batches
@@ -1636,11 +1771,14 @@ class Benchmark(Run):
 
     def eval_seconds(self):
         """Seconds to evaluate the whole validation set once (timed on a few batches)."""
-        a, val, timer = self.args, self.data.val, timing.Timer(self.device)
+        a, val = self.args, self.data.val
+        timer = timing.Timer(self.device)
         n = min(len(val), a.batch_size * (4 if self.device.type == "cuda" else 1) * self.world)
         subset = val_loader(Split(val.names[:n], val.load, val.sizes[:n]), a.batch_size, a.num_workers)
-        score = lambda: evaluate(self.nets[self.evaluated], subset, self.device, self.data.num_classes,  # noqa: E731
-                                 a.amp, a.lesion_scoring, a.eval_window)
+
+        def score():
+            return evaluate(self.nets[self.evaluated], subset, self.device, self.data.num_classes, a.amp,
+                            a.lesion_scoring, a.eval_window)
         if self.device.type == "cuda":
             score()  # cudnn autotuning for the new shapes
         timer.sync()
@@ -1658,11 +1796,12 @@ class Benchmark(Run):
         leave_process_group()
         return record
 
-# ---- 12. Strong views and pseudo-labels (FixMatch, UniMatch: train_fixmatch.py, train_unimatch.py) ----------
-# UniMatch's dataset/semi.py builds, from each unlabeled crop (the weak view), strong views in this order: colour
-# jitter (0.5, 0.5, 0.5, 0.25) with p 0.8, grayscale with p 0.2, a Gaussian blur with p 0.5, and a CutMix box with
-# p 0.5, into which the training loop pastes a partner image's strong view. The draws here come from the sample's
-# own numpy Generator (StrongViewSet), never from a global RNG, so that a view is fixed by its stream position.
+# ---- 12. Strong views and pseudo-labels (FixMatch, UniMatch: train_fixmatch.py, train_unimatch.py) ---
+# UniMatch's dataset/semi.py builds, from each unlabeled crop (the weak view), strong views in this order:
+# colour jitter (0.5, 0.5, 0.5, 0.25) with p 0.8, grayscale with p 0.2, a Gaussian blur with p 0.5, and a
+# CutMix box with p 0.5, into which the training loop pastes a partner image's strong view. The draws here
+# come from the sample's own numpy Generator (StrongViewSet), never from a global RNG, so that a view is
+# fixed by its stream position.
 def strong_view_draws(rng):
     """dict(jitter, grayscale, blur) for strong_view, with UniMatch's probabilities: jitter None or (order,
     brightness, contrast, saturation, hue) as torchvision's ColorJitter.get_params returns them (order: a
@@ -1695,9 +1834,9 @@ def strong_view(image, draws):
 
 def cutmix_box_draws(size, rng, p=0.5):
     """None (probability 1 - p) or (x, y, w, h) of a box inside a crop of `size` (its side, or (H, W)), as
-    UniMatch's obtain_cutmix_box: an area of U(0.02, 0.4) of the crop, drawn once; then aspect r ~ U(0.3, 1/0.3),
-    w = int(sqrt(area / r)), h = int(sqrt(area · r)), corner x ~ {0..W-1}, y ~ {0..H-1}, all three redrawn until
-    the box lies inside."""
+    UniMatch's obtain_cutmix_box: an area of U(0.02, 0.4) of the crop, drawn once; then aspect
+    r ~ U(0.3, 1/0.3), w = int(sqrt(area / r)), h = int(sqrt(area · r)), corner x ~ {0..W-1},
+    y ~ {0..H-1}, all three redrawn until the box lies inside."""
     h_crop, w_crop = (size, size) if isinstance(size, int) else size
     if rng.random() > p:
         return None
@@ -1710,8 +1849,8 @@ def cutmix_box_draws(size, rng, p=0.5):
             return x, y, w, h
 
 def cutmix_box(size, draws):
-    """(H, W) float 0/1 tensor of a crop of `size` (its side, or (H, W)), 1 inside the box `draws` (x, y, w, h);
-    all 0 for None. 1 = the pixel comes from the mix partner."""
+    """(H, W) float 0/1 tensor of a crop of `size` (its side, or (H, W)), 1 inside the box `draws`
+    (x, y, w, h); all 0 for None. 1 = the pixel comes from the mix partner."""
     box = torch.zeros((size, size) if isinstance(size, int) else tuple(size))
     if draws is not None:
         x, y, w, h = draws
@@ -1720,14 +1859,19 @@ def cutmix_box(size, draws):
 
 class StrongViewSet(torch.utils.data.Dataset):
     """Unlabeled crops as (weak view, n_strong strong views, valid, n_strong boxes), indexed like TrainSet by
-    (sample index, augmentation seed): the weak view is the dataset's crop (augment: today's protocol UniMatch's
-    weak view, the paper's its own crop); each strong view is built from it (RGB; a 4th channel, content or
-    not, is kept) with its draws and then its box's, in UniMatch's order. Views (C, H, W) uint8, valid (H, W)
-    uint8 (255 = image content), boxes (H, W) float, 1 = from the partner. partner=True: the same sample under
-    other draws (UniMatch's second pass over one loader: the same images, independent augmentation)."""
+    (sample index, augmentation seed): the weak view is the dataset's crop (augment: today's protocol
+    UniMatch's weak view, the paper's its own crop); each strong view is built from it (RGB; a 4th channel,
+    content or not, is kept) with its draws and then its box's, in UniMatch's order. Views (C, H, W) uint8,
+    valid (H, W) uint8 (255 = image content), boxes (H, W) float, 1 = from the partner. partner=True: the
+    same sample under other draws (UniMatch's second pass over one loader: the same images, independent
+    augmentation)."""
 
     def __init__(self, split, crop, aug, n_strong, partner=False):
-        self.split, self.crop, self.aug, self.n_strong, self.partner = split, tuple(crop), aug, n_strong, partner
+        self.split = split
+        self.crop = tuple(crop)
+        self.aug = aug
+        self.n_strong = n_strong
+        self.partner = partner
 
     def __len__(self):
         return len(self.split)
@@ -1745,41 +1889,45 @@ class StrongViewSet(torch.utils.data.Dataset):
         return (weak, *strong, valid, *boxes)
 
 def pseudo_label_loss(logits, pseudo, conf, ignore, conf_thresh):
-    """UniMatch's unlabeled loss, fp32: the cross-entropy of logits (B, K, H, W) against the pseudo-labels (B, H, W)
-    where the confidence (B, H, W) reaches conf_thresh and ignore (B, H, W) is not 255 (255 = padding), summed, over
-    the number of pixels that are not padding (confident or not: the loss grows with the confident share). 0 (no
-    gradient) where every pixel is padding."""
+    """UniMatch's unlabeled loss, fp32: the cross-entropy of logits (B, K, H, W) against the pseudo-labels
+    (B, H, W) where the confidence (B, H, W) reaches conf_thresh and ignore (B, H, W) is not 255 (255 =
+    padding), summed, over the number of pixels that are not padding (confident or not: the loss grows with
+    the confident share). 0 (no gradient) where every pixel is padding."""
     counted = ignore != IGNORE
     loss = F.cross_entropy(logits.float(), pseudo, reduction="none")  # (B, H, W)
     return torch.where(counted & (conf >= conf_thresh), loss, 0).sum() / counted.sum().clamp(min=1)
 
 def pseudo_label_share(conf_thresh):
-    """pseudo_label_loss as per_share takes it: rows -> (the loss, the pixels it is a mean over: not padding)."""
+    """pseudo_label_loss as per_share takes it: rows -> (the loss, the pixels it is a mean over: not
+    padding)."""
     def loss_fn(logits, pseudo, conf, ignore):
         return pseudo_label_loss(logits, pseudo, conf, ignore, conf_thresh), (ignore != IGNORE).sum()
     return loss_fn
 
 def confident_share(conf, ignore, conf_thresh):
-    """The share of the pixels that are not padding whose confidence reaches conf_thresh (UniMatch's mask ratio)."""
+    """The share of the pixels that are not padding whose confidence reaches conf_thresh (UniMatch's mask
+    ratio)."""
     counted = ignore != IGNORE
     return (counted & (conf >= conf_thresh)).sum() / counted.sum().clamp(min=1)
 
 def padding_as_ignore(valid):
-    """The loss mask v (B, 1, H, W), 1 = image content, as UniMatch's ignore mask (B, H, W): 255 on padding."""
+    """The loss mask v (B, 1, H, W), 1 = image content, as UniMatch's ignore mask (B, H, W): 255 on
+    padding."""
     return torch.where(valid[:, 0] > 0, 0, IGNORE)
 
 def check_fp_crop(net, crop, arch):
-    """One line where the crop is smaller than the stride of the features that need_fp drops out (net.fp_stride):
-    they would hold less than one pixel of the crop."""
+    """One line where the crop is smaller than the stride of the features that need_fp drops out
+    (net.fp_stride): they would hold less than one pixel of the crop."""
     if min(crop) < net.fp_stride:
-        raise UserError(f"--crop-size {crop[0]},{crop[1]}: {arch}'s feature perturbation drops out features at 1/"
-                        f"{net.fp_stride} of the crop; give a crop of at least {net.fp_stride} pixels a side")
+        raise UserError(f"--crop-size {crop[0]},{crop[1]}: {arch}'s feature perturbation drops out "
+                        f"features at 1/{net.fp_stride} of the crop; "
+                        f"give a crop of at least {net.fp_stride} pixels a side")
 
 # ---- `python common.py TOOL ...`: a shortcut to `python -m tools TOOL ...`, run as its own program --------
 if __name__ == "__main__":  # this file imports nothing of tools/: the shortcut starts a new process
     kit = Path(__file__).resolve().parent
     if not (kit / "tools" / "__main__.py").is_file():
-        sys.exit(f"error: python common.py {' '.join(sys.argv[1:2])}: the commands live in tools/, which is not "
-                 f"beside {kit / 'common.py'}")
+        sys.exit(f"error: python common.py {' '.join(sys.argv[1:2])}: the commands live in tools/, "
+                 f"which is not beside {kit / 'common.py'}")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(kit), os.environ.get("PYTHONPATH")])))
     sys.exit(subprocess.run([sys.executable, "-m", "tools", *sys.argv[1:]], env=env).returncode)

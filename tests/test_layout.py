@@ -135,6 +135,19 @@ def test_common_table_of_contents_names_every_section():
     assert "Catalogues" in contents and "splits/" in contents
 
 
+READER_FILES = [ROOT / "common.py"]  # the files a reader reads line by line, held to 110 characters
+
+
+def test_code_lines_fit_110_characters():
+    """Every line of the files a reader reads (code, comments, docstrings) fits in 110 characters: long
+    expressions break at natural points, long paragraphs are rewrapped."""
+    long = [f"{path.relative_to(ROOT)}:{number} ({len(line)} characters)"
+            for path in READER_FILES
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+            if len(line) > 110]
+    assert not long, "lines over 110 characters: " + ", ".join(long)
+
+
 # ---- the copy test ----------------------------------------------------------------------------------
 def copied_kit(folder):
     """common.py, cutmixseg/ and train_cutmix.py alone: no tools/, no tests/."""
