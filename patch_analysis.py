@@ -11,9 +11,9 @@ gradient, so (App. B.1), e.g. for the west neighbour,
 A box filter is a low-pass filter: for P = 225 the map is smooth and ignores the class boundaries (red):
 nothing marks them as a low-density region. Darker = larger distance.
 
-Figure 2: anchors A centred on a pixel next to a class boundary, negatives N centred on the neighbour
-across it, positives P = the nearest patch of A's class centred in any *other* training image (exact
-sliding-window search, ‖P − A‖² = ‖P‖² + ‖A‖² − 2⟨P, A⟩ with the cross term by FFT, on the GPU when
+Figure 2: anchors A centred on a pixel next to a class boundary, negatives N centred on the neighbour across
+it, positives P = the nearest patch of A's class centred in any *other* training image (exact sliding-window
+search, ‖P − A‖² = ‖P‖² + ‖A‖² − 2⟨P, A⟩ with the cross term by FFT, on the GPU when
 present). The histogram of |N − A| / |P − A| (plain L2, as the original's notebook) sits near 1/3 on
 Cityscapes: the neighbour across the boundary is ~3× closer than the best match in another image.
 
@@ -43,14 +43,15 @@ NEIGHBOURS = ((0, -1), (0, 1), (-1, 0), (1, 0))  # west, east, north, south as (
 @dataclass
 class Args:
     dataset: str = arg("demo", "dataset, as for the training scripts", choices=list(common.DATASETS))
-    data_root: str = arg(None, "folder holding the dataset (default: $CITYSCAPES_DATASET for cityscapes, then "
-                               "data/<dataset>; folder needs it)")
+    data_root: str = arg(None, "folder holding the dataset (default: $CITYSCAPES_DATASET for cityscapes, "
+                               "then data/<dataset>; folder needs it)")
     num_classes: int = arg(None, "class count for --dataset folder (default: from the masks)")
     out: str = arg(None, "output folder (default: runs/patch_analysis_<dataset>)")
     image_index: int = arg(0, "Figure 1: index of the training image shown")
     patch_sizes: str = arg("15,225", "Figure 1: patch sizes (odd), comma-separated")
     patch_size: int = arg(225, "Figure 2: patch size (odd)")
-    n_anchors: int = arg(200, "Figure 2: anchor/negative pairs drawn from all class-boundary pixels (paper: 1000)")
+    n_anchors: int = arg(200, "Figure 2: anchor/negative pairs drawn from all class-boundary pixels "
+                              "(paper: 1000)")
     max_images: int = arg(-1, "Figure 2: training images used, a random subset; -1 = all")
     seed: int = arg(12345, "seed of the anchor choice and of the image subset")
     device: str = arg("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
@@ -121,11 +122,12 @@ def choose_anchors(split, images, pad, n_anchors, seed):
 
     Two passes over the labels keep memory small: count the pairs per image, draw global indices, then
     look the chosen ones up (Cityscapes holds tens of millions of pairs)."""
-    counts = np.array([len(boundary_pairs(split.load(i)[1], pad)) for i in tqdm(images, desc="boundaries",
-                                                                                 leave=False)])
+    counts = np.array([len(boundary_pairs(split.load(i)[1], pad))
+                       for i in tqdm(images, desc="boundaries", leave=False)])
     if counts.sum() == 0:
         raise UserError("no class boundary between two non-void classes in the training images used")
-    chosen = np.sort(np.random.default_rng(seed).choice(counts.sum(), min(n_anchors, counts.sum()), replace=False))
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(counts.sum(), min(n_anchors, counts.sum()), replace=False))
     owner = np.searchsorted(np.cumsum(counts), chosen, side="right")  # position in `images`
     rows = []
     for k in np.unique(owner):
@@ -142,9 +144,10 @@ def to_float(image, device):
 
 
 def nearest_patches(split, images, anchors, anchor_patches, fft_size, device, chunk):
-    """For each anchor: the smallest ‖P − A‖ over patches centred on a pixel of its class in any image of
-    `images` but its own, and where (image, row, col). Exact: every pixel of every image is a candidate."""
-    n, size = len(anchors), anchor_patches.shape[1]
+    """For each anchor: the smallest ‖P − A‖ over patches centred on a pixel of its class in any image
+    of `images` but its own, and where (image, row, col). Exact: every pixel of every image is a candidate."""
+    n = len(anchors)
+    size = anchor_patches.shape[1]  # P
     pad = size // 2
     best = torch.full((n,), math.inf, dtype=torch.float64, device=device)
     where = np.full((n, 3), -1, dtype=np.int64)
@@ -161,16 +164,19 @@ def nearest_patches(split, images, anchors, anchor_patches, fft_size, device, ch
             padded = symmetric_pad(to_float(image, device), pad)  # (H + P - 1, W + P - 1, C)
             p_sq = box_sum(padded.pow(2).sum(-1), size)  # (H, W) ‖P‖² for the patch at each pixel
             spec = torch.fft.rfft2(padded.permute(2, 0, 1), s=fft_size)  # (C, *fft_size)
-            cross = torch.fft.irfft2((spec[None] * a_spec).sum(1), s=fft_size)[:, :H, :W]  # (k, H, W) ⟨P, A⟩
+            # (k, H, W) ⟨P, A⟩ for the patch at each pixel
+            cross = torch.fft.irfft2((spec[None] * a_spec).sum(1), s=fft_size)[:, :H, :W]
             d_sq = p_sq[None] + a_sq[sl, None, None] - 2 * cross.double()
             label_t = torch.from_numpy(label).to(device)
             d_sq = d_sq.masked_fill(label_t[None] != classes[sl, None, None], math.inf)
-            d_sq[torch.from_numpy(anchors[sl, 0] == i).to(device)] = math.inf  # never the anchor's own image
+            own = torch.from_numpy(anchors[sl, 0] == i).to(device)  # the anchors taken from this image
+            d_sq[own] = math.inf  # never the anchor's own image
             value, index = d_sq.flatten(1).min(1)
             better = (value < best[sl]).cpu().numpy()
             best[sl] = torch.minimum(best[sl], value)
             idx = index.cpu().numpy()
-            where[start:start + len(idx)][better] = np.stack([np.full_like(idx, i), idx // W, idx % W], 1)[better]
+            located = np.stack([np.full_like(idx, i), idx // W, idx % W], 1)  # (k, 3) image, row, col
+            where[start:start + len(idx)][better] = located[better]
     return best.clamp(min=0).sqrt().cpu().numpy(), where
 
 
@@ -216,10 +222,12 @@ def font(size):
 
 
 def side_by_side(images, captions):
-    head, gap = 30, 8
+    head = 30  # pixels above the images, for their captions
+    gap = 8  # pixels between two images
     width = sum(im.shape[1] for im in images) + gap * (len(images) - 1)
     sheet = Image.new("RGB", (width, head + max(im.shape[0] for im in images)), "white")
-    draw, x = ImageDraw.Draw(sheet), 0
+    draw = ImageDraw.Draw(sheet)
+    x = 0
     for im, caption in zip(images, captions):
         draw.text((x + 2, 6), caption, fill="black", font=font(15))
         sheet.paste(Image.fromarray(im), (x, head))
@@ -231,7 +239,8 @@ def histogram_png(ratios, median, title, bins=50, width=640, height=340):
     """A bar histogram with axes, ticks, labels and the median as a dashed red line."""
     counts, edges = np.histogram(ratios, bins=bins)
     image = Image.new("RGB", (width, height), "white")
-    draw, f = ImageDraw.Draw(image), font(13)
+    draw = ImageDraw.Draw(image)
+    f = font(13)
     left, right, top, bottom = 60, width - 20, 35, height - 55
     x_of = lambda v: left + (v - edges[0]) / max(edges[-1] - edges[0], 1e-12) * (right - left)
     y_of = lambda c: bottom - c / max(counts.max(), 1) * (bottom - top)
@@ -249,7 +258,8 @@ def histogram_png(ratios, median, title, bins=50, width=640, height=340):
         draw.line([x_of(median), y, x_of(median), y + 4], fill=(214, 39, 40), width=2)
     draw.text((x_of(median) + 5, top), f"median {median:.3f}", fill=(214, 39, 40), font=f)
     draw.text((width // 2 - 80, 10), title, fill="black", font=font(15))
-    draw.text((left + 40, height - 25), "Distance ratio - inter-class dist : intra-class dist", fill="black", font=f)
+    draw.text((left + 40, height - 25), "Distance ratio - inter-class dist : intra-class dist", fill="black",
+              font=f)
     return image
 
 
@@ -279,7 +289,8 @@ def main(args):
     train = common.load_dataset(args.dataset, args.data_root, num_classes=args.num_classes).train
     if not 0 <= args.image_index < len(train):
         raise UserError(f"--image-index {args.image_index}: the training set has {len(train)} images")
-    started, results = time.perf_counter(), {}
+    started = time.perf_counter()
+    results = {}
     files = {}
 
     # --- Figure 1: neighbour-patch distance maps of one image --------------------------------------
@@ -294,21 +305,26 @@ def main(args):
         shown.append(picture)
         captions.append(f"{size}x{size} patches")
         # a low-density boundary would show up as larger distances on the boundary than elsewhere
-        results[f"boundary_to_mean_distance_{size}"] = float(dist[edge].mean() / dist.mean()) if edge.any() else None
+        ratio = float(dist[edge].mean() / dist.mean()) if edge.any() else None
+        results[f"boundary_to_mean_distance_{size}"] = ratio
         print(f"figure 1, {size}x{size}: mean distance {dist.mean():.3f}, on class boundaries "
               f"{dist[edge].mean() if edge.any() else float('nan'):.3f}")
     files["figure1.png"] = side_by_side(shown, captions)
 
     # --- Figure 2: inter-class (neighbour across the boundary) vs intra-class (other image) distance -------
     n = len(train)
-    images = np.arange(n) if args.max_images == -1 or args.max_images >= n else \
-        np.sort(np.random.RandomState(args.seed).permutation(n)[:args.max_images])
+    if args.max_images == -1 or args.max_images >= n:
+        images = np.arange(n)
+    else:  # a random subset
+        images = np.sort(np.random.RandomState(args.seed).permutation(n)[:args.max_images])
     pad = args.patch_size // 2
     anchors = choose_anchors(train, images, pad, args.n_anchors, args.seed)
-    a_patches, n_patches, loaded = [], [], None
+    a_patches, n_patches = [], []  # the anchors' and the negatives' patches
+    loaded = None  # the image that `padded` holds
     for img, d, r, c, _ in anchors:  # sorted by image: each image is loaded and padded once
         if img != loaded:
-            padded, loaded = symmetric_pad(to_float(train.load(img)[0], device), pad), img
+            padded = symmetric_pad(to_float(train.load(img)[0], device), pad)
+            loaded = img
         a_patches.append(extract_patch(padded, pad, r, c))
         n_patches.append(extract_patch(padded, pad, r + NEIGHBOURS[d][0], c + NEIGHBOURS[d][1]))
     a_patches, n_patches = torch.stack(a_patches), torch.stack(n_patches)  # (n, P, P, C)
@@ -325,7 +341,8 @@ def main(args):
     if len(ratios) == 0:
         raise UserError("no anchor has a patch of its class in another image; use more --max-images")
     median = float(np.median(ratios))
-    title = f"{args.dataset} training set ({len(ratios)} anchors, {args.patch_size}x{args.patch_size} patches)"
+    title = (f"{args.dataset} training set ({len(ratios)} anchors, "
+             f"{args.patch_size}x{args.patch_size} patches)")
     files["figure2_ratio_histogram.png"] = histogram_png(ratios, median, title)
     results.update(median_ratio=median, mean_ratio=float(ratios.mean()), n_anchors=int(len(ratios)),
                    n_anchors_without_positive=int((~found).sum()), n_images=int(len(images)),

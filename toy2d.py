@@ -4,8 +4,9 @@ Sec. 3.2, Fig. 3, App. C; the original's toy2d_train.py and run_toy2d_experiment
 Two classes in [-1, 1]², split by a wavy S-bending curve (class 1 left of it); 10 labeled points, 5 per
 class; a dense cloud of unlabeled points; an MLP trained with a mean teacher g_φ (EMA of the student f_θ):
 
-    L = CE(f_θ(x_l), y_l) + γ · Σ_i c_i w_i · mean_classes (f_θ(x̂_i) − g_φ(x_i))² / Σ_i w_i,  x̂ = x + N(0, σ²)
+    L = CE(f_θ(x_l), y_l) + γ · Σ_i c_i w_i · mean_classes (f_θ(x̂_i) − g_φ(x_i))² / Σ_i w_i
 
+    x̂ = x + N(0, σ²)
     c_i = 1 where the teacher's confidence reaches τ = 0.97 (per sample, as the original's toy)
     w_i = 1, or in the constrained run 1 only where x̂ stays within 4 px of x's distance contour
 
@@ -43,7 +44,12 @@ from common import UserError, arg
 from cutmixseg import guard
 
 SIZE = 512  # the original's image: 512×512 pixels spanning [-1, 1]², so 1 px = 2/512
-WIDTH, LR, TEACHER_ALPHA, CONF_THRESH, BATCH = 512, 2e-4, 0.99, 0.97, 512  # the original toy2d_train.py's
+# the original toy2d_train.py's settings
+WIDTH = 512  # hidden units per layer
+LR = 2e-4  # Adam's learning rate
+TEACHER_ALPHA = 0.99  # α of the teacher's EMA
+CONF_THRESH = 0.97  # τ
+BATCH = 512
 # gap: erosion radius (px) of each class region; cons_dropout: dropout in the consistency path; sigma (px)
 CLUSTER = dict(gap=35, norm="batch_norm", cons_dropout=True, loss="var", cons_weight=10.0, sigma=6.0,
                contour=0.0)
@@ -64,9 +70,11 @@ class Args:
     seeds: int = arg(3, "seeds per experiment (--seed, --seed+1, ...); error rates are their mean")
     split_seed: int = arg(12345, "seed of the 10 labeled points, shared by every experiment and seed")
     steps: int = arg(1600, "optimizer steps of every run (ignored with --full)")
-    unlabeled_share: float = arg(0.25, "share of the one-point-per-pixel unlabeled cloud kept (1 with --full)")
+    unlabeled_share: float = arg(0.25, "share of the one-point-per-pixel unlabeled cloud kept "
+                                       "(1 with --full)")
     grid: int = arg(256, "side of the evaluation grid of pixel centres over [-1, 1]² (512 with --full)")
-    full: bool = arg(False, "the paper's schedule: 100 epochs of batch 512 over all points, 25 for a_supervised")
+    full: bool = arg(False, "the paper's schedule: 100 epochs of batch 512 over all points, "
+                            "25 for a_supervised")
     device: str = arg("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
 
 
@@ -157,8 +165,9 @@ def make_toy(split_seed, near=90):
 
 
 def unlabeled_points(toy, gap, share, rng):
-    """One point per pixel of the (eroded) class regions, a random `share` kept (at least 2: an unlabeled
-    batch of one point gives BatchNorm no statistics), jittered by 2 px (the original's default img_noise_std)."""
+    """One point per pixel of the (eroded) class regions, a random `share` kept (at least 2: an
+    unlabeled batch of one point gives BatchNorm no statistics), jittered by 2 px (the original's
+    default img_noise_std)."""
     keep = erode(toy.mask == 0, gap) | erode(toy.mask == 1, gap) if gap else np.ones_like(toy.mask)
     rows, cols = np.nonzero(keep)
     pick = rng.permutation(len(rows))[:max(2, round(share * len(rows)))]
@@ -170,16 +179,20 @@ def unlabeled_points(toy, gap, share, rng):
 # Network and training
 # ---------------------------------------------------------------------------------------------------
 class MLP(nn.Module):
-    """3 × [Linear(·, 512) → BatchNorm or nothing → ReLU], Dropout(0.5), Linear(512, 2): the original's toy
-    MLP (App. C mentions neither BatchNorm nor dropout)."""
+    """3 × [Linear(·, 512) → BatchNorm or nothing → ReLU], Dropout(0.5), Linear(512, 2): the original's
+    toy MLP (App. C mentions neither BatchNorm nor dropout)."""
 
     def __init__(self, norm):
         super().__init__()
-        layers, width = [], 2
+        layers = []
+        width = 2  # the input: (x, y)
         for _ in range(3):
             norm_layer = [nn.BatchNorm1d(WIDTH)] if norm == "batch_norm" else []
-            layers, width = layers + [nn.Linear(width, WIDTH), *norm_layer, nn.ReLU()], WIDTH
-        self.hidden, self.drop, self.final = nn.Sequential(*layers), nn.Dropout(0.5), nn.Linear(WIDTH, 2)
+            layers = layers + [nn.Linear(width, WIDTH), *norm_layer, nn.ReLU()]
+            width = WIDTH
+        self.hidden = nn.Sequential(*layers)
+        self.drop = nn.Dropout(0.5)
+        self.final = nn.Linear(WIDTH, 2)
 
     def forward(self, x, dropout=True, copies=None):
         h = self.hidden(x) if copies is None else self.hidden(x)[copies]  # (len(copies), WIDTH)
@@ -214,11 +227,16 @@ def train(exp, toy, x_u, steps, seed, device):
     x_u = torch.from_numpy(x_u).to(device)
     dist_map = torch.from_numpy(toy.dist).float().to(device)[None, None]
     sigma = exp["sigma"] / SIZE * 2  # σ is given in pixels of the 512×512 image
-    student.train(), teacher.train()  # both, as the original: BN batch statistics and dropout in the teacher
-    order, pos, sums = torch.randperm(len(x_u), generator=gen, device=device), 0, torch.zeros(4, device=device)
+    # both in train mode, as the original: BN batch statistics and dropout in the teacher
+    student.train()
+    teacher.train()
+    order = torch.randperm(len(x_u), generator=gen, device=device)  # a pass over the unlabeled points
+    pos = 0  # the next batch's start in `order`
+    sums = torch.zeros(4, device=device)  # of the logged means
     for _ in range(steps):
         # 1. supervised loss; the labeled stream repeats shuffles of the 10 points (~51 copies per batch)
-        shuffles = [torch.randperm(len(x_l), generator=gen, device=device) for _ in range(-(-BATCH // len(x_l)))]
+        n_shuffles = -(-BATCH // len(x_l))  # enough for one batch
+        shuffles = [torch.randperm(len(x_l), generator=gen, device=device) for _ in range(n_shuffles)]
         idx_l = torch.cat(shuffles)[:BATCH]
         # without BatchNorm, copies of a point share their hidden features: compute them once per point
         # (dropout still draws a mask per copy); with it, batch statistics need the whole batch
@@ -228,7 +246,8 @@ def train(exp, toy, x_u, steps, seed, device):
         if exp["cons_weight"] > 0:
             # 2. the teacher sees x, the student the perturbed x̂
             if pos + BATCH > len(order):  # a new pass over the unlabeled points
-                order, pos = torch.randperm(len(x_u), generator=gen, device=device), 0
+                order = torch.randperm(len(x_u), generator=gen, device=device)
+                pos = 0
             x = x_u[order[pos:pos + BATCH]]  # (BATCH, 2)
             pos += BATCH
             x_hat = x + sigma * torch.randn(x.shape, generator=gen, device=device)
@@ -302,7 +321,8 @@ def finish(vis, toy, dotted=None):
     image = Image.fromarray((np.clip(vis, 0, 1) * 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for (x, y), cls in zip((toy.x_l + 1) / 2 * SIZE, toy.y_l):
-        draw.ellipse([x - 5, y - 5, x + 5, y + 5], outline=(0, 128, 255) if cls == 0 else (255, 0, 0), width=2)
+        colour = (0, 128, 255) if cls == 0 else (255, 0, 0)
+        draw.ellipse([x - 5, y - 5, x + 5, y + 5], outline=colour, width=2)
     return image
 
 
@@ -331,7 +351,8 @@ def font(size):
 
 def combine(panels, captions):
     """2 × 2 panels with a caption above each."""
-    head, f = 40, font(17)
+    head = 40  # pixels above each panel, for its caption
+    f = font(17)
     sheet = Image.new("RGB", (2 * SIZE + 10, 2 * (SIZE + head) + 10), "white")
     draw = ImageDraw.Draw(sheet)
     for k, (panel, caption) in enumerate(zip(panels, captions)):
@@ -356,7 +377,8 @@ def parse_args(argv=None):
 
 def run_experiment(name, seed, toy, args, device):
     """One experiment with one seed: train, then the teacher's error (%) on the evaluation grid."""
-    exp, started = EXPERIMENTS[name], time.perf_counter()
+    exp = EXPERIMENTS[name]
+    started = time.perf_counter()
     share, grid = (1.0, SIZE) if args.full else (args.unlabeled_share, args.grid)
     x_u = unlabeled_points(toy, exp["gap"], share, np.random.RandomState(seed))
     steps = exp["full_epochs"] * -(-len(x_u) // BATCH) if args.full else args.steps
@@ -388,7 +410,9 @@ def run_all(jobs, toy, args, device, workers):
 def main(args):
     device = common.resolve_device(args.device)
     share = 1.0 if args.full else args.unlabeled_share
-    out, lines, started = guard.fresh_folder(args.out), [], time.perf_counter()  # an earlier run's: refused
+    out = guard.fresh_folder(args.out)  # an earlier run's: refused
+    lines = []
+    started = time.perf_counter()
 
     def log(line):
         tqdm.write(line)
@@ -403,7 +427,8 @@ def main(args):
     # too small to keep two threads busy, and on a shared machine one busy core does not stall the other
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = 1 if device.type == "cuda" else min(len(jobs), cores)
-    errors, shown = {name: {} for name in EXPERIMENTS}, {}
+    errors = {name: {} for name in EXPERIMENTS}  # {seed: error %} per experiment
+    shown = {}  # the first seed's (unlabeled points, P(class 1)) per experiment
     for name, seed, error, p1, line in tqdm(run_all(jobs, toy, args, device, workers), total=len(jobs),
                                             desc="runs", leave=False):
         errors[name][seed] = error
@@ -432,7 +457,8 @@ def main(args):
     for name, value in mean.items():
         log(f"{name:22s} error {value:6.2f}%  (mean of {args.seeds} seeds: "
             f"{' '.join(f'{errors[name][s]:.2f}' for s in sorted(errors[name]))})")
-    log(f"total {time.perf_counter() - started:.0f} s on {workers} worker(s); figures and results.json in {out}")
+    log(f"total {time.perf_counter() - started:.0f} s on {workers} worker(s); "
+        f"figures and results.json in {out}")
     common.atomic_write(out / "log.txt", "\n".join(lines) + "\n")
     common.atomic_write(out / "results.json", json.dumps(mean, indent=2))
     return mean

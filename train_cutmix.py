@@ -1,6 +1,7 @@
 """CutMix consistency with a mean teacher (French et al., BMVC 2020, Sec. 3.3, Eq. 1, Fig. 5).
 
-    L = CE(f_θ(x_l), y_l) + γ · c · mean_pixels Σ_classes ( f_θ(mix(x_a, x_b, M)) − mix(g_φ(x_a), g_φ(x_b), M) )²
+    L = CE(f_θ(x_l), y_l)
+        + γ · c · mean_pixels Σ_classes ( f_θ(mix(x_a, x_b, M)) − mix(g_φ(x_a), g_φ(x_b), M) )²
 
     mix(a, b, M) = (1 − M) ⊙ a + M ⊙ b, M = a box of half the image area (random aspect and position);
     f_θ = student, g_φ = teacher (EMA of the student, α = 0.99); c = share of teacher pixels in the batch
@@ -38,7 +39,8 @@ def box_mask(n, size, n_boxes, area, generator):
     H, W = size
     lo, hi = area
     p = lo + (hi - lo) * torch.rand(n, n_boxes, generator=generator, device=device)
-    h = torch.where(p > 0, p ** torch.rand(n, n_boxes, generator=generator, device=device), torch.zeros_like(p))
+    u = torch.rand(n, n_boxes, generator=generator, device=device)
+    h = torch.where(p > 0, p ** u, torch.zeros_like(p))
     w = torch.where(p > 0, p / h.clamp(min=1e-12), torch.zeros_like(p))
     box_h = torch.round(h * (1 / n_boxes) ** 0.5 * H)  # (n, n_boxes) pixels
     box_w = torch.round(w * (1 / n_boxes) ** 0.5 * W)
@@ -108,7 +110,8 @@ def main(args):
                                               mask_rng))  # (B, 1, H, W), 1 = from x_b
         p_teacher = mix(logits_a.float(), logits_b.float(), mix_mask).softmax(1)
         # 4. the student predicts the labeled batch and the mixed images; padding carries no loss
-        x_mix, loss_mask = mix(x_a, x_b, mix_mask), mix(v_a, v_b, mix_mask)
+        x_mix = mix(x_a, x_b, mix_mask)
+        loss_mask = mix(v_a, v_b, mix_mask)
         with common.autocast(args.amp, device):
             logits_l, logits_mix = common.forward_each(student, x_l, x_mix)
         loss_sup = common.supervised_loss(logits_l, y_l, args.ohem, args.loss_shares)

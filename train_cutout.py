@@ -35,8 +35,8 @@ from common import arg
 class Args(common.TrainArgs):
     cons_weight: float = arg(1.0, "γ, weight of the consistency loss (the original's on every dataset)")
     conf_thresh: float = arg(0.97, "τ, teacher confidence counted as confident (Sec. D.4.4)")
-    erase_box: bool = arg(False, "the paper text's Cutout: blank the box, keep the rest (default: the original "
-                                 "code's, keep the box and blank the rest)")
+    erase_box: bool = arg(False, "the paper text's Cutout: blank the box, keep the rest "
+                                 "(default: the original code's, keep the box and blank the rest)")
 
 
 def box_mask(n, size, area, generator):
@@ -49,7 +49,8 @@ def box_mask(n, size, area, generator):
     H, W = size
     lo, hi = area
     p = lo + (hi - lo) * torch.rand(n, generator=generator, device=device)
-    h = torch.where(p > 0, p ** torch.rand(n, generator=generator, device=device), torch.zeros_like(p))
+    u = torch.rand(n, generator=generator, device=device)
+    h = torch.where(p > 0, p ** u, torch.zeros_like(p))
     w = torch.where(p > 0, p / h.clamp(min=1e-12), torch.zeros_like(p))
     box_h, box_w = torch.round(h * H), torch.round(w * W)  # (n,) pixels
     y0 = torch.round((H - box_h) * torch.rand(n, generator=generator, device=device))

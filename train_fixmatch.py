@@ -1,23 +1,25 @@
-"""FixMatch for segmentation: self-training on weak-view pseudo-labels, as UniMatch's fixmatch.py (FixMatch: Sohn
-et al., NeurIPS 2020; its segmentation form and this code: UniMatch, Yang et al., CVPR 2023).
+"""FixMatch for segmentation: self-training on weak-view pseudo-labels, as UniMatch's fixmatch.py
+(FixMatch: Sohn et al., NeurIPS 2020; its segmentation form and this code: UniMatch, Yang et al., CVPR 2023).
 
     L = ( CE(f_θ(x_l), y_l) + λ · L_s ) / 2
     L_s = Σ_pixels 1[c ≥ τ] · CE(f_θ(A_s(x)), ŷ) / #(pixels that are not padding)
 
-    ŷ, c = argmax and max of softmax(f_θ(x_w)) (detached) on the weak view x_w of each unlabeled crop; A_s(x) = its
-    strong view: colour jitter (p 0.8), grayscale (p 0.2), Gaussian blur (p 0.5), then a CutMix box (p 0.5) inside
-    which the image, ŷ, c and the padding mask are a mix partner's (its strong view; its weak view predicted in eval
-    mode). τ = 0.95 (Pascal and the default; Cityscapes 0, UniMatch's configs), λ = 1. f_θ is the one network:
-    no teacher, the trained model is evaluated and reported (results.json "network": "student").
+    ŷ, c = argmax and max of softmax(f_θ(x_w)) (detached) on the weak view x_w of each unlabeled crop;
+    A_s(x) = its strong view: colour jitter (p 0.8), grayscale (p 0.2), Gaussian blur (p 0.5), then a CutMix
+    box (p 0.5) inside which the image, ŷ, c and the padding mask are a mix partner's (its strong view; its
+    weak view predicted in eval mode). τ = 0.95 (Pascal and the default; Cityscapes 0, UniMatch's configs),
+    λ = 1. f_θ is the one network: no teacher, the trained model is evaluated and reported
+    (results.json "network": "student").
 
-    The mix partners: today's protocol (--protocol unimatch), UniMatch's second pass over its one unlabeled loader,
-    the same images in the same order under independent augmentation draws (so a box holds another crop of the same
-    image); the paper's, an independent shuffle, as CutMix's second stream.
+    The mix partners: today's protocol (--protocol unimatch), UniMatch's second pass over its one unlabeled
+    loader, the same images in the same order under independent augmentation draws (so a box holds another
+    crop of the same image); the paper's, an independent shuffle, as CutMix's second stream.
 
 Run:   python train_fixmatch.py --protocol unimatch --dataset pascal_aug --data-root VOC --n-labeled 92 \
            --backbone-weights pretrained/resnet101.pth
-Diff:  train_baseline.py's loop without its teacher, plus the blocks marked `# --- FixMatch ---`; train_unimatch.py
-       adds to this file its blocks marked `# --- UniMatch ---` (diff train_fixmatch.py train_unimatch.py)
+Diff:  train_baseline.py's loop without its teacher, plus the blocks marked `# --- FixMatch ---`;
+       train_unimatch.py adds to this file its blocks marked `# --- UniMatch ---`
+       (diff train_fixmatch.py train_unimatch.py)
 """
 from dataclasses import dataclass
 from typing import ClassVar
@@ -32,7 +34,8 @@ from common import arg
 @dataclass
 class Args(common.TrainArgs):
     cons_weight: float = arg(1.0, "λ, weight of the unlabeled loss (1 in UniMatch's code)")
-    conf_thresh: float = arg(0.95, "τ, weak-view confidence from which a pseudo-label counts (Cityscapes: 0)")
+    conf_thresh: float = arg(0.95, "τ, weak-view confidence from which a pseudo-label counts "
+                                   "(Cityscapes: 0)")
 
     # --- no options ---
     reported_net: str = common.resolved("student")  # the one network (today's protocol: its best evaluation)
@@ -51,7 +54,8 @@ def main(args):
     labeled = run.stream(data.train, data.labeled, stream_id=0)
     # --- FixMatch ---: each unlabeled crop's weak and strong views (their draws fixed by the stream position)
     # and the mix partners' (today's protocol: the same images, other draws; the paper's: another shuffle)
-    everything, today = np.arange(len(data.unlabeled)), args.protocol == "unimatch"
+    everything = np.arange(len(data.unlabeled))
+    today = args.protocol == "unimatch"
     views = common.StrongViewSet(data.unlabeled, args.crop_size, args.aug, n_strong=1)
     partner_views = common.StrongViewSet(data.unlabeled, args.crop_size, args.aug, n_strong=1, partner=today)
     unlabeled = run.stream(data.unlabeled, everything, stream_id=1, dataset=views)
@@ -83,15 +87,19 @@ def main(args):
             logits_l, logits_w = model(torch.cat([x_l, x_w])).split([len(x_l), len(x_w)])
             logits_s = model(x_s)
         loss_sup = common.supervised_loss(logits_l, y_l, args.ohem, args.loss_shares)
-        # 5. pseudo-labels from the weak views (detached); inside the box label, confidence and padding are the
-        #    partner's; cross-entropy where the confidence reaches τ, over the pixels that are not padding
+        # 5. pseudo-labels from the weak views (detached); inside the box label, confidence and
+        #    padding are the partner's; cross-entropy where the confidence reaches τ,
+        #    over the pixels that are not padding
         conf_w, pseudo_w = logits_w.detach().float().softmax(1).max(1)
-        ignore_w, ignore_m = common.padding_as_ignore(v), common.padding_as_ignore(v_m)  # (B, H, W), 255 = padding
-        pseudo, conf = torch.where(in_box, pseudo_m, pseudo_w), torch.where(in_box, conf_m, conf_w)
+        ignore_w = common.padding_as_ignore(v)  # (B, H, W), 255 = padding
+        ignore_m = common.padding_as_ignore(v_m)
+        pseudo = torch.where(in_box, pseudo_m, pseudo_w)
+        conf = torch.where(in_box, conf_m, conf_w)
         ignore = torch.where(in_box, ignore_m, ignore_w)
         loss_s = common.per_share(unlabeled_loss, args.loss_shares, logits_s, pseudo, conf, ignore)
         loss = (loss_sup + args.cons_weight * loss_s) / 2
-        conf_share = common.confident_share(conf_w, ignore_w, args.conf_thresh)  # logged, as UniMatch's mask ratio
+        # logged, as UniMatch's mask ratio
+        conf_share = common.confident_share(conf_w, ignore_w, args.conf_thresh)
         # --- end FixMatch ---
 
         # 6. step: one backward pass, gradients averaged over torchrun processes

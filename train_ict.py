@@ -1,13 +1,15 @@
 """Interpolation consistency training (ICT) with a mean teacher (French et al., BMVC 2020, Sec. D.1.2).
 
-    L = CE(f_θ(x_l), y_l) + γ · c · mean_pixels Σ_classes ( f_θ(mix(x_0, x_1, λ)) − mix(g_φ(x_0), g_φ(x_1), λ) )²
+    L = CE(f_θ(x_l), y_l)
+        + γ · c · mean_pixels Σ_classes ( f_θ(mix(x_0, x_1, λ)) − mix(g_φ(x_0), g_φ(x_1), λ) )²
 
-    mix(a, b, λ) = (1 − λ) · a + λ · b, one λ ~ Beta(α, α) per image pair (α = 0.1: most λ lie near 0
-    or 1), applied to every pixel (Verma et al.'s MixUp, pixel-wise); f_θ = student, g_φ = teacher (EMA
-    of the student, α_EMA = 0.99); c = share of pixels in the batch whose *mixed teacher confidence*
-    (1 − λ) · max g_φ(x_0) + λ · max g_φ(x_1) reaches τ = 0.97 (as the original's train_seg_semisup_ict.py: it mixes
-    the confidences, it does not take the max of the mixed probabilities); the squared error is summed
-    over classes and averaged over all pixels (Sec. D.4.5), weighted by the mixed valid-pixel mask.
+    mix(a, b, λ) = (1 − λ) · a + λ · b, one λ ~ Beta(α, α) per image pair (α = 0.1: most λ lie
+    near 0 or 1), applied to every pixel (Verma et al.'s MixUp, pixel-wise); f_θ = student,
+    g_φ = teacher (EMA of the student, α_EMA = 0.99); c = share of pixels in the batch whose *mixed
+    teacher confidence* (1 − λ) · max g_φ(x_0) + λ · max g_φ(x_1) reaches τ = 0.97 (as the original's
+    train_seg_semisup_ict.py: it mixes the confidences, it does not take the max of the mixed
+    probabilities); the squared error is summed over classes and averaged over all pixels (Sec. D.4.5),
+    weighted by the mixed valid-pixel mask.
 
 Run:   python train_ict.py --dataset pascal_aug --n-labeled 106
 Diff:  train_baseline.py's loop plus the blocks marked `# --- ICT ---`; the student's supervised
@@ -27,7 +29,8 @@ MIX_STREAM = 3  # seeds of the mixing weights: (seed, 3, iteration); streams 0 a
 
 @dataclass
 class Args(common.TrainArgs):
-    cons_weight: float = arg(0.01, "γ, weight of the consistency loss (ISIC: 0.0003, the original's scripts)")
+    cons_weight: float = arg(0.01, "γ, weight of the consistency loss "
+                                   "(ISIC: 0.0003, the original's scripts)")
     conf_thresh: float = arg(0.97, "τ, teacher confidence counted as confident (Sec. D.4.4)")
     ict_alpha: float = arg(0.1, "α of the Beta(α, α) distribution of the per-image mixing weight λ")
 
@@ -102,7 +105,8 @@ def main(args):
         p_teacher = ict_mix(p_0, p_1, lam)  # (B, C, H, W)
         conf_teacher = ict_mix(p_0.amax(1, keepdim=True), p_1.amax(1, keepdim=True), lam)  # (B, 1, H, W)
         # 4. the student predicts the labeled batch and the mixed images; the valid mask mixes too
-        x_mix, loss_mask = ict_mix(x_0, x_1, lam), ict_mix(v_0, v_1, lam)
+        x_mix = ict_mix(x_0, x_1, lam)
+        loss_mask = ict_mix(v_0, v_1, lam)
         with common.autocast(args.amp, device):
             logits_l, logits_mix = common.forward_each(student, x_l, x_mix)
         loss_sup = common.supervised_loss(logits_l, y_l, args.ohem, args.loss_shares)

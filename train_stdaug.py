@@ -1,6 +1,7 @@
 """Standard-augmentation consistency with a mean teacher (French et al., BMVC 2020, Sec. D.1.1).
 
-    L = CE(f_θ(x_l), y_l) + γ · c · mean_pixels Σ_classes ( f_θ(a_s(x)) − warp_{t→s}(g_φ(a_t(x))) )²
+    L = CE(f_θ(x_l), y_l)
+        + γ · c · mean_pixels Σ_classes ( f_θ(a_s(x)) − warp_{t→s}(g_φ(a_t(x))) )²
 
     a_t, a_s = two affine views of one unlabeled image x (crop, scale, flips; on ISIC also rotation),
     drawn as the original drew its pairs (seg_transforms_cv.py, transform_pair); warp_{t→s} = the affine map
@@ -42,7 +43,8 @@ from common import arg
 class Args(common.TrainArgs):
     cons_weight: float = arg(0.003, "γ, weight of the consistency loss (ISIC: 0.1, the original's scripts)")
     conf_thresh: float = arg(0.97, "τ, teacher confidence counted as confident (Sec. D.4.4)")
-    offset_range: int = arg(16, "largest shift, in pixels per axis, between the teacher's and student's crops")
+    offset_range: int = arg(16, "largest shift, in pixels per axis, "
+                                "between the teacher's and student's crops")
 
     # --- no options ---
     nesterov: bool = common.resolved(True)  # the original's aug program: SGD (ISIC) with Nesterov momentum
@@ -68,10 +70,12 @@ def rotate(theta):
 
 
 def flip(flags, size):
-    """Horizontal (x → W−1−x), vertical (y → H−1−y), then transpose (x ↔ y), in a view of size (H, W)."""
+    """Horizontal (x → W−1−x), vertical (y → H−1−y), then transpose (x ↔ y),
+    in a view of size (H, W)."""
     h, w = size
     hflip, vflip, transpose = flags
-    m = translate(w - 1 if hflip else 0, h - 1 if vflip else 0) @ scale(-1 if hflip else 1, -1 if vflip else 1)
+    mirror = scale(-1 if hflip else 1, -1 if vflip else 1)
+    m = translate(w - 1 if hflip else 0, h - 1 if vflip else 0) @ mirror
     return (np.array([[0, 1.0, 0], [1, 0, 0], [0, 0, 1]]) if transpose else np.eye(3)) @ m
 
 
@@ -132,7 +136,8 @@ def sample_view(src, a, size, mode, border="zeros"):
 def make_pair(image, crop, aug, offset_range, rng):
     """Teacher and student views of one image (H, W, 3) uint8: (image_t (3 or 4, h, w) uint8, valid_t (h, w)
     uint8 0/255, image_s, valid_s, theta (2, 3) mapping student-frame to teacher-frame coordinates)."""
-    src = torch.from_numpy(np.asarray(image, np.float32)).permute(2, 0, 1)  # a copy: the image may be read-only
+    # (3, H, W) float, a copy: the image may be read-only
+    src = torch.from_numpy(np.asarray(image, np.float32)).permute(2, 0, 1)
     rotate_scale = bool(aug.get("rot") or aug.get("max_scale"))  # ISIC's protocol, as common.augment
     if rotate_scale:  # beyond the border the image is mirrored: an alpha channel of 255 tells to_device
         a_t, a_s = rotate_scale_pair(image.shape[:2], crop, aug, offset_range, rng)  # that it is no padding
@@ -149,7 +154,8 @@ def make_pair(image, crop, aug, offset_range, rng):
     views = []
     for a, mode in ((a_t, "bilinear"), (a_s, valid_mode)):
         views.append(sample_view(src, a, crop, "bilinear", border).round().clamp(0, 255).to(torch.uint8))
-        views.append((sample_view(torch.ones(1, *src.shape[1:]), a, crop, mode)[0] * 255).round().to(torch.uint8))
+        ones = torch.ones(1, *src.shape[1:])  # every source pixel is valid
+        views.append((sample_view(ones, a, crop, mode)[0] * 255).round().to(torch.uint8))
     # student pixel -> teacher pixel is A_t · A_s⁻¹
     return (*views, pixel_theta(a_t @ np.linalg.inv(a_s), crop, crop))
 
@@ -159,7 +165,10 @@ class PairSet(torch.utils.data.Dataset):
     each pair is fixed by its stream position alone: the same in any worker and after a resume."""
 
     def __init__(self, split, crop, aug, offset_range):
-        self.split, self.crop, self.aug, self.offset_range = split, tuple(crop), aug, offset_range
+        self.split = split
+        self.crop = tuple(crop)
+        self.aug = aug
+        self.offset_range = offset_range
 
     def __len__(self):
         return len(self.split)
@@ -229,7 +238,8 @@ def main(args):
             logits_l, logits_s = common.forward_each(student, x_l, x_s)
         loss_sup = common.supervised_loss(logits_l, y_l, args.ohem, args.loss_shares)
         # 5. confidence-modulated consistency loss, added to the supervised one
-        loss_cons, conf_weight = consistency_loss(logits_s.float().softmax(1), p_teacher, loss_mask, args.conf_thresh)
+        loss_cons, conf_weight = consistency_loss(logits_s.float().softmax(1), p_teacher, loss_mask,
+                                                  args.conf_thresh)
         loss = loss_sup + args.cons_weight * loss_cons
         # --- end Std-aug ---
 

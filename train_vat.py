@@ -2,14 +2,15 @@
 
     L = CE(f_θ(x_l), y_l) + γ · c · mean_pixels Σ_classes KL( g_φ(x) ‖ f_θ(x + r_adv) )
 
-    r_adv = ε · g / ‖g‖,  g = ∇_d Σ_pixels KL( g_φ(x) ‖ g_φ(x + d) ) at a random d of norm ξ = 1e-6·H·W/1000
-    (one power iteration, Miyato et al.), norms per image; ε = vat_radius · ½ · sqrt(Σ (x[v+1] − x[v−1])²
-    + Σ (x[u+1] − x[u−1])²), the adaptive radius: half the L2 norm of the image's central-difference
-    gradient field, on normalised pixels (scale 1 in the paper), or vat_radius · sqrt(C·H·W) with
-    --vat-fixed-radius. f_θ = student, g_φ = teacher (EMA of the student, α = 0.99), which also gives
-    the direction, in eval mode, as the original's train_seg_semisup_vat_mt.py did; c = share of teacher
-    pixels in the batch whose confidence reaches τ = 0.97 (Sec. D.4.4); the KL divergence is summed over
-    classes and averaged over all pixels, over valid pixels only.
+    r_adv = ε · g / ‖g‖,  g = ∇_d Σ_pixels KL( g_φ(x) ‖ g_φ(x + d) )
+    at a random d of norm ξ = 1e-6·H·W/1000 (one power iteration, Miyato et al.), norms per image;
+    ε = vat_radius · ½ · sqrt(Σ (x[v+1] − x[v−1])² + Σ (x[u+1] − x[u−1])²),
+    the adaptive radius: half the L2 norm of the image's central-difference gradient field, on normalised
+    pixels (scale 1 in the paper), or vat_radius · sqrt(C·H·W) with --vat-fixed-radius. f_θ = student,
+    g_φ = teacher (EMA of the student, α = 0.99), which also gives the direction, in eval mode, as the
+    original's train_seg_semisup_vat_mt.py did; c = share of teacher pixels in the batch whose confidence
+    reaches τ = 0.97 (Sec. D.4.4); the KL divergence is summed over classes and averaged over all pixels,
+    over valid pixels only.
 
 Run:   python train_vat.py --dataset pascal_aug --n-labeled 106
 Diff:  train_baseline.py's loop plus the blocks marked `# --- VAT ---`; the student's supervised
@@ -32,9 +33,10 @@ from common import arg
 class Args(common.TrainArgs):
     cons_weight: float = arg(0.1, "γ, weight of the consistency loss (ISIC: 0.001, the original's script)")
     conf_thresh: float = arg(0.97, "τ, teacher confidence counted as confident (Sec. D.4.4)")
-    vat_radius: float = arg(1.0, "scale of the adversarial radius ε (Sec. D.1.3: 1 with the adaptive radius)")
-    vat_fixed_radius: bool = arg(False, "ε = vat_radius · sqrt(C·H·W) for every image instead of the adaptive, "
-                                        "image-gradient radius")
+    vat_radius: float = arg(1.0, "scale of the adversarial radius ε "
+                                 "(Sec. D.1.3: 1 with the adaptive radius)")
+    vat_fixed_radius: bool = arg(False, "ε = vat_radius · sqrt(C·H·W) for every image "
+                                        "instead of the adaptive, image-gradient radius")
 
     # --- no options ---
     nesterov: bool = common.resolved(True)  # the original's VAT program: SGD (ISIC) with Nesterov momentum
@@ -103,7 +105,8 @@ def consistency_loss(logits_student, p_teacher, loss_mask, conf_thresh):
     """
     confident = (p_teacher.amax(1, keepdim=True) >= conf_thresh).float()  # (B, 1, H, W)
     conf_weight = common.global_mean(confident)  # the whole batch's, under torchrun too
-    kl = F.kl_div(F.log_softmax(logits_student, 1), p_teacher, reduction="none").sum(1, keepdim=True)  # (B, 1, H, W)
+    log_p_student = F.log_softmax(logits_student, 1)
+    kl = F.kl_div(log_p_student, p_teacher, reduction="none").sum(1, keepdim=True)  # (B, 1, H, W)
     return (kl * loss_mask * conf_weight).mean(), conf_weight
 
 
@@ -137,7 +140,8 @@ def main(args):
             p_teacher = teacher(x_u).softmax(1)  # (B, K, H, W)
         # 3. the adversarial perturbation, from the teacher (one power iteration, full fp32), starting
         #    from a random probe (drawn for the global batch under torchrun)
-        noise = common.local_rows(torch.randn((args.batch_size, *x_u.shape[1:]), generator=noise_rng, device=device))
+        noise = common.local_rows(torch.randn((args.batch_size, *x_u.shape[1:]), generator=noise_rng,
+                                              device=device))  # (B, 3, H, W)
         with exact_fp32(device):
             r_adv = vat_perturbation(teacher, x_u, p_teacher, args.vat_radius, not args.vat_fixed_radius,
                                      noise)  # (B, 3, H, W)

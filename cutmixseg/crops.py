@@ -75,8 +75,9 @@ def scale_crop_flip_window(image, label, long_side, x, y, flip, crop, fill=IGNOR
         columns = columns.resize((cw, oh), Image.Resampling.BILINEAR)
     img = columns.crop((0, y, cw, y + ch))
     if (cw, ch) != (crop, crop):  # padding: 0 on the right and bottom
-        img, part = Image.new("RGB", (crop, crop)), img
-        img.paste(part, (0, 0))
+        padded = Image.new("RGB", (crop, crop))
+        padded.paste(img, (0, 0))
+        img = padded
     img = np.array(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img)
     if label is None:
         return img, None
@@ -99,7 +100,8 @@ def rows_reached(y, n, h, oh):
 def nearest_sources(size, resized):
     """(source row of each resized row, source column of each resized column) of PIL's nearest resize from
     size (w, h) to resized (w, h): a column and a row of indices (mode I), each resized by PIL."""
-    (w, h), (ow, oh) = size, resized
+    w, h = size
+    ow, oh = resized
     rows = Image.fromarray(np.arange(h, dtype=np.int32)[:, None]).resize((1, oh), Image.Resampling.NEAREST)
     columns = Image.fromarray(np.arange(w, dtype=np.int32)[None]).resize((ow, 1), Image.Resampling.NEAREST)
     return np.asarray(rows)[:, 0], np.asarray(columns)[0]

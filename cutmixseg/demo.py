@@ -14,14 +14,16 @@ def demo_image(rng, size=48):
     def texture(contrast):
         c1 = rng.uniform(0, 255, 3)
         c2 = np.clip(c1 + rng.normal(0, contrast, 3), 0, 255)
-        angle, freq = rng.uniform(0, np.pi), rng.uniform(0.05, 0.3)
+        angle = rng.uniform(0, np.pi)
+        freq = rng.uniform(0.05, 0.3)
         wave = 0.5 + 0.5 * np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 6.3))
         return c1 + (c2 - c1) * wave[..., None]
 
     image = texture(contrast=80)
     for _ in range(rng.integers(2, 5)):  # clutter: strokes in object-like colours
         x0, y0, x1, y1 = rng.uniform(0, size, 4)
-        t = np.clip(((xx - x0) * (x1 - x0) + (yy - y0) * (y1 - y0)) / ((x1 - x0) ** 2 + (y1 - y0) ** 2 + 1e-6), 0, 1)
+        t = np.clip(((xx - x0) * (x1 - x0) + (yy - y0) * (y1 - y0))
+                    / ((x1 - x0) ** 2 + (y1 - y0) ** 2 + 1e-6), 0, 1)
         dist = np.hypot(xx - x0 - t * (x1 - x0), yy - y0 - t * (y1 - y0))
         image = np.where((dist < rng.uniform(0.7, 1.6))[..., None], texture(contrast=30), image)
     label = np.zeros((size, size), np.uint8)

@@ -1,9 +1,10 @@
 """The bottom of the kit: bad input as one line (UserError, excepthook), files written atomically, images and
 masks read from disk, file names that are not UTF-8. Imports nothing of the kit; everything else stands on it.
 
-File names are bytes; Python reads a byte that is not UTF-8 as a surrogate escape (0xff as U+DCFF). The kit writes
-such a name back with its own bytes wherever text is written (labeled.txt, log.txt, stdout: "surrogateescape") and
-as the escape \\udcff in JSON (json.dumps' default ensure_ascii), which json.loads reads back as the same name."""
+File names are bytes; Python reads a byte that is not UTF-8 as a surrogate escape (0xff as U+DCFF). The kit
+writes such a name back with its own bytes wherever text is written (labeled.txt, log.txt, stdout:
+"surrogateescape") and as the escape \\udcff in JSON (json.dumps' default ensure_ascii), which json.loads
+reads back as the same name."""
 import errno
 import io
 import os
@@ -27,40 +28,50 @@ class UserError(Exception):
     """Bad input (a path, a file, an option): reported as one clear line, never as a traceback."""
 
 
-# {"iter": a running Run's last checkpointed iteration or None, "batch", "crop": its sizes}: said when a run fails
+# {"iter": a running Run's last checkpointed iteration or None, "batch", "crop": its sizes}:
+# said when a run fails
 CHECKPOINTED = {}
 
 
 def excepthook(kind, value, tb):
     """sys.excepthook of every command: bad input, Ctrl-C, a full disk, a dead loader worker in one line each,
     saying how to go on from the last checkpoint; anything else as Python prints it."""
-    # first: torch's SIGCHLD handler (where not wrapped below) raises again in here as each dead worker is reaped
+    # first: torch's SIGCHLD handler (where not wrapped below)
+    # raises again in here as each dead worker is reaped
     if hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    resume = ("" if not CHECKPOINTED else "; no checkpoint yet: the same command starts the run afresh"
-              if CHECKPOINTED["iter"] is None else f"; --resume continues from iteration {CHECKPOINTED['iter']}")
+    if not CHECKPOINTED:
+        resume = ""
+    elif CHECKPOINTED["iter"] is None:
+        resume = "; no checkpoint yet: the same command starts the run afresh"
+    else:
+        resume = f"; --resume continues from iteration {CHECKPOINTED['iter']}"
     if issubclass(kind, UserError):
         sys.stderr.write(f"error: {value}\n")
     elif issubclass(kind, KeyboardInterrupt):
         sys.stderr.write(f"interrupted{resume}\n")
     elif issubclass(kind, OSError) and value.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
-        sys.stderr.write(f"error: cannot write {value.filename or 'a file'}: {value.strerror} (disk full?){resume}\n")
-    elif issubclass(kind, torch.OutOfMemoryError) and "batch" in CHECKPOINTED:  # activations ~ batch x crop area
-        (b, (h, w)), first = (CHECKPOINTED[k] for k in ("batch", "crop")), str(value).split(".")[0]
-        sys.stderr.write(f"error: out of GPU memory at --batch-size {b} --crop-size {h},{w} ({first}); about half "
-                         f"of it fits: --batch-size {max(b // 2, 1)}, "
+        sys.stderr.write(f"error: cannot write {value.filename or 'a file'}: {value.strerror} "
+                         f"(disk full?){resume}\n")
+    elif issubclass(kind, torch.OutOfMemoryError) and "batch" in CHECKPOINTED:
+        b, (h, w) = CHECKPOINTED["batch"], CHECKPOINTED["crop"]  # activations ~ batch x crop area
+        first = str(value).split(".")[0]
+        sys.stderr.write(f"error: out of GPU memory at --batch-size {b} --crop-size {h},{w} ({first}); "
+                         f"about half of it fits: --batch-size {max(b // 2, 1)}, "
                          f"or --crop-size {round(0.7 * h)},{round(0.7 * w)}, "
                          f"or the same batch over more GPUs with torchrun{resume}\n")
     elif issubclass(kind, RuntimeError) and "DataLoader worker" in str(value):
-        sys.stderr.write(f"error: a data loading worker died (out of memory? try fewer --num-workers){resume}\n")
+        sys.stderr.write("error: a data loading worker died "
+                         f"(out of memory? try fewer --num-workers){resume}\n")
     else:
         sys.__excepthook__(kind, value, tb)
 
 
 def one_report_of_dead_workers(iterator):
-    """`iterator` of a DataLoader whose workers just started. torch's SIGCHLD handler, installed then, raises once
-    for each worker that dies; wrapped here (once per process), its first report also puts the default handler
-    back: that report ends the run, and no second one breaks into the cleanup (the progress bar's last redraw)."""
+    """`iterator` of a DataLoader whose workers just started. torch's SIGCHLD handler, installed then, raises
+    once for each worker that dies; wrapped here (once per process), its first report also puts the default
+    handler back: that report ends the run, and no second one breaks into the cleanup (the progress bar's last
+    redraw)."""
     handler = signal.getsignal(signal.SIGCHLD) if hasattr(signal, "SIGCHLD") else None
     if (callable(handler) and not hasattr(handler, "reports_once")
             and threading.current_thread() is threading.main_thread()):
@@ -83,7 +94,8 @@ def brief(error):
 def atomic_write(path, content):
     """Write text, bytes, an image (PIL, or a uint8 array: PNG) or a checkpoint (a dict: torch.save) so
     that `path` holds either its old content or the whole new one, never a half-written file."""
-    buffer, path = io.BytesIO(), Path(path)
+    buffer = io.BytesIO()
+    path = Path(path)
     if isinstance(content, (Image.Image, np.ndarray)):
         (content if isinstance(content, Image.Image) else Image.fromarray(content)).save(buffer, format="PNG")
     elif isinstance(content, dict):
@@ -107,16 +119,17 @@ def atomic_write(path, content):
 
 
 def start_command():
-    """What every command does first: bad input ends as one line (excepthook); stdout writes a file name that is
-    not UTF-8 with its own bytes, as log.txt does (under a UTF-8 locale such as en_US.UTF-8 it would refuse the
-    surrogate escapes with a UnicodeEncodeError; stderr writes them escaped, as \\udcff)."""
+    """What every command does first: bad input ends as one line (excepthook); stdout writes a file name that
+    is not UTF-8 with its own bytes, as log.txt does (under a UTF-8 locale such as en_US.UTF-8 it would refuse
+    the surrogate escapes with a UnicodeEncodeError; stderr writes them escaped, as \\udcff)."""
     sys.excepthook = excepthook
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors="surrogateescape")
 
 
 def not_utf8(*paths):
-    """The bytes of `paths` that are not UTF-8 as surrogate escapes, each once, sorted ("" for UTF-8 names)."""
+    """The bytes of `paths` that are not UTF-8 as surrogate escapes, each once, sorted
+    ("" for UTF-8 names)."""
     return "".join(sorted({c for path in paths for c in str(path) if "\udc80" <= c <= "\udcff"}))
 
 
@@ -126,14 +139,16 @@ def shown(path):
 
 
 def probe(folder, *paths):
-    """A folder made and removed at once in `folder`, its name holding the bytes of `paths` that are not UTF-8:
-    OSError where `folder` cannot be written, errno EILSEQ where its file system holds UTF-8 names only (macOS,
-    ZFS with utf8only). Sorted, such bytes never form UTF-8 (a lead byte would need continuation bytes after it)."""
+    """A folder made and removed at once in `folder`, its name holding the bytes of `paths` that are not
+    UTF-8: OSError where `folder` cannot be written, errno EILSEQ where its file system holds UTF-8 names only
+    (macOS, ZFS with utf8only). Sorted, such bytes never form UTF-8 (a lead byte would need continuation bytes
+    after it)."""
     os.rmdir(tempfile.mkdtemp(dir=folder, prefix=".cutmix-seg-probe-" + not_utf8(*paths)))
 
 
 def read_image(path):
-    """An image file as uint8 RGB (H, W, 3); 16-bit grey scaled to 8 bits (a plain conversion clips it white)."""
+    """An image file as uint8 RGB (H, W, 3); 16-bit grey scaled to 8 bits
+    (a plain conversion clips it white)."""
     try:
         with Image.open(path) as im:
             if im.mode.startswith("I"):
@@ -157,11 +172,13 @@ def read_mask(path):
     """A single-channel PNG of class indices (255 = ignore) as a uint8 (H, W) array."""
     try:
         with Image.open(path) as im:
-            mode, mask = im.mode, np.asarray(im)
+            mode = im.mode
+            mask = np.asarray(im)
     except Exception as e:
         raise UserError(f"cannot read mask {path}: {e}")
     if mode not in ("L", "P", "I", "I;16", "1"):  # 1: a 1-bit mask, classes 0 and 1
-        raise UserError(f"mask {path} must be a single-channel PNG of class indices (mode L or P), got mode {mode}")
+        raise UserError(f"mask {path} must be a single-channel PNG of class indices (mode L or P), "
+                        f"got mode {mode}")
     if mask.max(initial=0) > 255:
         raise UserError(f"mask {path} holds values above 255; expected class indices with 255 = ignore")
     return mask.astype(np.uint8)

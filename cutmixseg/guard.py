@@ -52,12 +52,14 @@ def resume_settings(args_class, given, out):
     for name, value in given.items():
         if name in MAY_CHANGE or name not in saved:
             continue
-        if json.loads(json.dumps(value, default=str)) != saved[name] and not (  # a path may be spelled otherwise
+        # a value that differs is refused; a path may be spelled otherwise
+        if json.loads(json.dumps(value, default=str)) != saved[name] and not (
                 name in PATHS and saved[name] and same_path(value, saved[name])):
             raise UserError(f"--resume: --{name.replace('_', '-')} {value} differs from the run's "
-                            f"{saved[name]} ({Path(out) / 'args.json'}); a resumed run keeps its settings: leave the "
-                            f"option out, or start a new run with another --out")
-    kept = {name: saved[name] for name in fields if name in saved and name not in MAY_CHANGE - {"iters", "eval_every"}}
+                            f"{saved[name]} ({Path(out) / 'args.json'}); a resumed run keeps its settings: "
+                            f"leave the option out, or start a new run with another --out")
+    machine_defaults = MAY_CHANGE - {"iters", "eval_every"}  # not given: this machine's defaults, not kept
+    kept = {name: saved[name] for name in fields if name in saved and name not in machine_defaults}
     if "epochs" in given and "iters" not in given and saved.get("iters_per_epoch"):  # today's protocol
         kept["iters"] = given["epochs"] * saved["iters_per_epoch"]
     if isinstance(kept.get("crop_size"), list):
@@ -77,9 +79,10 @@ def check_writable(out):
         probe(blocker, out)
     except OSError as e:
         if e.errno == errno.EILSEQ and not_utf8(out):
-            raise UserError(f"--out {shown(out)}: the file system of {shown(blocker)} holds only names in UTF-8, "
-                            f"which this one is not; choose an --out named in UTF-8")
-        raise UserError(f"--out {out}: cannot make folders in {blocker} ({e.strerror}); choose a writable --out")
+            raise UserError(f"--out {shown(out)}: the file system of {shown(blocker)} holds only names in "
+                            f"UTF-8, which this one is not; choose an --out named in UTF-8")
+        raise UserError(f"--out {out}: cannot make folders in {blocker} ({e.strerror}); "
+                        f"choose a writable --out")
 
 
 def claim(run):
@@ -100,8 +103,8 @@ def claim(run):
     if checkpoint and args.resume:
         method = read_json(out / "args.json", "record of the run's settings").get("method")
         if method != run.method:
-            raise UserError(f"--resume: {out} holds a run of {method}, not of {run.method}; resume it with its own "
-                            f"script, or choose another --out")
+            raise UserError(f"--resume: {out} holds a run of {method}, not of {run.method}; "
+                            f"resume it with its own script, or choose another --out")
     if (out / "results.json").is_file():
         finished = read_json(out / "results.json", "results")
         if not args.resume:
@@ -115,13 +118,13 @@ def claim(run):
         tmp.unlink()
     found = {p.name for p in out.iterdir()} if out.is_dir() else set()
     if checkpoint and not args.resume:
-        raise UserError(f"--out {out} already holds an unfinished run (add --resume to continue it); choose "
-                        f"another --out or delete it")
+        raise UserError(f"--out {out} already holds an unfinished run (add --resume to continue it); "
+                        f"choose another --out or delete it")
     if not checkpoint and found - RUN_FILES:
         raise UserError(f"--out {out} holds {', '.join(sorted(found - RUN_FILES)[:3])}, no run's files")
     if not checkpoint and (found or args.resume):
-        print(f"{out}: " + ("a run stopped there before its first checkpoint" if found else "no run to resume")
-              + "; starting afresh")
+        why = "a run stopped there before its first checkpoint" if found else "no run to resume"
+        print(f"{out}: {why}; starting afresh")
         for name in found:
             (out / name).unlink()
 
@@ -134,7 +137,8 @@ def restore(run, tracked):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a truncated or foreign file
-        raise UserError(f"--resume: {path} is no readable checkpoint ({brief(e)}); delete the folder to start again")
+        raise UserError(f"--resume: {path} is no readable checkpoint ({brief(e)}); "
+                        f"delete the folder to start again")
     try:
         done, timer = state["iter"], state["timer"]
         if args.iters < done:
@@ -143,17 +147,22 @@ def restore(run, tracked):
         for name, obj in tracked.items():
             if isinstance(obj, torch.amp.GradScaler) and not (obj.is_enabled() and state[name]):
                 continue  # --amp changed to or from fp16: the loss scale starts afresh (or is not used)
-            obj.set_state(state[name]) if isinstance(obj, torch.Generator) else obj.load_state_dict(state[name])
+            if isinstance(obj, torch.Generator):
+                obj.set_state(state[name])
+            else:
+                obj.load_state_dict(state[name])
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        raise UserError(f"--resume: {path} does not fit this run ({brief(e)}); it was written by another method, "
-                        f"network or version")
+        raise UserError(f"--resume: {path} does not fit this run ({brief(e)}); "
+                        f"it was written by another method, network or version")
     record = read_json(run.out / "args.json", "record of the run's settings")
     if run.main and record.get("iters") != args.iters:
         poly = "; the poly schedule follows it" if args.lr_schedule.startswith("poly") else ""
-        run.print(f"--iters {args.iters}: the run goes on to iteration {args.iters}, not {record.get('iters')} "
-                  f"(recorded in args.json{poly})")
-        atomic_write(run.out / "args.json", json.dumps(dict(record, iters=args.iters, epochs=args.epochs), indent=2))
-    run.print(f"resumed from iteration {done} of {run.out}" + (f" with {run.world} processes" if run.world > 1 else ""))
+        run.print(f"--iters {args.iters}: the run goes on to iteration {args.iters}, "
+                  f"not {record.get('iters')} (recorded in args.json{poly})")
+        updated = dict(record, iters=args.iters, epochs=args.epochs)
+        atomic_write(run.out / "args.json", json.dumps(updated, indent=2))
+    processes = f" with {run.world} processes" if run.world > 1 else ""
+    run.print(f"resumed from iteration {done} of {run.out}{processes}")
     return done, timer
 
 
@@ -164,7 +173,8 @@ def fresh_folder(out, create=True):
     out = Path(out)
     check_writable(out)
     if out.is_dir() and any(out.iterdir()):
-        raise UserError(f"--out {out} already holds an earlier run's files; choose another --out or delete it")
+        raise UserError(f"--out {out} already holds an earlier run's files; "
+                        f"choose another --out or delete it")
     if create:
         out.mkdir(parents=True, exist_ok=True)
     return out
@@ -173,13 +183,16 @@ def fresh_folder(out, create=True):
 def rng_state():
     """Every global RNG's state, in types that torch.load(weights_only=True) accepts."""
     kind, keys, *rest = np.random.get_state()
-    return dict(python=random.getstate(), numpy=(kind, torch.from_numpy(keys.astype(np.int64)), *rest),
-                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    return dict(python=random.getstate(),
+                numpy=(kind, torch.from_numpy(keys.astype(np.int64)), *rest),
+                torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
 
 
 def set_rng_state(state):
     kind, keys, *rest = state["numpy"]
-    random.setstate(state["python"]), np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(state["python"])
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -8,8 +8,9 @@
   UNetSmall        a small U-Net from scratch (demo, tests)
   sync_batchnorm   BatchNorm across torchrun processes (GlobalBatchNorm off CUDA)
 
-Every network's forward(x, need_fp=True) returns (out, out_fp): UniMatch's feature perturbation, the features that
-its classifier reads passed on twice, as they are and under Dropout2d(0.5) (fp_features; each docstring names them).
+Every network's forward(x, need_fp=True) returns (out, out_fp): UniMatch's feature perturbation, the features
+that its classifier reads passed on twice, as they are and under Dropout2d(0.5) (fp_features; each docstring
+names them).
 
 Imports nothing of the kit but the bottom file (UserError)."""
 import re
@@ -33,9 +34,9 @@ def fp_features(*features):
 def check_fp_input(net, x, need_fp):
     """need_fp on an input smaller than the stride of the features it drops out (net.fp_stride): one line."""
     if need_fp and min(x.shape[2:]) < net.fp_stride:
-        raise UserError(f"need_fp: a {x.shape[2]}x{x.shape[3]} input is smaller than the {net.fp_stride}-pixel stride "
-                        f"of the features that {type(net).__name__} drops out; give crops of at least "
-                        f"{net.fp_stride} pixels a side")
+        raise UserError(f"need_fp: a {x.shape[2]}x{x.shape[3]} input is smaller than the "
+                        f"{net.fp_stride}-pixel stride of the features that {type(net).__name__} drops out; "
+                        f"give crops of at least {net.fp_stride} pixels a side")
 
 def fp_split(out, need_fp):
     """(out, out_fp) from a need_fp pass's (2B, ...) output; the output itself otherwise."""
@@ -47,11 +48,14 @@ class Bottleneck(nn.Module):
 
     def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
         super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
-        self.relu, self.downsample = nn.ReLU(inplace=True), downsample
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
 
     def forward(self, x):
         out = self.bn3(self.conv3(self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))))
@@ -66,13 +70,16 @@ class DeepLabV2(nn.Module):
     def __init__(self, num_classes, aspp_all_branches=False):
         super().__init__()
         self.inplanes = 64
-        self.conv1, self.bn1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64)
-        self.relu, self.maxpool = nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
         self.layer1 = self._layer(64, 3)
         self.layer2 = self._layer(128, 4, stride=2)
         self.layer3 = self._layer(256, 23, dilation=2)
         self.layer4 = self._layer(512, 3, dilation=4)
-        self.aspp = nn.ModuleList(nn.Conv2d(2048, num_classes, 3, padding=r, dilation=r) for r in (6, 12, 18, 24))
+        self.aspp = nn.ModuleList(nn.Conv2d(2048, num_classes, 3, padding=r, dilation=r)
+                                  for r in (6, 12, 18, 24))
         # The original (from AdvSemiSeg) returns inside its loop over the branches, so only the rate-6
         # and rate-12 branches are summed; 18 and 24 exist, sit in the optimizer, and are never used.
         self.n_branches = 4 if aspp_all_branches else 2
@@ -85,8 +92,10 @@ class DeepLabV2(nn.Module):
                 m.requires_grad_(False)
 
     def _layer(self, planes, blocks, stride=1, dilation=1):
-        downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=False),
-                                   nn.BatchNorm2d(planes * 4)) if stride != 1 or self.inplanes != planes * 4 else None
+        downsample = None
+        if stride != 1 or self.inplanes != planes * 4:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=False),
+                                       nn.BatchNorm2d(planes * 4))
         layers = [Bottleneck(self.inplanes, planes, stride, dilation, downsample)]
         self.inplanes = planes * 4
         layers += [Bottleneck(self.inplanes, planes, dilation=dilation) for _ in range(1, blocks)]
@@ -104,8 +113,9 @@ class DeepLabV2(nn.Module):
 
     def forward(self, x, need_fp=False):
         check_fp_input(self, x, need_fp)
+        logits = self.head_logits(x, need_fp)
         # align_corners=True, as the original (from Hung et al., whose numbers the paper compares to)
-        out = F.interpolate(self.head_logits(x, need_fp), size=x.shape[2:], mode="bilinear", align_corners=True)
+        out = F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=True)
         return fp_split(out, need_fp)
 
     def load_imagenet(self):
@@ -127,8 +137,9 @@ def load_torchvision_weights(weights):
                         f"{weights.url} to {file}, or run with --no-pretrained")
 
 class UNetSmall(nn.Module):
-    """A small U-Net trained from scratch (demo, tests, small images): 4 levels, 16..128 channels. need_fp drops
-    out every encoder level's features (the skips and the bottom, which the decoder reads), as UniMatch's U-Net."""
+    """A small U-Net trained from scratch (demo, tests, small images): 4 levels, 16..128 channels. need_fp
+    drops out every encoder level's features (the skips and the bottom, which the decoder reads), as
+    UniMatch's U-Net."""
 
     def __init__(self, num_classes, width=16, depth=3):
         super().__init__()
@@ -146,7 +157,8 @@ class UNetSmall(nn.Module):
     def forward(self, x, need_fp=False):
         h, w = x.shape[2:]
         check_fp_input(self, x, need_fp)
-        x = F.pad(x, (0, -w % self.multiple, 0, -h % self.multiple))  # zero = the mean colour; cropped off below
+        # zero = the mean colour; cropped off below
+        x = F.pad(x, (0, -w % self.multiple, 0, -h % self.multiple))
         skips = []
         for i, block in enumerate(self.down):
             x = block(x if i == 0 else F.max_pool2d(x, 2))
@@ -172,7 +184,8 @@ def resnet_features(r, x):
     return low, r.layer4(r.layer3(r.layer2(low)))
 
 def load_resnet101(resnet):
-    """torchvision's ImageNet ResNet-101 (IMAGENET1K_V1, as the original) into `resnet`: every key but fc's."""
+    """torchvision's ImageNet ResNet-101 (IMAGENET1K_V1, as the original) into `resnet`:
+    every key but fc's."""
     from torchvision.models import ResNet101_Weights
     state = {k: v for k, v in load_torchvision_weights(ResNet101_Weights.IMAGENET1K_V1).items()
              if not k.startswith("fc.")}
@@ -191,15 +204,16 @@ def init_head(modules, bn_bias=0.0):
 class DeepLabV3Plus(nn.Module):
     """DeepLab v3+ on a dilated ResNet-101, as the original: ASPP rates 12/24/36 (its projection ends in
     Dropout 0.5), a 48-channel layer1 skip, two 3x3 conv-BN-ReLU blocks, bilinear upsampling
-    (align_corners=False). need_fp drops out the low-level (layer1, /4) and the high-level (layer4, /8) features,
-    as UniMatch's DeepLab v3+."""
+    (align_corners=False). need_fp drops out the low-level (layer1, /4) and the high-level (layer4, /8)
+    features, as UniMatch's DeepLab v3+."""
     fp_stride = 8
 
     def __init__(self, num_classes):
         super().__init__()
         from torchvision.models.segmentation.deeplabv3 import ASPP
         self.backbone = resnet101_dilated()
-        self.project = nn.Sequential(nn.Conv2d(256, 48, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU(inplace=True))
+        self.project = nn.Sequential(nn.Conv2d(256, 48, 1, bias=False), nn.BatchNorm2d(48),
+                                     nn.ReLU(inplace=True))
         self.aspp = ASPP(2048, [12, 24, 36])
         self.classifier = nn.Sequential(
             nn.Conv2d(304, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
@@ -214,8 +228,9 @@ class DeepLabV3Plus(nn.Module):
             low, high = fp_features(low, high)
         low = self.project(low)  # (B, 48, H/4, W/4)
         high = F.interpolate(self.aspp(high), size=low.shape[2:], mode="bilinear", align_corners=False)
-        return fp_split(F.interpolate(self.classifier(torch.cat([low, high], 1)), size=x.shape[2:], mode="bilinear",
-                                      align_corners=False), need_fp)
+        logits = self.classifier(torch.cat([low, high], 1))
+        out = F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)
+        return fp_split(out, need_fp)
 
     def backbone_modules(self):
         return []  # the original's wrapper quirk: no pretrained group, all parameters at the head's rate
@@ -227,9 +242,11 @@ class DeepLabV3Plus(nn.Module):
         return load_resnet101(self.backbone)
 
 def pad_centred(x, multiple):
-    """(B, C, H, W) padded with zeros (the mean colour) to sizes divisible by `multiple`, centred as the
-    original's collate (top ⌊pad/2⌋, bottom the rest; left, right alike), and the index cropping it back."""
-    (h, w), (ph, pw) = x.shape[2:], (-x.shape[2] % multiple, -x.shape[3] % multiple)
+    """(B, C, H, W) padded with zeros (the mean colour) to sizes divisible by `multiple`, centred as
+    the original's collate (top ⌊pad/2⌋, bottom the rest; left, right alike), and the index
+    cropping it back."""
+    h, w = x.shape[2:]
+    ph, pw = -h % multiple, -w % multiple  # padding per axis
     top, left = ph // 2, pw // 2
     return F.pad(x, (left, pw - left, top, ph - top)), (..., slice(top, top + h), slice(left, left + w))
 
@@ -249,10 +266,12 @@ class DenseUNet161(nn.Module):
         self.line0 = nn.Conv2d(2112, 2208, 1)  # the /16 skip widened to the bottom's 2208 channels
         chans = [2208, 768, 384, 96, 96]  # decoder: /32 -> /16 -> /8 -> /4 -> /2; skips of 2208, 768, 384, 96
         self.decoder = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+            nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                          nn.ReLU(inplace=True))
             for cin, cout in zip(chans, chans[1:]))
+        # note the order: conv, dropout, BN
         self.final = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(96, 64, 3, padding=1, bias=False),
-                                   nn.Dropout(0.3), nn.BatchNorm2d(64), nn.ReLU(inplace=True),  # conv, dropout, BN
+                                   nn.Dropout(0.3), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
                                    nn.Conv2d(64, num_classes, 1))
 
     def forward(self, x, need_fp=False):
@@ -309,7 +328,8 @@ class PSPNet101(nn.Module):
         pyramid = [f] + [F.interpolate(branch(f), size=f.shape[2:], mode="bilinear", align_corners=False)
                          for branch in self.ppm]
         logits = self.classifier(torch.cat(pyramid, 1))
-        return fp_split(F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False), need_fp)
+        out = F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)
+        return fp_split(out, need_fp)
 
     def backbone_modules(self):
         return [self.backbone]
@@ -318,25 +338,29 @@ class PSPNet101(nn.Module):
     def load_imagenet(self):
         return load_resnet101(self.backbone)
 
-# --- today's protocol (UniMatch, Yang et al. CVPR 2023): DeepLab v3+ on a deep-stem ResNet-101 ---------------
-UNIMATCH_RESNET101 = ("UniMatch's deep-stem ImageNet ResNet-101, pretrained/resnet101.pth (the 'ResNet-101' link "
-                      "under 'Pretrained Backbone' in UniMatch's README: "
+# --- today's protocol (UniMatch, Yang et al. CVPR 2023): DeepLab v3+ on a deep-stem ResNet-101 --------------
+UNIMATCH_RESNET101 = ("UniMatch's deep-stem ImageNet ResNet-101, pretrained/resnet101.pth "
+                      "(the 'ResNet-101' link under 'Pretrained Backbone' in UniMatch's README: "
                       "https://drive.google.com/file/d/1Rx0legsMolCWENpfvE2jUScT3ogalMO8/view?usp=sharing)")
 
 def conv_bn_relu(cin, cout, k=1, dilation=1, stride=1):
     """Conv (no bias) + BN + ReLU, keys .0/.1 as UniMatch's blocks."""
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding=dilation * (k // 2), dilation=dilation, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    conv = nn.Conv2d(cin, cout, k, stride, padding=dilation * (k // 2), dilation=dilation, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 class DeepStemResNet101(nn.Module):
-    """UniMatch's ResNet-101 (after PyTorch-Encoding's resnet101s): a deep stem of three 3x3 convs 64-64-128,
-    torchvision's bottleneck (stride on the 3x3 conv), layer4 dilated 2 (output stride 16); no avgpool, no fc."""
+    """UniMatch's ResNet-101 (after PyTorch-Encoding's resnet101s): a deep stem of three 3x3 convs
+    64-64-128, torchvision's bottleneck (stride on the 3x3 conv), layer4 dilated 2 (output stride 16);
+    no avgpool, no fc."""
 
     def __init__(self):
         super().__init__()
+        # keys conv1.0, .1, .3, .4, .6
         self.conv1 = nn.Sequential(*conv_bn_relu(3, 64, 3, stride=2), *conv_bn_relu(64, 64, 3),
-                                   nn.Conv2d(64, 128, 3, padding=1, bias=False))  # keys conv1.0, .1, .3, .4, .6
-        self.bn1, self.relu, self.maxpool = nn.BatchNorm2d(128), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+                                   nn.Conv2d(64, 128, 3, padding=1, bias=False))
+        self.bn1 = nn.BatchNorm2d(128)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
         self.inplanes = 128
         self.layer1 = self._layer(64, 3)
         self.layer2 = self._layer(128, 4, stride=2)
@@ -347,7 +371,8 @@ class DeepStemResNet101(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def _layer(self, planes, blocks, stride=1, dilation=1):
-        from torchvision.models.resnet import Bottleneck as Block  # UniMatch's block: same arithmetic and keys
+        # UniMatch's block: same arithmetic and keys
+        from torchvision.models.resnet import Bottleneck as Block
         downsample = None
         if stride != 1 or self.inplanes != planes * 4:
             downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=False),
@@ -369,9 +394,11 @@ class UniMatchASPP(nn.Module):
 
     def __init__(self, cin=2048, rates=(6, 12, 18), cout=256):
         super().__init__()
-        self.b0, self.b1, self.b2, self.b3 = [conv_bn_relu(cin, cout, k, r) for k, r in zip((1, 3, 3, 3), (1, *rates))]
+        self.b0, self.b1, self.b2, self.b3 = [conv_bn_relu(cin, cout, k, r)
+                                              for k, r in zip((1, 3, 3, 3), (1, *rates))]
         self.b4 = nn.Module()  # a bare holder: UniMatch's pooling branch sits at head.b4.gap.*
-        self.b4.gap = nn.Sequential(nn.AdaptiveAvgPool2d(1), *conv_bn_relu(cin, cout))  # keys b4.gap.1, b4.gap.2
+        # keys b4.gap.1, b4.gap.2
+        self.b4.gap = nn.Sequential(nn.AdaptiveAvgPool2d(1), *conv_bn_relu(cin, cout))
         self.project = conv_bn_relu(5 * cout, cout)
 
     def forward(self, x):
@@ -381,8 +408,8 @@ class UniMatchASPP(nn.Module):
 class DeepLabV3PlusDeepStem(nn.Module):
     """DeepLab v3+ as UniMatch's DeepLabV3Plus (today's protocol): deep-stem ResNet-101 at output stride 16,
     ASPP 6/12/18 without dropout, a 48-channel layer1 skip, two 3x3 fuse convs, a 1x1 classifier, bilinear
-    upsampling with align_corners=True. Same state_dict keys, so a UniMatch checkpoint loads strictly.
-    New layers keep PyTorch's default init, as UniMatch's. need_fp drops out the low-level (layer1, /4) and the
+    upsampling with align_corners=True. Same state_dict keys, so a UniMatch checkpoint loads strictly. New
+    layers keep PyTorch's default init, as UniMatch's. need_fp drops out the low-level (layer1, /4) and the
     high-level (layer4, /16) features, as UniMatch's: the same outputs given the same torch RNG state."""
     fp_stride = 16
 
@@ -407,28 +434,32 @@ class DeepLabV3PlusDeepStem(nn.Module):
         return [self.backbone]  # UniMatch's base-lr group; everything else runs at lr x lr_multi
 
     def load_backbone(self, path):
-        """Strictly load UNIMATCH_RESNET101 into the backbone; its ImageNet classifier (fc.*) is dropped (UniMatch
-        loads with strict=False, which drops it too, but would also let any wrong file through silently)."""
+        """Strictly load UNIMATCH_RESNET101 into the backbone; its ImageNet classifier (fc.*) is
+        dropped (UniMatch loads with strict=False, which drops it too, but would also let any wrong
+        file through silently)."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"--backbone-weights {path}: no such file; download {UNIMATCH_RESNET101}")
         try:  # weights_only: no code from a downloaded file runs
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise UserError(f"--backbone-weights {path} is not a torch file of plain tensors (torch.load with "
-                            f"weights_only=True: {type(e).__name__}); expected {UNIMATCH_RESNET101}") from None
+            raise UserError(f"--backbone-weights {path} is not a torch file of plain tensors "
+                            f"(torch.load with weights_only=True: {type(e).__name__}); "
+                            f"expected {UNIMATCH_RESNET101}") from None
         tensors = isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
         wrapped = isinstance(state, dict) and any(isinstance(state.get(k), dict)
                                                   for k in ("student", "teacher", "model", "state_dict"))
-        if wrapped or (tensors and any(k.removeprefix("module.").startswith(("backbone.", "head.")) for k in state)):
-            raise UserError(f"--backbone-weights {path} is a whole-model checkpoint (segmentation network, not "
-                            f"backbone weights); expected {UNIMATCH_RESNET101}")
+        model_keys = tensors and any(k.removeprefix("module.").startswith(("backbone.", "head."))
+                                     for k in state)  # a whole network's state_dict
+        if wrapped or model_keys:
+            raise UserError(f"--backbone-weights {path} is a whole-model checkpoint "
+                            f"(segmentation network, not backbone weights); expected {UNIMATCH_RESNET101}")
         if not tensors:
-            raise UserError(f"--backbone-weights {path} holds a {type(state).__name__}, not a dict of tensors; "
-                            f"expected {UNIMATCH_RESNET101}")
+            raise UserError(f"--backbone-weights {path} holds a {type(state).__name__}, "
+                            f"not a dict of tensors; expected {UNIMATCH_RESNET101}")
         if getattr(state.get("conv1.weight"), "shape", None) == (64, 3, 7, 7):
-            raise UserError(f"--backbone-weights {path} is torchvision's standard-stem ResNet (one 7x7 conv1); "
-                            f"this network needs {UNIMATCH_RESNET101}")
+            raise UserError(f"--backbone-weights {path} is torchvision's standard-stem ResNet "
+                            f"(one 7x7 conv1); this network needs {UNIMATCH_RESNET101}")
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         own = self.backbone.state_dict()
         # BN's batch counter is absent from files saved before PyTorch 0.4.1; torch fills it in on loading
@@ -439,8 +470,8 @@ class DeepLabV3PlusDeepStem(nn.Module):
         if missing or unexpected or wrong:
             problems = [f"{what}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}" for what, keys in
                         (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
-            raise UserError(f"--backbone-weights {path} does not fit the deep-stem ResNet-101 ({'; '.join(problems)}); "
-                            f"expected {UNIMATCH_RESNET101}")
+            raise UserError(f"--backbone-weights {path} does not fit the deep-stem ResNet-101 "
+                            f"({'; '.join(problems)}); expected {UNIMATCH_RESNET101}")
         self.backbone.load_state_dict(state)  # strict
         return state
 
@@ -449,15 +480,17 @@ class GlobalBatchNorm(nn.BatchNorm2d):
     used on CUDA, needs a GPU); the gradient flows through the other processes' share of them too."""
 
     def forward(self, x):
-        if not (self.training and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        if not (self.training and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1):
             return super().forward(x)
         from torch.distributed.nn.functional import all_gather  # all_gather with a gradient
-        xf, C = x.float(), x.shape[1]
+        xf = x.float()
+        C = x.shape[1]
         local_mean = xf.mean((0, 2, 3))
         local_m2 = (xf - local_mean.view(1, C, 1, 1)).pow(2).sum((0, 2, 3))  # squared deviations, summed
         n = xf.new_full((1,), xf.numel() / C)
-        # every process's (mean, squared deviations, count), combined as SyncBatchNorm does (Chan et al.): sums
-        # of squares less the squared mean would cancel where a channel is nearly constant (padding)
+        # every process's (mean, squared deviations, count), combined as SyncBatchNorm does (Chan et al.):
+        # sums of squares less the squared mean would cancel where a channel is nearly constant (padding)
         with warnings.catch_warnings():  # torch calls it deprecated for a private successor: it stays
             warnings.simplefilter("ignore", FutureWarning)
             stats = torch.stack(all_gather(torch.cat([local_mean, local_m2, n])))  # (processes, 2C + 1)

@@ -31,11 +31,13 @@ def palette(num_classes=256):
 
 def legend(class_names, colours, width):
     """A strip of colour swatches with the class names, wrapped to `width` pixels."""
-    font, cell = ImageFont.load_default(), 18
+    font = ImageFont.load_default()
+    cell = 18  # pixels per row
     entries = [(colours[c], name) for c, name in enumerate(class_names)] + [(colours[IGNORE], "ignore")]
     sizes = [16 + 6 + int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(name, font=font)) + 14
              for _, name in entries]
-    rows, x = [[]], 0
+    rows = [[]]  # (entry, x) row by row
+    x = 0
     for entry, size in zip(entries, sizes):
         if rows[-1] and x + size > width:
             rows.append([])
@@ -58,7 +60,8 @@ def preview(predict, split, class_names, n=4):
     colours with their names. The tiles stand apart by GAP pixels of a grey that no class has (the truth and
     the prediction both paint the background black). predict: uint8 images (B, 3, H, W) -> class indices
     (B, H, W)."""
-    colours, rows = palette(), []
+    colours = palette()
+    rows = []
     with torch.no_grad():
         for i in range(min(n, len(split))):
             image, label = split.load(i)
@@ -91,13 +94,16 @@ def curves(metrics_path, width=640, panel=150):
     """One panel per series of metrics.jsonl against the iteration: the teacher's mIoU (at evaluations),
     then each logged loss (at log intervals), each with its range written beside it."""
     records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    evaluated = next((r["network"] for r in records if "network" in r), "teacher")  # a run without teacher: student
+    # a run without teacher evaluates its student
+    evaluated = next((r["network"] for r in records if "network" in r), "teacher")
     series = {f"{evaluated} mIoU": [(r["iter"], r["miou"]) for r in records if "miou" in r]}
     logged = (k for r in records if "lr" in r for k in r if k not in ("iter", "lr", "seconds_per_iter"))
     for name in dict.fromkeys(logged):
         series[name] = [(r["iter"], r[name]) for r in records if name in r and "lr" in r]
     last = max((r["iter"] for r in records), default=1)
-    font, left, pad = ImageFont.load_default(), 70, 16
+    font = ImageFont.load_default()
+    left = 70  # pixels: the room for the range on the left
+    pad = 16
     picture = Image.new("RGB", (width, panel * len(series)), PAPER)
     draw = ImageDraw.Draw(picture)
     for p, (name, points) in enumerate(series.items()):
@@ -113,7 +119,8 @@ def curves(metrics_path, width=640, panel=150):
         span = hi - lo or 1.0
         draw.text((4, top), f"{hi:.4g}", fill=INK, font=font)
         draw.text((4, bottom - 10), f"{lo:.4g}", fill=INK, font=font)
-        xy = [(left + (right - left) * it / last, bottom - (bottom - top) * (v - lo) / span) for it, v in points]
+        xy = [(left + (right - left) * it / last, bottom - (bottom - top) * (v - lo) / span)
+              for it, v in points]
         if len(xy) > 1:
             draw.line(xy, fill=(30, 90, 200), width=2)
         for x, y in xy[-1:] if not name.endswith(" mIoU") else xy:

@@ -24,9 +24,12 @@ def check_pairs(pairs_by_split, num_classes=None):
     """Decode every (image, mask) pair, or (image,) alone, once: images readable as RGB, sizes agree, masks
     hold classes below num_classes (or 255). Returns {split: [[H, W], ...], "classes": the classes seen,
     "labeled_pixels": {split: pixels that are not 255}}."""
-    verdict, classes, labeled = {}, set(), {}
+    verdict = {}
+    classes = set()
+    labeled = {}
     for split, pairs in pairs_by_split.items():
-        sizes, labeled[split] = [], 0
+        sizes = []
+        labeled[split] = 0
         for image_path, *mask_path in tqdm(pairs, desc=f"checking {split} data (once)", leave=False,
                                            disable=len(pairs) < 200):
             image = read_image(image_path)
@@ -54,7 +57,8 @@ def verdict(pairs_by_split, cache, num_classes=None):
     checked now and cached; a cached verdict that cannot be read is checked again, with a line."""
     files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for pairs in pairs_by_split.values()
              for pair in pairs for p in pair]
-    path = cache / f"verdict_{hashlib.sha1(json.dumps([files, num_classes, 2]).encode()).hexdigest()[:16]}.json"
+    digest = hashlib.sha1(json.dumps([files, num_classes, 2]).encode()).hexdigest()[:16]
+    path = cache / f"verdict_{digest}.json"
     if path.is_file():
         try:
             found = json.loads(path.read_text())
@@ -71,12 +75,13 @@ def verdict(pairs_by_split, cache, num_classes=None):
 
 def arrays(root, cache, tag, pairs, convert, nbytes=None, with_root=False):
     """(images, labels or None) of `pairs`, memory-mapped from the cache, prepared by the function `convert`
-    (image path[, label path]) -> (image[, label]) the first time (fill_arrays). The folder's name hashes the source
-    files' names (below `root`; with_root: and `root` itself, so that a copy of the data elsewhere is prepared
-    anew), sizes and times: changed data is prepared anew; a prepared folder that cannot be read, too, with a
-    line. nbytes (the arrays' size): a preparation the disk has no room for is not begun: a line, and None."""
-    files = [((p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p.resolve())), p.stat().st_size,
-              p.stat().st_mtime_ns) for pair in pairs for p in pair]
+    (image path[, label path]) -> (image[, label]) the first time (fill_arrays). The folder's name hashes
+    the source files' names (below `root`; with_root: and `root` itself, so that a copy of the data
+    elsewhere is prepared anew), sizes and times: changed data is prepared anew; a prepared folder that
+    cannot be read, too, with a line. nbytes (the arrays' size): a preparation the disk has no room for is
+    not begun: a line, and None."""
+    files = [(p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p.resolve()),
+              p.stat().st_size, p.stat().st_mtime_ns) for pair in pairs for p in pair]
     key = [str(Path(root).resolve()), files] if with_root else files
     folder = cache / f"{tag}_{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]}"
     if nbytes and not folder.is_dir() and not has_room(folder, nbytes):
@@ -85,9 +90,10 @@ def arrays(root, cache, tag, pairs, convert, nbytes=None, with_root=False):
         if not folder.is_dir():
             fill_arrays(folder, pairs, convert, tag)
         try:
-            images, labels = (np.load(f, mmap_mode="r") if f.is_file() else None for f in (folder / "images.npy",
-                                                                                           folder / "labels.npy"))
-            if images is None or len(images) != len(pairs) or (labels is not None and len(labels) != len(pairs)):
+            images, labels = (np.load(f, mmap_mode="r") if f.is_file() else None
+                              for f in (folder / "images.npy", folder / "labels.npy"))
+            complete = images is not None and len(images) == len(pairs)
+            if not complete or (labels is not None and len(labels) != len(pairs)):
                 raise ValueError(f"expected arrays of {len(pairs)} samples")
             return images, labels
         except (OSError, ValueError) as e:
@@ -122,7 +128,8 @@ def fill_arrays(folder, pairs, convert, tag):
             fcntl.flock(lock, fcntl.LOCK_EX)
         if folder.is_dir():  # another run prepared it while this one waited
             return
-        partial, arrays = folder.with_name(folder.name + ".partial"), None
+        partial = folder.with_name(folder.name + ".partial")
+        arrays = None
         partial.mkdir(exist_ok=True)
         progress = partial / "done.txt"
         done = int(progress.read_text()) if progress.is_file() else 0
@@ -133,12 +140,13 @@ def fill_arrays(folder, pairs, convert, tag):
                       dynamic_ncols=True):
             sample = convert(*pairs[i])
             if arrays is None:  # the first sample sets the arrays' shapes
-                arrays = [np.lib.format.open_memmap(partial / f"{kind}.npy", "w+", np.uint8, (len(pairs), *a.shape))
+                arrays = [np.lib.format.open_memmap(partial / f"{kind}.npy", "w+", np.uint8,
+                                                    (len(pairs), *a.shape))
                           for kind, a in zip(("images", "labels"), sample)]
             if sample[0].shape != arrays[0].shape[1:]:
-                raise UserError(f"{pairs[i][0]} is {sample[0].shape[1]}x{sample[0].shape[0]} once prepared, the "
-                                f"images before it {arrays[0].shape[2]}x{arrays[0].shape[1]}: they must share one "
-                                f"size")
+                raise UserError(f"{pairs[i][0]} is {sample[0].shape[1]}x{sample[0].shape[0]} once prepared, "
+                                f"the images before it {arrays[0].shape[2]}x{arrays[0].shape[1]}: "
+                                f"they must share one size")
             for array, a in zip(arrays, sample):
                 array[i] = a
                 array.flush()
@@ -149,28 +157,30 @@ def fill_arrays(folder, pairs, convert, tag):
 
 # ---- --split-file: the labeled subset named by a list, or the original's pickled permutation ----------
 def read_lines(path):
-    """[(line number, line without blanks at its ends)] of the non-empty lines of a text list (UTF-8, a byte-order
-    mark allowed, any line ends; bytes that are not UTF-8 read as a file name's, surrogate escapes): a --split-file
-    (labeled.txt), or UniMatch's "image mask" lists."""
+    """[(line number, line without blanks at its ends)] of the non-empty lines of a text list (UTF-8, a
+    byte-order mark allowed, any line ends; bytes that are not UTF-8 read as a file name's, surrogate
+    escapes): a --split-file (labeled.txt), or UniMatch's "image mask" lists."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--split-file {path}: no such file")
-    # a byte-order mark is no part of the first name; a control character but tabs and line ends: no text at all
+    # a byte-order mark is no part of the first name;
+    # a control character but tabs and line ends: no text at all
     text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
     if any(c < " " and c not in "\t\n\r" for c in text):
-        raise UserError(f"--split-file {path}: neither a text list of image names (UTF-8, one per line) nor a "
-                        f"pickled index array")
+        raise UserError(f"--split-file {path}: neither a text list of image names (UTF-8, one per line) "
+                        f"nor a pickled index array")
     return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
 def check_listable(names, root):
-    """Training images' `names`, which labeled.txt (one name a line) may list: each must come back from read_lines
-    as it is, without a control character (a line break among them), another line break (U+2028, ...) or a blank
-    at either end; the first that would not is refused by name."""
+    """Training images' `names`, which labeled.txt (one name a line) may list: each must come back from
+    read_lines as it is, without a control character (a line break among them), another line break (U+2028,
+    ...) or a blank at either end; the first that would not is refused by name."""
     for name in names:
         if name != name.strip() or name.splitlines() != [name] or any(c < " " for c in name):
-            raise UserError(f"--data-root {root}: labeled.txt (one name a line) cannot hold the training image "
-                            f"{name!r}; rename it without line breaks, control characters or blanks at its ends")
+            raise UserError(f"--data-root {root}: labeled.txt (one name a line) cannot hold the training "
+                            f"image {name!r}; rename it without line breaks, control characters or blanks "
+                            f"at its ends")
 
 
 def read_split_file(path, names):
@@ -184,13 +194,18 @@ def read_split_file(path, names):
     raw = path.read_bytes()
     if path.suffix == ".pkl" or raw[:1] == b"\x80":  # pickle protocols 2 and later begin with 0x80
         return read_permutation(path, len(names))
-    index = {**{name: i for i, name in enumerate(names)}, **{Path(name).stem: i for i, name in enumerate(names)}}
+    by_name = {name: i for i, name in enumerate(names)}
+    by_stem = {Path(name).stem: i for i, name in enumerate(names)}
+    index = {**by_name, **by_stem}
     chosen = {}  # index -> line number
     for line_no, line in read_lines(path):
-        name = line if line in index else line.split()[0]  # a name with blanks in it, else the line's first word
-        key = name if name in index else Path(name).stem.removesuffix("_leftImg8bit")  # UniMatch's Cityscapes lines
+        # a name with blanks in it, else the line's first word
+        name = line if line in index else line.split()[0]
+        # else its stem, less the suffix of UniMatch's Cityscapes lines
+        key = name if name in index else Path(name).stem.removesuffix("_leftImg8bit")
         if key not in index:
-            raise UserError(f"--split-file {path}, line {line_no}: {name!r} is not a training image of this dataset")
+            raise UserError(f"--split-file {path}, line {line_no}: {name!r} "
+                            f"is not a training image of this dataset")
         if index[key] in chosen:
             raise UserError(f"--split-file {path}, line {line_no}: {name!r} is named again (line "
                             f"{chosen[index[key]]}); each labeled image once")
@@ -223,14 +238,17 @@ def read_permutation(path, n):
     if not (isinstance(perm, np.ndarray) and perm.ndim == 1 and perm.dtype.kind in "iu"
             and np.array_equal(np.sort(perm), np.arange(n))):
         raise UserError(f"--split-file {path}: expected a permutation of the {n} training images' indices "
-                        f"(numpy int array of shape ({n},)), got {getattr(perm, 'shape', type(perm).__name__)}")
+                        f"(numpy int array of shape ({n},)), "
+                        f"got {getattr(perm, 'shape', type(perm).__name__)}")
     return perm.astype(np.int64)
 
 
 # ---- Cityscapes: half size, as the original's conversion script --------------------------------------
-# labelId -> trainId for the 19 evaluated classes; every other id (void 0-6, 9, 10, ..., license plate 34) -> 255
+# labelId -> trainId for the 19 evaluated classes;
+# every other id (void 0-6, 9, 10, ..., license plate 34) -> 255
 CITYSCAPES_TRAIN_ID = np.full(256, IGNORE, np.uint8)
-CITYSCAPES_TRAIN_ID[[7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]] = np.arange(19)
+CITYSCAPES_TRAIN_ID[[7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28,
+                     31, 32, 33]] = np.arange(19)
 
 
 def halve_cityscapes(image_path, label_path=None):
@@ -240,8 +258,8 @@ def halve_cityscapes(image_path, label_path=None):
     label = read_mask(label_path) if label_path else None
     h, w = image.shape[:2]
     if (label is not None and label.shape != (h, w)) or h % 2 or w % 2:
-        raise UserError(f"{label_path or image_path} and {image_path} ({w}x{h}) must share one even size (2048x1024 "
-                        f"in the official download)")
+        raise UserError(f"{label_path or image_path} and {image_path} ({w}x{h}) must share one even size "
+                        f"(2048x1024 in the official download)")
     image = (image.reshape(h // 2, 2, w // 2, 2, 3).sum((1, 3), dtype=np.uint16) // 4).astype(np.uint8)
     if label is None:
         return (image,)
@@ -274,7 +292,8 @@ def area_resize(a, size):
     out = a
     for axis, m in enumerate(size):
         x = np.moveaxis(out, axis, 0)  # resize along the first axis
-        n, rows = len(x), []
+        n = len(x)
+        rows = []
         edges = np.arange(m + 1) * (n / m)
         for lo, hi in zip(edges[:-1], edges[1:]):  # one output pixel: the input interval [lo, hi)
             pixels = np.arange(int(lo), min(math.ceil(hi), n))

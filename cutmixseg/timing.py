@@ -1,6 +1,6 @@
-"""The clock of a run (Timer) and what --benchmark reports (common.Benchmark times the loop): the device's peak
-FLOP rate, random data of each dataset's shapes, and the record and summary it prints. `python -m tools costs`
-turns records into a table."""
+"""The clock of a run (Timer) and what --benchmark reports (common.Benchmark times the loop): the device's
+peak FLOP rate, random data of each dataset's shapes, and the record and summary it prints.
+`python -m tools costs` turns records into a table."""
 import math
 import sys
 import time
@@ -38,40 +38,50 @@ def peak_tflops(device, amp):
 
 
 def synthetic_splits(dataset, num_classes=None, full=False):
-    """([(names, load, sizes) of the training images, the same of the validation images], class count):
-    random images and labels of the dataset's shapes (full: Cityscapes at full size, as today's protocol trains
-    on it), generated per sample (seeded by its index)."""
+    """([(names, load, sizes) of the training images, the same of the validation images], class count): random
+    images and labels of the dataset's shapes (full: Cityscapes at full size, as today's protocol trains on
+    it), generated per sample (seeded by its index)."""
     size, n_train, n_val, classes = SYNTHETIC[dataset]
     size = (1024, 2048) if full and dataset == "cityscapes" else size
     num_classes = num_classes or classes
 
     def load(i):
         rng = np.random.default_rng(i)
-        return rng.integers(0, 256, (*size, 3), dtype=np.uint8), rng.integers(0, num_classes, size, dtype=np.uint8)
+        image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        label = rng.integers(0, num_classes, size, dtype=np.uint8)
+        return image, label
 
     return [([f"synthetic_{i}" for i in range(n)], load, [size] * n) for n in (n_train, n_val)], num_classes
 
 
 def record(bench, eval_seconds):
     """The measurements of a finished Benchmark as one JSON-ready dict."""
-    args, device, s, images = bench.args, bench.device, bench.seconds_per_iter, bench.images_per_iter
+    args, device = bench.args, bench.device
+    s = bench.seconds_per_iter
+    images = bench.images_per_iter
     if device.type == "cuda":  # reserved: the allocator's peak, CUDA graphs' private pools included
-        memory, memory_kind = torch.cuda.max_memory_allocated(device) / 2 ** 30, "peak GPU memory"
+        memory = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        memory_kind = "peak GPU memory"
         reserved = torch.cuda.max_memory_reserved(device) / 2 ** 30
     else:
         import resource  # Unix only
-        memory, memory_kind, reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "peak RSS", None
-    peak, achieved = peak_tflops(device, args.amp), bench.flops / s / 1e12
+        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        memory_kind = "peak RSS"
+        reserved = None
+    peak = peak_tflops(device, args.amp)
+    achieved = bench.flops / s / 1e12
     evals = math.ceil(args.iters / args.eval_every)  # the teacher's; the student's at the end, or every time
     evals = 2 * evals if args.student_every_eval else evals + 1
     return dict(script=Path(sys.argv[0]).name, method=bench.method, dataset=args.dataset, arch=args.arch,
                 device=device_name(device), amp=args.amp, compile=args.compile_mode if args.compile else None,
                 world_size=bench.world, batch_size=args.batch_size, crop_size=list(args.crop_size),
                 data="real" if bench.real_data else "synthetic", ms_per_iter=1000 * s, iters_per_s=1 / s,
-                images_per_s=images / s, images_per_iter=images, peak_memory_gib=memory, memory_kind=memory_kind,
-                peak_reserved_gib=reserved, warmup_seconds=bench.warmup_seconds, tflop_per_iter=bench.flops / 1e12,
-                tflops=achieved, peak_tflops=peak, mfu=achieved / peak if peak else None, eval_seconds=eval_seconds,
-                iters=args.iters, evaluations=evals, train_minutes=args.iters * s / 60,
+                images_per_s=images / s, images_per_iter=images,
+                peak_memory_gib=memory, memory_kind=memory_kind, peak_reserved_gib=reserved,
+                warmup_seconds=bench.warmup_seconds, tflop_per_iter=bench.flops / 1e12,
+                tflops=achieved, peak_tflops=peak, mfu=achieved / peak if peak else None,
+                eval_seconds=eval_seconds, iters=args.iters, evaluations=evals,
+                train_minutes=args.iters * s / 60,
                 run_minutes=(args.iters * s + evals * eval_seconds) / 60, loader_images_per_s=bench.loading,
                 num_workers=args.num_workers)
 
@@ -79,25 +89,29 @@ def record(bench, eval_seconds):
 def report(r, n_val):
     """The summary lines of a record `r` (n_val: validation images)."""
     precision = r["amp"] if r["amp"] != "off" else "TF32"
-    utilisation = (f"{100 * r['mfu']:.1f}% of the {r['peak_tflops']:g} TFLOP/s {precision} peak" if r["peak_tflops"]
-                   else "peak unknown for this device")
-    (h, w), images, s = r["crop_size"], r["images_per_iter"], r["ms_per_iter"] / 1000
+    if r["peak_tflops"]:
+        utilisation = f"{100 * r['mfu']:.1f}% of the {r['peak_tflops']:g} TFLOP/s {precision} peak"
+    else:
+        utilisation = "peak unknown for this device"
+    h, w = r["crop_size"]
+    images = r["images_per_iter"]
+    s = r["ms_per_iter"] / 1000  # seconds per iteration
     compiled = f", compiled ({r['compile']})" if r["compile"] else ""
     processes = f", {r['world_size']} processes" if r["world_size"] > 1 else ""
     reserved = f" (reserved {r['peak_reserved_gib']:.2f} GiB)" if r["peak_reserved_gib"] is not None else ""
+    warmup = f"; warm-up with compilation {r['warmup_seconds']:.0f} s" if r["compile"] else ""
     lines = [f"benchmark: {r['script']} | {r['dataset']}, {r['arch']}, batch {r['batch_size']} at {h}x{w} "
              f"({r['data']} data) | {r['device']}, amp {r['amp']}{compiled}{processes}",
              f"  train step: {1000 * s:.1f} ms/it, {1 / s:.2f} it/s, {images / s:.1f} images/s ({images} per "
-             f"iteration), {r['memory_kind']} {r['peak_memory_gib']:.2f} GiB{reserved}"
-             + (f"; warm-up with compilation {r['warmup_seconds']:.0f} s" if r["compile"] else ""),
+             f"iteration), {r['memory_kind']} {r['peak_memory_gib']:.2f} GiB{reserved}{warmup}",
              f"  FLOPs: {r['tflop_per_iter']:.3f} TFLOP/it -> {r['tflops']:.2f} TFLOP/s, {utilisation}",
              f"  evaluation: {r['eval_seconds']:.1f} s per pass over the {n_val} validation images",
-             f"  {r['iters']} iterations: {r['train_minutes']:.1f} min of training, {r['run_minutes']:.1f} min with "
-             f"{r['evaluations']} evaluations"]
+             f"  {r['iters']} iterations: {r['train_minutes']:.1f} min of training, "
+             f"{r['run_minutes']:.1f} min with {r['evaluations']} evaluations"]
     if r["loader_images_per_s"] is not None:
         bound = "loading" if r["loader_images_per_s"] < images / s else "compute"
-        lines.append(f"  loader: {r['loader_images_per_s']:.1f} images/s with {r['num_workers']} workers per process, "
-                     f"the step needs {images / s:.1f}: {bound} bounds the run")
+        lines.append(f"  loader: {r['loader_images_per_s']:.1f} images/s with {r['num_workers']} workers "
+                     f"per process, the step needs {images / s:.1f}: {bound} bounds the run")
     return lines
 
 
@@ -106,8 +120,11 @@ class Timer:
     (allocation, autotuning, compilation), and the run's wall seconds; its state goes into the checkpoint."""
 
     def __init__(self, device, state=None, warmup=5):
-        self.device, self.warmup, self.pending = device, warmup, 0
-        self.state = dict(dict(iters=0, seconds=0.0, warm_iters=0, warm_seconds=0.0, wall=0.0), **(state or {}))
+        self.device = device
+        self.warmup = warmup  # iterations still to leave out
+        self.pending = 0  # iterations since the last pause
+        fresh = dict(iters=0, seconds=0.0, warm_iters=0, warm_seconds=0.0, wall=0.0)
+        self.state = dict(fresh, **(state or {}))
         self.started = self.mark = time.perf_counter()
 
     def sync(self):

@@ -22,7 +22,9 @@ from tools.paper import METHOD_ORDER
 
 HUES = dict(zip(METHOD_ORDER, (0.60, 0.33, 0.83, 0.12, 0.50, 0.02)))  # a colour per method: blue ... red
 GRID = (225, 225, 225)
-WIDTH, PLOT_HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 800, 360, 56, 24, 30, 36  # pixels: the plot and its margins
+WIDTH = 800  # pixels: the picture
+PLOT_HEIGHT = 360  # pixels: the plot, without its margins
+LEFT, RIGHT, TOP, BOTTOM = 56, 24, 30, 36  # pixels: the plot's margins
 ROW = 16  # pixels per legend line
 
 

@@ -1,5 +1,6 @@
-"""The README's cost table: `python -m tools costs [--datasets D ...] [--methods M ...] [--iters N] [--nproc K]
-[-- OPTIONS]` runs every train_<method>.py --benchmark (common.Benchmark) and tabulates its BENCHMARK records."""
+"""The README's cost table: `python -m tools costs [--datasets D ...] [--methods M ...] [--iters N]
+[--nproc K] [-- OPTIONS]` runs every train_<method>.py --benchmark (common.Benchmark) and tabulates its
+BENCHMARK records."""
 import argparse
 import json
 import subprocess
@@ -25,10 +26,11 @@ def cost_table(argv):
     cut = argv.index("--") if "--" in argv else len(argv)
     opts, rest = parser.parse_args(argv[:cut]), argv[cut + 1:]
     here = Path(__file__).resolve().parent.parent
-    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={opts.nproc}"]
-                                 if opts.nproc > 1 else [])
-    rows = ["| dataset | arch | method | batch, crop | device | ms/it | images/s | peak memory (GiB) | TFLOP/it | "
-            "utilisation | eval (s) | min per run (training + evals) |", "|" + "---|" * 12]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={opts.nproc}"]
+    launch = [sys.executable] + (torchrun if opts.nproc > 1 else [])
+    rows = ["| dataset | arch | method | batch, crop | device | ms/it | images/s | peak memory (GiB) "
+            "| TFLOP/it | utilisation | eval (s) | min per run (training + evals) |",
+            "|" + "---|" * 12]
     for dataset in opts.datasets:
         for method in opts.methods:
             command = [*launch, str(here / f"train_{method}.py"), "--dataset", dataset, "--benchmark",
@@ -44,10 +46,10 @@ def cost_table(argv):
             r = json.loads(found[0][len("BENCHMARK "):])
             device = (r["device"] + (f" x{r['world_size']}" if r["world_size"] > 1 else "") + f", {r['amp']}"
                       + (f", compiled ({r['compile']})" if r["compile"] else ""))
+            utilisation = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
             cells = [dataset, r["arch"], method, "{}, {}x{}".format(r["batch_size"], *r["crop_size"]), device,
                      f"{r['ms_per_iter']:.0f}", f"{r['images_per_s']:.1f}", f"{r['peak_memory_gib']:.1f}",
-                     f"{r['tflop_per_iter']:.3g}", f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a",
-                     f"{r['eval_seconds']:.1f}",
+                     f"{r['tflop_per_iter']:.3g}", utilisation, f"{r['eval_seconds']:.1f}",
                      f"{r['train_minutes']:.1f} + {r['run_minutes'] - r['train_minutes']:.1f}"]
             rows.append("| " + " | ".join(cells) + " |")
             print(rows[-1], file=sys.stderr, flush=True)

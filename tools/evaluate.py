@@ -24,11 +24,12 @@ RUN_SETTINGS = ("dataset", "protocol", "data_root", "crop_size", "cache_dir", "n
 
 def main(command, argv):
     parser = argparse.ArgumentParser(prog="python -m tools evaluate", description=__doc__.split("\n")[0],
-                                     epilog="Any other option is a training script's (python train_baseline.py "
-                                            "--help).")
+                                     epilog="Any other option is a training script's "
+                                            "(python train_baseline.py --help).")
     parser.add_argument("source", help="a run folder or a checkpoint file")
     parser.add_argument("--net", choices=["teacher", "student"],
-                        help="a run's network (default: the one it reports; a file: the teacher of a run's file)")
+                        help="a run's network "
+                             "(default: the one it reports; a file: the teacher of a run's file)")
     parser.add_argument("--json", help="where to write the scores (default: beside SOURCE)")
     opts, rest = parser.parse_known_args(argv)
     source = Path(opts.source).expanduser()
@@ -38,7 +39,8 @@ def main(command, argv):
     saved = {}
     if source.is_dir():
         if not (source / "args.json").is_file():
-            raise UserError(f"{source}: no run there (expected a run folder with args.json and checkpoint.pt)")
+            raise UserError(f"{source}: no run there "
+                            f"(expected a run folder with args.json and checkpoint.pt)")
         saved = guard.read_json(source / "args.json", "record of the run's settings")
         for key in RUN_SETTINGS:
             if saved.get(key) is not None and key not in given:
@@ -61,7 +63,10 @@ def main(command, argv):
           f"validation images, {how}:")
     for name, value in zip(data.class_names, per_class):
         print(f"  {name:<16} {value:6.2f}")
-    default = source / "evaluation.json" if source.is_dir() else source.with_name(source.name + ".evaluation.json")
+    if source.is_dir():
+        default = source / "evaluation.json"
+    else:
+        default = source.with_name(source.name + ".evaluation.json")
     out = Path(opts.json).expanduser() if opts.json else default
     record = dict(source=str(source.resolve()), net=net_name if source.is_dir() else None, arch=info["arch"],
                   dataset=args.dataset, protocol=args.protocol, eval_window=args.eval_window, miou=miou,

@@ -34,8 +34,13 @@ class LoaderTimer(common.Run):
     that the script asks for recorded, and timed when the script enters its loop, which runs no iteration."""
 
     def __init__(self, args, method, unlabeled=True, batches=10):
-        self.args, self.method, self.unlabeled = args, method, unlabeled
-        self.rank, self.world, self.main = 0, 1, True
+        self.args = args
+        self.method = method
+        self.unlabeled = unlabeled
+        # one process: rank 0 of 1, the main one
+        self.rank = 0
+        self.world = 1
+        self.main = True
         self.log_file = self.metrics_file = None
         self.batches = batches
         self.requests = []  # the streams' arguments, in the order the script asks for them
@@ -43,7 +48,9 @@ class LoaderTimer(common.Run):
         args.pretrained = False  # the networks are built but never run: no weights to read
 
     def start(self, data, device, student, teacher, optimizer, scaler, generator=None):
-        self.data, self.device, self.start_iter = data, device, 0
+        self.data = data
+        self.device = device
+        self.start_iter = 0
         return 0
 
     def stream(self, split, indices, stream_id, with_label=True, dataset=None, per_iteration=1):

@@ -1,6 +1,6 @@
-"""The paper's tables beside ours: the published numbers (PAPER_RESULTS; today's protocol: UNIMATCH_PUBLISHED), one
-labeled count run with several seeds (`python -m tools seeds`), and a summary of finished runs
-(`python -m tools summary [RUNS]`)."""
+"""The paper's tables beside ours: the published numbers (PAPER_RESULTS; today's protocol:
+UNIMATCH_PUBLISHED), one labeled count run with several seeds (`python -m tools seeds`), and a summary of
+finished runs (`python -m tools summary [RUNS]`)."""
 import argparse
 import contextlib
 import importlib.util
@@ -13,8 +13,10 @@ import numpy as np
 import common
 
 # Labeled counts of each table's columns; "All" is the training set's size, as results.json records it.
-PAPER_COUNTS = {"pascal_aug": (106, 212, 529, 1323, 10582), "cityscapes": (100, 372, 744, 2975), "isic2017": (50, 2000)}
-# (dataset, arch, method) -> one value per PAPER_COUNTS column, a mean or (mean, std over 5 runs), None = not run.
+PAPER_COUNTS = {"pascal_aug": (106, 212, 529, 1323, 10582), "cityscapes": (100, 372, 744, 2975),
+                "isic2017": (50, 2000)}
+# (dataset, arch, method) -> one value per PAPER_COUNTS column,
+# a mean or (mean, std over 5 runs), None = not run.
 # Pascal: Tables 2 and 4 (one run each, split 0); Cityscapes: Table 1, Sec. D.3; ISIC: Table 3, lesion IoU.
 PAPER_RESULTS = {
     ("pascal_aug", "deeplabv2", "baseline"): (33.09, 43.15, 52.05, 60.56, 72.59),
@@ -41,13 +43,16 @@ PAPER_RESULTS = {
     ("isic2017", "denseunet161", "cutout"): ((68.76, 4.30), None),
     ("isic2017", "denseunet161", "cutmix"): ((74.57, 1.03), None),
 }
-# Today's protocol (--protocol unimatch): UniMatch's table, supervised R101 rows (its best epoch), the only published
-# numbers under exactly this protocol; CutMix-Seg's modern rows used U2PL's (README "Under today's protocol").
-# The network each published number scores: UniMatch's supervised baseline trains one model, the kit's student.
+# Today's protocol (--protocol unimatch): UniMatch's table, supervised R101 rows (its best epoch), the
+# only published numbers under exactly this protocol; CutMix-Seg's modern rows used U2PL's
+# (README "Under today's protocol").
+# The network each published number scores:
+# UniMatch's supervised baseline trains one model, the kit's student.
 UNIMATCH_PUBLISHED = {
     ("pascal_aug", "baseline, student"): {92: 45.1, 183: 55.3, 366: 64.8, 732: 69.7, 1464: 73.5},
     ("cityscapes", "baseline, student"): {186: 66.3, 372: 72.8, 744: 75.0, 1488: 78.0},
-    # UniMatch's own rows (its README's tables: Pascal 321 crops, Cityscapes R101); one model, the kit's student
+    # UniMatch's own rows (its README's tables: Pascal 321 crops, Cityscapes R101);
+    # one model, the kit's student
     ("pascal_aug", "unimatch, student"): {92: 75.2, 183: 77.2, 366: 78.8, 732: 79.9, 1464: 81.2},
     ("cityscapes", "unimatch, student"): {186: 76.6, 372: 77.9, 744: 79.2, 1488: 79.5},
 }
@@ -58,8 +63,10 @@ METHOD_ORDER = ["baseline", "stdaug", "vat", "ict", "cutout", "cutmix", "fixmatc
 def run_label(results, args):
     """The method, tagged with what sets a run apart from the protocol (a crop, several CutMix boxes, under
     today's protocol a list --n-labeled does not pick)."""
-    tags, today = [results["method"]], args.get("protocol") == "unimatch"
-    default_crop_size = (common.UNIMATCH if today else common.DATASETS).get(results["dataset"], {}).get("crop_size")
+    tags = [results["method"]]
+    today = args.get("protocol") == "unimatch"
+    defaults = common.UNIMATCH if today else common.DATASETS
+    default_crop_size = defaults.get(results["dataset"], {}).get("crop_size")
     if args.get("crop_size") and default_crop_size and tuple(args["crop_size"]) != tuple(default_crop_size):
         tags.append("crop {}x{}".format(*args["crop_size"]))
     if args.get("n_boxes", 1) != 1:
@@ -70,19 +77,21 @@ def run_label(results, args):
 
 
 def collect_results(paths):
-    """{(dataset, arch, label, n_labeled): [score, ...]} from results.json files (ISIC: the lesion IoU; today's
-    protocol: the best evaluation, as UniMatch reports, its arch tagged TODAY); unreadable or incomplete ones are
-    reported on stderr and skipped."""
+    """{(dataset, arch, label, n_labeled): [score, ...]} from results.json files (ISIC: the lesion IoU;
+    today's protocol: the best evaluation, as UniMatch reports, its arch tagged TODAY); unreadable or
+    incomplete ones are reported on stderr and skipped."""
     cells = {}
     for path in map(Path, paths):
         file = path  # the file being read, named when it cannot be
         try:
-            results, file = json.loads(path.read_text()), path.parent / "args.json"
+            results = json.loads(path.read_text())
+            file = path.parent / "args.json"
             args = json.loads(file.read_text()) if file.is_file() else {}
             file = path
             today = args.get("protocol") == "unimatch"
             label = run_label(results, args)
-            if today:  # each network's best evaluation, on a row of its own: "cutmix, teacher", "cutmix, student"
+            if today:
+                # each network's best evaluation, on a row of its own: "cutmix, teacher", "cutmix, student"
                 nets = (("teacher", "best_miou"), ("student", "best_student_miou"))
                 one = results.get("network") == "student"  # a run without a teacher (FixMatch, UniMatch)
                 scores = {f"{label}, {net}": results.get(key) for net, key in nets[one:]}
@@ -95,7 +104,8 @@ def collect_results(paths):
                     cells.setdefault(key, []).append(float(score))
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
             problem = str(e) if not isinstance(e, RecursionError) else "nested too deeply"
-            print(f"skipped {path.parent}: {file.name} cannot be read ({type(e).__name__}: {problem})", file=sys.stderr)
+            print(f"skipped {path.parent}: {file.name} cannot be read ({type(e).__name__}: {problem})",
+                  file=sys.stderr)
     return cells
 
 
@@ -103,7 +113,8 @@ def paper_value(dataset, arch, label, n):
     if arch.endswith(TODAY):
         value = UNIMATCH_PUBLISHED.get((dataset, label), {}).get(n)
         return "—" if value is None else f"{value:.1f}"
-    counts, values = PAPER_COUNTS.get(dataset, ()), PAPER_RESULTS.get((dataset, arch, label))
+    counts = PAPER_COUNTS.get(dataset, ())
+    values = PAPER_RESULTS.get((dataset, arch, label))
     value = values[counts.index(n)] if values and n in counts else None
     if value is None:
         return "—"
@@ -116,8 +127,14 @@ def summary(cells):
     for dataset, arch in sorted({key[:2] for key in cells}):
         keys = [key for key in cells if key[:2] == (dataset, arch)]
         order = lambda m: (METHOD_ORDER.index(m.split(",")[0]) if m.split(",")[0] in METHOD_ORDER else 99, m)
-        labels, counts = sorted({k[2] for k in keys}, key=order), sorted({k[3] for k in keys})
-        metric = "best mIoU of the network named" if arch.endswith(TODAY) else "lesion IoU" if dataset == "isic2017" else "mIoU"
+        labels = sorted({k[2] for k in keys}, key=order)  # the rows
+        counts = sorted({k[3] for k in keys})  # the columns
+        if arch.endswith(TODAY):
+            metric = "best mIoU of the network named"
+        elif dataset == "isic2017":
+            metric = "lesion IoU"
+        else:
+            metric = "mIoU"
         published = "UniMatch's table" if arch.endswith(TODAY) else "paper"
         lines += [f"{dataset}, {arch}: {metric} (%), ours mean ± std [runs] / {published}", "",
                   "| method | " + " | ".join(map(str, counts)) + " |", "|---" * (len(counts) + 1) + "|"]
@@ -125,7 +142,8 @@ def summary(cells):
             row = []
             for n in counts:
                 v = cells.get((dataset, arch, label, n), [])
-                ours = "—" if not v else f"{np.mean(v):.2f}" + (f" ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else "")
+                spread = f" ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else ""
+                ours = "—" if not v else f"{np.mean(v):.2f}" + spread
                 row.append(f"{ours} [{len(v)}] / {paper_value(dataset, arch, label, n)}")
             lines.append(f"| {label} | " + " | ".join(row) + " |")
         lines.append("")
@@ -177,8 +195,11 @@ def run_seeds(argv):
         raise common.UserError(f"seeds: --runs {opts.runs} is a file, not a folder")
     for flag in ("--seed", "--split-seed", "--out", "--resume"):
         if any(a == flag or a.startswith(flag + "=") for a in rest):
-            raise common.UserError(f"seeds: {flag} is set per seed by this tool; leave it out of the script's options")
-    script = Path(opts.script) if Path(opts.script).is_file() else Path(__file__).resolve().parent.parent / opts.script
+            raise common.UserError(f"seeds: {flag} is set per seed by this tool; "
+                                   f"leave it out of the script's options")
+    script = Path(opts.script)
+    if not script.is_file():  # else one beside the kit's scripts
+        script = Path(__file__).resolve().parent.parent / opts.script
     if not script.is_file():
         raise common.UserError(f"seeds: no script {opts.script}")
     # The script's own options, parsed and resolved as the script does it, for every seed before any run
@@ -213,9 +234,13 @@ def main(command, argv):
     if command == "seeds":  # python -m tools seeds train_cutmix.py --seeds 1 2 3 -- --dataset cityscapes ...
         return run_seeds(argv)
     if len(argv) > 1 or argv[:1] in (["-h"], ["--help"]):
-        sys.exit("usage: python -m tools summary [RUNS_DIR]  (the finished runs below RUNS_DIR, default runs/)")
+        sys.exit("usage: python -m tools summary [RUNS_DIR]  "
+                 "(the finished runs below RUNS_DIR, default runs/)")
     runs = Path(argv[0] if argv else "runs")
     if not runs.is_dir():
-        raise common.UserError(f"summary: {runs} is " + ("a file, not a folder of runs" if runs.exists() else
-                                                         "no such folder (give the folder holding the run folders)"))
+        if runs.exists():
+            why = "a file, not a folder of runs"
+        else:
+            why = "no such folder (give the folder holding the run folders)"
+        raise common.UserError(f"summary: {runs} is {why}")
     print(summary(collect_results(sorted(runs.rglob("results.json")))))

@@ -3,12 +3,12 @@
     python -m tools predict runs/train_cutmix_folder_-1_s1 photos/ extra.jpg --out masks/ --overlay
     python -m tools predict RUN_DIR ROOT/val/images --out pred/ --masks ROOT/val/masks     # + mIoU
 
-INPUT: image files and folders (searched recursively; an image in a folder keeps its path below it).
-Writes OUT_DIR/<name>.png per image: a palette PNG of class indices, the image's own size (viewable as
-colours, readable as indices); with --overlay also <name>_overlay.jpg. With --masks, the same
-confusion-matrix mIoU as training's evaluation, printed and written to OUT_DIR/results.json; the last
-line is then `FINAL mIoU=<miou>`. In Python: `net, info = common.load_model(RUN_DIR)`. RUN_DIR may also be a
-checkpoint file: UniMatch's released ones, a bare state dict, a run's checkpoint.pt (common.load_weights_file).
+INPUT: image files and folders (searched recursively; an image in a folder keeps its path below it). Writes
+OUT_DIR/<name>.png per image: a palette PNG of class indices, the image's own size (viewable as colours,
+readable as indices); with --overlay also <name>_overlay.jpg. With --masks, the same confusion-matrix mIoU as
+training's evaluation, printed and written to OUT_DIR/results.json; the last line is then `FINAL mIoU=<miou>`.
+In Python: `net, info = common.load_model(RUN_DIR)`. RUN_DIR may also be a checkpoint file: UniMatch's
+released ones, a bare state dict, a run's checkpoint.pt (common.load_weights_file).
 """
 import argparse
 import errno
@@ -49,11 +49,13 @@ def logits_of(net, x, tile, window=None):
         return net(x).float()
     th, tw = min(tile[0], H), min(tile[1], W)
     starts = [sorted({*range(0, n - t, max(1, t // 2)), n - t}) for n, t in ((H, th), (W, tw))]
-    total, count = None, torch.zeros(1, 1, H, W, device=x.device)
+    total = None  # the summed logits, made once the first window gives the class count
+    count = torch.zeros(1, 1, H, W, device=x.device)  # windows per pixel
     for y in starts[0]:
         for x0 in starts[1]:
             out = net(x[:, :, y:y + th, x0:x0 + tw]).float()
-            total = torch.zeros(len(x), out.shape[1], H, W, device=x.device) if total is None else total
+            if total is None:
+                total = torch.zeros(len(x), out.shape[1], H, W, device=x.device)
             total[:, :, y:y + th, x0:x0 + tw] += out
             count[:, :, y:y + th, x0:x0 + tw] += 1
     return total / count
@@ -67,20 +69,23 @@ def predict(net, info, images, device, amp="off", tile=None, batch_size=4):
     order = sorted(range(len(images)), key=lambda i: tuple(inputs[i].shape))
     batches = [[]]
     for i in order:
-        if batches[-1] and (inputs[i].shape != inputs[batches[-1][0]].shape or len(batches[-1]) == batch_size):
+        last = batches[-1]
+        if last and (inputs[i].shape != inputs[last[0]].shape or len(last) == batch_size):
             batches.append([])
         batches[-1].append(i)
     with common.inference(net):
         for batch in batches:
             with common.autocast(amp, device):
-                logits = logits_of(net, common.normalise(torch.stack([inputs[i] for i in batch]), device), tile,
-                                     info.get("eval_window"))
+                x = common.normalise(torch.stack([inputs[i] for i in batch]), device)
+                logits = logits_of(net, x, tile, info.get("eval_window"))
             for i, logit in zip(batch, logits):
                 size = images[i].shape[:2]
                 if logit.shape[1:] != size:  # back to the image's own size
                     logit = F.interpolate(logit[None], size=size, mode="bilinear", align_corners=False)[0]
                 pred = logit.argmax(0)
-                preds[i] = (common.fill_holes(pred[None] == 1)[0].long() if info["lesion_scoring"] else pred).cpu()
+                if info["lesion_scoring"]:
+                    pred = common.fill_holes(pred[None] == 1)[0].long()
+                preds[i] = pred.cpu()
     return preds
 
 
@@ -100,16 +105,18 @@ def inputs_and_outputs(inputs, out):
     seen = {}
     for image, target in pairs:
         if target in seen:
-            raise UserError(f"{seen[target]} and {image} would both be written to {target}.png; give them apart")
+            raise UserError(f"{seen[target]} and {image} would both be written to {target}.png; "
+                            f"give them apart")
         seen[target] = image
     check_names_fit(pairs, out)
     return pairs
 
 
 def check_names_fit(pairs, out):
-    """Before anything is written: where an output's name holds bytes that are not UTF-8 (it keeps its image's), a
-    folder named with those bytes is made and removed at once where --out is (or would be) made; a file system that
-    holds UTF-8 names only (macOS, ZFS with utf8only) refuses it, and the first such image is named."""
+    """Before anything is written: where an output's name holds bytes that are not UTF-8 (it keeps its
+    image's), a folder named with those bytes is made and removed at once where --out is (or would be)
+    made; a file system that holds UTF-8 names only (macOS, ZFS with utf8only) refuses it, and the first
+    such image is named."""
     if not not_utf8(*(target for _, target in pairs)):
         return
     folder = next(p for p in (out, *out.absolute().parents) if p.is_dir())
@@ -119,11 +126,11 @@ def check_names_fit(pairs, out):
         if e.errno != errno.EILSEQ:
             return  # any other failure: met by the writes, as with names in UTF-8
         if not_utf8(out):
-            raise UserError(f"--out {shown(out)}: the file system of {shown(folder)} holds only names in UTF-8, "
-                            f"which this one is not; choose an --out named in UTF-8")
+            raise UserError(f"--out {shown(out)}: the file system of {shown(folder)} holds only names in "
+                            f"UTF-8, which this one is not; choose an --out named in UTF-8")
         image = next(image for image, target in pairs if not_utf8(target))
-        raise UserError(f"{shown(image)}: the file system of --out {shown(out)} holds only names in UTF-8, which "
-                        f"this image's (kept by its predicted mask) is not; rename it")
+        raise UserError(f"{shown(image)}: the file system of --out {shown(out)} holds only names in UTF-8, "
+                        f"which this image's (kept by its predicted mask) is not; rename it")
 
 
 def main(command, argv):
@@ -131,12 +138,17 @@ def main(command, argv):
     parser.add_argument("run_dir", help="a run folder, or a checkpoint file (UniMatch's too)")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and folders")
     parser.add_argument("--out", required=True, help="folder for the predicted masks")
-    parser.add_argument("--masks", help="folder of true masks (class indices, 255 = ignore), matched by name: score")
-    parser.add_argument("--net", default="teacher", choices=["teacher", "student"], help="the evaluated one: teacher")
+    parser.add_argument("--masks", help="folder of true masks (class indices, 255 = ignore), "
+                                        "matched by name: score")
+    parser.add_argument("--net", default="teacher", choices=["teacher", "student"],
+                        help="the evaluated one: teacher")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], help="autocast (default: bf16 on CUDA, off on CPU)")
-    parser.add_argument("--tile", type=lambda t: common.parse_size(t, "--tile"), help="H,W: overlapping windows")
-    parser.add_argument("--overlay", action="store_true", help="also <name>_overlay.jpg: the image under the colours")
+    parser.add_argument("--amp", choices=["off", "bf16", "fp16"],
+                        help="autocast (default: bf16 on CUDA, off on CPU)")
+    parser.add_argument("--tile", type=lambda t: common.parse_size(t, "--tile"),
+                        help="H,W: overlapping windows")
+    parser.add_argument("--overlay", action="store_true",
+                        help="also <name>_overlay.jpg: the image under the colours")
     parser.add_argument("--batch-size", type=int, default=4, help="images of equal size predicted together")
     opts = parser.parse_args(argv)
     device = common.resolve_device(opts.device)
@@ -146,15 +158,17 @@ def main(command, argv):
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: a file, not a folder")
     pairs = inputs_and_outputs(opts.inputs, out)
-    masks = [mask_for(image, target, out, Path(opts.masks)) for image, target in pairs] if opts.masks else None
+    masks = None
+    if opts.masks:
+        masks = [mask_for(image, target, out, Path(opts.masks)) for image, target in pairs]
     colours = palette()
     conf = torch.zeros(info["num_classes"], info["num_classes"], dtype=torch.long)
     with tqdm(total=len(pairs), desc="predicting", unit="image") as bar:  # closed before any error's line
         for start in range(0, len(pairs), opts.batch_size * 8):  # a few batches' images in memory at a time
             chunk = pairs[start:start + opts.batch_size * 8]
             images = [common.read_image(image) for image, _ in chunk]
-            for k, (pred, image, (path, target)) in enumerate(zip(predict(net, info, images, device, amp, opts.tile,
-                                                                          opts.batch_size), images, chunk)):
+            preds = predict(net, info, images, device, amp, opts.tile, opts.batch_size)
+            for k, (pred, image, (path, target)) in enumerate(zip(preds, images, chunk)):
                 indices = pred.numpy().astype(np.uint8)
                 png = Image.fromarray(indices, mode="P")
                 png.putpalette(colours.flatten().tolist())
@@ -165,12 +179,15 @@ def main(command, argv):
                 if masks:
                     truth = common.read_mask(masks[start + k])
                     if truth.shape != indices.shape:
-                        raise UserError(f"mask {masks[start + k]} is {truth.shape[1]}x{truth.shape[0]} but its image "
-                                        f"{path} is {indices.shape[1]}x{indices.shape[0]}; they must match")
+                        raise UserError(f"mask {masks[start + k]} is {truth.shape[1]}x{truth.shape[0]} "
+                                        f"but its image {path} is {indices.shape[1]}x{indices.shape[0]}; "
+                                        f"they must match")
                     conf += common.confusion_matrix(pred, torch.from_numpy(truth), info["num_classes"])
             bar.update(len(chunk))
-    source = (f"{opts.net} of {opts.run_dir}, iteration {info['iteration']}" if info["iteration"] is not None else
-              f"{info['arch']} of {info['num_classes']} classes from {opts.run_dir}")  # a checkpoint file
+    if info["iteration"] is not None:
+        source = f"{opts.net} of {opts.run_dir}, iteration {info['iteration']}"
+    else:  # a checkpoint file
+        source = f"{info['arch']} of {info['num_classes']} classes from {opts.run_dir}"
     print(f"{len(pairs)} predicted masks in {out} ({source})")
     if masks:
         iou = (common.iou_from_confusion(conf) * 100).tolist()

@@ -1,4 +1,5 @@
-"""Pascal's SegmentationClassAug labels built from SBD, once: `python -m tools sbd-to-aug SBD_ROOT VOC_ROOT`."""
+"""Pascal's SegmentationClassAug labels built from SBD, once:
+`python -m tools sbd-to-aug SBD_ROOT VOC_ROOT`."""
 import sys
 from pathlib import Path
 
@@ -10,20 +11,23 @@ from common import UserError, atomic_write
 
 
 def sbd_to_aug(sbd, voc):
-    """Build VOC2012/SegmentationClassAug/NAME.png (class indices, 255 = void) from SBD's dataset/cls/NAME.mat,
-    VOC's own SegmentationClass labels winning where both exist, as in the usual SegmentationClassAug.
+    """Build VOC2012/SegmentationClassAug/NAME.png (class indices, 255 = void) from SBD's
+    dataset/cls/NAME.mat, VOC's own SegmentationClass labels winning where both exist, as in the usual
+    SegmentationClassAug.
 
     Needs scipy, for this step only. Each PNG is written atomically and existing ones are kept: re-run it
     after an interruption."""
     try:
         from scipy.io import loadmat
     except ImportError:
-        raise UserError("sbd-to-aug reads SBD's .mat files with scipy, needed for this step only: pip install scipy")
+        raise UserError("sbd-to-aug reads SBD's .mat files with scipy, needed for this step only: "
+                        "pip install scipy")
     sbd, voc = Path(sbd), common.voc2012_folder(Path(voc))
-    cls = next((d for d in (sbd / "dataset" / "cls", sbd / "benchmark_RELEASE" / "dataset" / "cls", sbd / "cls")
-                if d.is_dir()), None)
+    candidates = (sbd / "dataset" / "cls", sbd / "benchmark_RELEASE" / "dataset" / "cls", sbd / "cls")
+    cls = next((d for d in candidates if d.is_dir()), None)
     if cls is None:
-        raise UserError(f"{sbd}: no dataset/cls/ folder of .mat labels; expected SBD's benchmark.tgz unpacked "
+        raise UserError(f"{sbd}: no dataset/cls/ folder of .mat labels; "
+                        f"expected SBD's benchmark.tgz unpacked "
                         f"(http://home.bharathh.info/pubs/codes/SBD/download.html)")
     if voc is None or not (voc / "SegmentationClass").is_dir():
         raise UserError(f"no VOC2012 folder with JPEGImages/ and SegmentationClass/ there; expected "
@@ -40,10 +44,11 @@ def sbd_to_aug(sbd, voc):
             try:
                 mat = loadmat(source, squeeze_me=True, struct_as_record=False)
             except Exception as e:  # scipy raises many kinds for a truncated or foreign file
-                raise UserError(f"{source}: not a readable .mat file ({type(e).__name__}: {e}); re-extract SBD's "
-                                f"benchmark.tgz")
+                raise UserError(f"{source}: not a readable .mat file ({type(e).__name__}: {e}); "
+                                f"re-extract SBD's benchmark.tgz")
             if not hasattr(mat.get("GTcls"), "Segmentation"):
-                raise UserError(f"{source}: holds no GTcls.Segmentation; expected SBD's dataset/cls/NAME.mat labels")
+                raise UserError(f"{source}: holds no GTcls.Segmentation; "
+                                f"expected SBD's dataset/cls/NAME.mat labels")
             label = np.asarray(mat["GTcls"].Segmentation).astype(np.uint8)
         atomic_write(target, label)
     print(f"{len(sources)} labels in {voc / 'SegmentationClassAug'}")
@@ -52,6 +57,6 @@ def sbd_to_aug(sbd, voc):
 def main(command, argv):
     """python -m tools sbd-to-aug SBD_ROOT VOC_ROOT"""
     if len(argv) != 2:
-        sys.exit("usage: python -m tools sbd-to-aug SBD_ROOT VOC_ROOT  (builds VOC2012/SegmentationClassAug from "
-                 "SBD's dataset/cls/*.mat; README 'Datasets')")
+        sys.exit("usage: python -m tools sbd-to-aug SBD_ROOT VOC_ROOT  "
+                 "(builds VOC2012/SegmentationClassAug from SBD's dataset/cls/*.mat; README 'Datasets')")
     sbd_to_aug(*argv)
