@@ -135,7 +135,8 @@ def test_common_table_of_contents_names_every_section():
     assert "Catalogues" in contents and "splits/" in contents
 
 
-READER_FILES = [ROOT / "common.py"]  # the files a reader reads line by line, held to 110 characters
+READER_FILES = [ROOT / "common.py", *sorted(ROOT.glob("cutmixseg/*.py")), *sorted(ROOT.glob("train_*.py")),
+                ROOT / "toy2d.py", ROOT / "patch_analysis.py", *sorted(ROOT.glob("tools/*.py"))]  # read line by line
 
 
 def test_code_lines_fit_110_characters():
